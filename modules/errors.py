@@ -1,0 +1,10 @@
+"""The one exception type for problems the user can fix."""
+
+
+class UserError(Exception):
+    """A problem with the user's config, data, flags or files.
+
+    The entry script prints its message as a single line on stderr (no traceback)
+    and exits with status 2. Messages say what is wrong, where (file, line, key),
+    and how to fix it.
+    """
