@@ -1,0 +1,132 @@
+"""Batched, on-device augmentations (training batches only, never validation).
+
+Each augmentation is decided per sample with a Bernoulli mask and applied with tensor
+ops over the whole batch: no Python loop over samples and no host synchronisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SeriesAugmentation:
+    """Augmentations of time series laid out [B, N, T] (nodes are channels)."""
+    noise_prob: float = 0.2
+    noise_level: float = 0.03
+    scale_prob: float = 0.1
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    shift_prob: float = 0.0
+    shift_max: float = 0.1
+    mixup_prob: float = 0.2
+    mixup_alpha: float = 0.2
+    cutout_prob: float = 0.0
+    cutout_max: float = 0.1
+
+    @classmethod
+    def from_config(cls, cfg) -> "SeriesAugmentation":
+        return cls(cfg.aug_noise_prob, cfg.aug_noise_level, cfg.aug_scale_prob, cfg.aug_scale_min,
+                   cfg.aug_scale_max, cfg.aug_shift_prob, cfg.aug_shift_max, cfg.aug_mixup_prob,
+                   cfg.aug_mixup_alpha, cfg.aug_cutout_prob, cfg.aug_cutout_max)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, T = x.shape                                   # (B, N, T)
+        dev, dt = x.device, x.dtype
+
+        def chosen(p: float) -> torch.Tensor:               # (B, 1, 1) boolean mask
+            return (torch.rand(B, 1, 1, device=dev) < p)
+
+        if self.mixup_prob > 0:
+            partner = x[torch.randperm(B, device=dev)]
+            beta = torch.distributions.Beta(torch.tensor(self.mixup_alpha, device=dev),
+                                            torch.tensor(self.mixup_alpha, device=dev))
+            lam = beta.sample((B, 1, 1)).clamp_(0.1, 0.9).to(dt)
+            x = torch.where(chosen(self.mixup_prob), lam * x + (1 - lam) * partner, x)
+        if self.scale_prob > 0:
+            factor = torch.empty(B, 1, 1, device=dev, dtype=dt).uniform_(self.scale_min, self.scale_max)
+            x = torch.where(chosen(self.scale_prob), x * factor, x)
+        if self.shift_prob > 0 and self.shift_max > 0:
+            largest = max(1, int(self.shift_max * T))
+            shift = torch.randint(-largest, largest + 1, (B, 1, 1), device=dev)
+            shift = torch.where(chosen(self.shift_prob), shift, torch.zeros_like(shift))
+            steps = torch.arange(T, device=dev).view(1, 1, T)
+            x = torch.gather(x, 2, ((steps - shift) % T).expand_as(x))    # per-sample roll in time
+        if self.cutout_prob > 0 and self.cutout_max > 0:
+            longest = max(1, int(self.cutout_max * T))
+            length = torch.randint(1, longest + 1, (B, 1, 1), device=dev)
+            start = (torch.rand(B, 1, 1, device=dev) * (T - length + 1)).long()
+            steps = torch.arange(T, device=dev).view(1, 1, T)
+            window = (steps >= start) & (steps < start + length) & chosen(self.cutout_prob)
+            x = x.masked_fill(window, 0.0)
+        if self.noise_prob > 0:
+            x = torch.where(chosen(self.noise_prob), x + self.noise_level * torch.randn_like(x), x)
+        return x
+
+
+def stretch_copy(x: torch.Tensor, generator: torch.Generator, noise_level: float = 0.03,
+                 shift_max: float = 0.1) -> torch.Tensor:
+    """The `Stretch 1` copy of runs [B, N, T]: fixed noise and a fixed time shift per run."""
+    B, _, T = x.shape
+    noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
+    largest = max(1, int(shift_max * T))
+    shift = torch.randint(-largest, largest + 1, (B, 1, 1), generator=generator).to(x.device)
+    steps = torch.arange(T, device=x.device).view(1, 1, T)
+    return torch.gather(x, 2, ((steps - shift) % T).expand_as(x)) + noise_level * noise
+
+
+@dataclass(frozen=True)
+class ConditionerAugmentation:
+    """Mixup and input noise for (input, main target, hierarchical target) batches, plus
+    outline-safe image augmentation (horizontal flip, ±1-pixel shifts) for images."""
+    mixup_prob: float = 0.15
+    mixup_alpha: float = 0.2
+    noise_prob: float = 0.1
+    noise: float = 0.01
+    image_prob: float = 0.8
+    flip_prob: float = 0.5
+
+    @classmethod
+    def from_config(cls, cfg) -> "ConditionerAugmentation":
+        return cls(cfg.lc_mixup_prob, cfg.lc_mixup_alpha, cfg.lc_input_noise_prob, cfg.lc_input_noise,
+                   cfg.lc_image_aug_prob, cfg.lc_flip_prob)
+
+    def __call__(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, *targets = batch
+        B, dev = x.shape[0], x.device
+        if x.dim() == 4 and self.image_prob > 0:
+            x = _outline_safe(x, self.image_prob, self.flip_prob)
+        if self.mixup_prob > 0 and B > 1:
+            perm = torch.randperm(B, device=dev)
+            beta = torch.distributions.Beta(torch.tensor(self.mixup_alpha, device=dev),
+                                            torch.tensor(self.mixup_alpha, device=dev))
+            lam = beta.sample((B,))
+            mix = torch.rand(B, device=dev) < self.mixup_prob
+            lam = torch.where(mix, lam, torch.ones_like(lam))
+
+            def blend(t: torch.Tensor) -> torch.Tensor:
+                w = lam.view(B, *([1] * (t.dim() - 1))).to(t.dtype)
+                return w * t + (1 - w) * t[perm]
+
+            x = blend(x)
+            targets = [blend(t) for t in targets]
+        if self.noise_prob > 0:
+            chosen = (torch.rand(B, device=dev) < self.noise_prob).view(B, *([1] * (x.dim() - 1)))
+            x = torch.where(chosen, x + self.noise * torch.randn_like(x), x)
+        return (x, *targets)
+
+
+def _outline_safe(x: torch.Tensor, prob: float, flip_prob: float) -> torch.Tensor:
+    """Per image: with `prob`, flip horizontally (with `flip_prob`) and shift by -1..1 px in y and x."""
+    B, _, H, W = x.shape                                     # (B, 1, H, W)
+    dev = x.device
+    active = torch.rand(B, device=dev) < prob
+    flip = (torch.rand(B, device=dev) < flip_prob) & active
+    x = torch.where(flip.view(B, 1, 1, 1), x.flip(-1), x)
+    dy = torch.randint(-1, 2, (B,), device=dev) * active
+    dx = torch.randint(-1, 2, (B,), device=dev) * active
+    rows = (torch.arange(H, device=dev).view(1, H) - dy.view(B, 1)).clamp_(0, H - 1)   # (B, H)
+    cols = (torch.arange(W, device=dev).view(1, W) - dx.view(B, 1)).clamp_(0, W - 1)   # (B, W)
+    x = torch.gather(x, 2, rows.view(B, 1, H, 1).expand(B, 1, H, W))
+    return torch.gather(x, 3, cols.view(B, 1, 1, W).expand(B, 1, H, W))

@@ -1,0 +1,135 @@
+"""The command line: the original's flags, the port's additions, and clean failure.
+
+Every problem the user can cause ends as one line on stderr and exit status 2; no
+traceback reaches the user for those.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from modules.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+EPILOG = """examples:
+  python SimulGen-VAE.py --preset=1 --plot=1 --lc_only=0 --size=small --load_all=1
+  python SimulGen-VAE.py --lc_only=1 --preset=1
+  torchrun --nproc_per_node=2 SimulGen-VAE.py --use_ddp --preset=1 --plot=2 --lc_only=0 --size=small --load_all=1
+  python SimulGen-VAE.py --predict new_params.csv --out predictions.npy --samples 8
+  python SimulGen-VAE.py --list_keys
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise UserError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="SimulGen-VAE.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+                description="Train a hierarchical-VAE surrogate of transient simulations and a latent conditioner "
+                            "that predicts it from run parameters or geometry images; or predict new runs.")
+    g = p.add_argument_group("the original's flags")
+    g.add_argument("--preset", type=int, default=None, metavar="N",
+                   help="use preset block N of the preset file; without it, ask on a terminal (error otherwise)")
+    g.add_argument("--plot", type=int, choices=(0, 1, 2), default=2,
+                   help="0 show figures, 1 save them as PNG in runs/<run-id>/, 2 no figures (default 2)")
+    g.add_argument("--lc_only", type=int, choices=(0, 1), default=0,
+                   help="0 train VAE, latents and conditioner; 1 reuse the saved VAE and latents, train only the "
+                        "conditioner (default 0)")
+    g.add_argument("--size", choices=("small", "large", "big"), default="small",
+                   help="VAE block variant; big = large (default small)")
+    g.add_argument("--load_all", type=int, choices=(0, 1), default=0,
+                   help="1 preload the dataset onto the training device; 0 stream batches from host memory or the "
+                        "memory-mapped .npy (default 0)")
+    g.add_argument("--use_ddp", action="store_true",
+                   help="DistributedDataParallel over the processes started by torchrun (NCCL on GPUs, Gloo on CPUs)")
+    g.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # old launchers pass it
+    a = p.add_argument_group("additions of the port")
+    a.add_argument("--config", type=Path, default=Path("input_data/condition.txt"), metavar="PATH",
+                   help="condition file (default input_data/condition.txt)")
+    a.add_argument("--preset_file", type=Path, default=Path("preset.txt"), metavar="PATH",
+                   help="preset file (default preset.txt)")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a condition-file key for this run, validated like the file (repeatable), "
+                        "e.g. --set Training_epochs=5 --set use_ema=1")
+    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available, else CPU (default auto)")
+    a.add_argument("--seed", type=int, default=None, metavar="N", help="seed of every RNG and of the split (key 'seed')")
+    a.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in checkpoints/ from its last checkpoint (exact on CPU)")
+    a.add_argument("--list_keys", action="store_true", help="print every condition-file key with its default and exit")
+    q = p.add_argument_group("prediction (no training)")
+    q.add_argument("--predict", type=Path, default=None, metavar="PATH",
+                   help="CSV of new parameter rows, or a folder of new images, matching the trained input_type")
+    q.add_argument("--out", type=Path, default=None, metavar="FILE.npy",
+                   help="where to write the predicted fields [n, T, N] in physical units (and FILE.json beside it)")
+    q.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="K > 1: K stochastic realisations per input, output [n, K, T, N] (default 1)")
+    q.add_argument("--checkpoints", type=Path, default=None, metavar="DIR",
+                   help="the working directory whose checkpoints/ to predict with (default: the current one)")
+    return p
+
+
+def _setup_logging(is_main: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root = logging.getLogger("simulgen")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if is_main else logging.ERROR)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(rank == 0)
+    try:
+        args = build_parser().parse_args(argv)
+        return _run(args)
+    except UserError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("interrupted: the last checkpoint in checkpoints/ is kept; continue with --resume", file=sys.stderr)
+        return 130
+    finally:
+        from modules.distributed import shutdown
+        shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list_keys:
+        from modules.config import key_table
+        for section, key, default, text in key_table():
+            print(f"{section:<13} {key:<34} {default:<10} {text}")
+        return 0
+    if args.predict is not None or args.out is not None:
+        return _predict(args)
+    if args.samples != 1:
+        raise UserError("--samples goes with --predict PATH --out FILE.npy.")
+    from modules.pipeline import Flags, train
+    overrides = tuple(args.overrides) + ((f"seed={args.seed}",) if args.seed is not None else ())
+    flags = Flags(config=args.config, preset_file=args.preset_file, preset=args.preset, overrides=overrides,
+                  plot=args.plot, lc_only=bool(args.lc_only), small=args.size == "small",
+                  load_all=bool(args.load_all), use_ddp=args.use_ddp, device=args.device, resume=args.resume)
+    train(flags, Path.cwd())
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if args.predict is None or args.out is None:
+        raise UserError("prediction needs both --predict PATH and --out FILE.npy.")
+    from modules.distributed import resolve_device
+    from modules.predict import run_prediction
+    from modules.run import Paths
+    meta = run_prediction(args.predict, args.out, args.samples, Paths(args.checkpoints or Path.cwd()),
+                          resolve_device(args.device))
+    print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units) from {len(meta['inputs'])} "
+          f"input(s) in {meta['seconds'] * 1000:.1f} ms; details in {args.out.with_suffix('.json')}")
+    return 0

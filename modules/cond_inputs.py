@@ -1,0 +1,239 @@
+"""Conditioner inputs (SPEC §3): the parameter CSV or the folder of geometry images,
+and the per-column min-max scaler shared by CSV inputs and latent targets.
+
+Every problem a user can cause is a UserError whose message names the file and the fix.
+Pillow is imported only when images are read.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from modules.errors import UserError
+
+# -----------------------------------------------------------------------------
+# paths
+
+
+def resolve_param_dir(value: str, cwd: str | Path) -> Path:
+    """Where `param_dir` points.
+
+    The original joined the working directory and the value as strings, so its files say
+    `/images` for `<cwd>/images`. A leading "/" is therefore read as relative to `cwd`
+    unless the value exists as an absolute path; other relative values are relative to cwd.
+    """
+    path = Path(value)
+    if value.startswith("/") and not path.exists():
+        return Path(cwd) / value.lstrip("/")
+    if path.is_absolute():
+        return path
+    return Path(cwd) / path
+
+
+# -----------------------------------------------------------------------------
+# CSV
+
+
+def load_csv(path: str | Path, num_param: int, n_expected: int | None) -> np.ndarray:
+    """Read the parameter CSV (no header) as float32 (P, num_param); n_expected=None: any row count."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"parameter CSV not found: {path} (set param_dir in condition.txt to the CSV file)"
+        )
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            numbered = enumerate(csv.reader(f), start=1)
+            rows = [(i, r) for i, r in numbered if any(c.strip() for c in r)]  # skip blank lines
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(
+            f"{path} is not a readable text CSV ({e}); save it as plain UTF-8 CSV"
+        ) from None
+
+    values = np.empty((len(rows), num_param), dtype=np.float64)
+    for k, (line, row) in enumerate(rows):
+        if len(row) != num_param:
+            raise UserError(
+                f"{path}, line {line}: found {len(row)} columns, expected {num_param} "
+                "(the num_param key in condition.txt); make every row have num_param "
+                "comma-separated values or change num_param"
+            )
+        for j, cell in enumerate(row):
+            try:
+                v = float(cell)
+            except ValueError:
+                hint = " (the CSV must have no header line)" if k == 0 else ""
+                raise UserError(
+                    f"{path}, line {line}, column {j + 1}: {cell.strip()!r} is not a number{hint}; "
+                    "fix that cell"
+                ) from None
+            if not math.isfinite(v):
+                raise UserError(
+                    f"{path}, line {line}, column {j + 1}: {cell.strip()!r} is not a finite "
+                    "number; replace NaN/Inf values"
+                )
+            values[k, j] = v
+
+    if not rows:
+        raise UserError(f"{path} holds no data rows; put one row of {num_param} values per run in it")
+    if n_expected is not None and len(rows) != n_expected:
+        raise UserError(
+            f"{path}: found {len(rows)} data rows, expected {n_expected} (n_sample / Dim1 in "
+            "condition.txt, one row per run); fix the CSV or those keys"
+        )
+    out = values.astype(np.float32)
+    if not np.isfinite(out).all():
+        k, j = np.argwhere(~np.isfinite(out))[0]
+        raise UserError(
+            f"{path}, line {rows[k][0]}, column {j + 1}: value overflows float32; "
+            "rescale that column"
+        )
+    return out
+
+
+# -----------------------------------------------------------------------------
+# images
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> list[tuple[int, int | str]]:
+    """Sort key that orders embedded numbers by value: 2.png < 10.png < a2 < a10.
+
+    Each part is tagged (0 = number, 1 = text) so numbers and text never compare directly.
+    """
+    parts = _DIGITS.split(name)
+    return [(0, int(p)) if i % 2 else (1, p.lower()) for i, p in enumerate(parts)]
+
+
+def list_images(folder: str | Path, ext: str, n_expected: int | None = None) -> list[Path]:
+    """Files of `folder` ending in `ext` (case-insensitive), in natural order."""
+    folder = Path(folder)
+    ext = ext.lower() if ext.startswith(".") else "." + ext.lower()
+    if not folder.is_dir():
+        raise UserError(
+            f"image folder not found: {folder} (set param_dir in condition.txt to the folder "
+            "of input images)"
+        )
+    files = [f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(ext)]
+    if not files:
+        raise UserError(
+            f"no '{ext}' files in {folder}; put the images there or set param_data_type in "
+            "condition.txt to their extension (.png or .jpg)"
+        )
+    files.sort(key=lambda f: natural_key(f.name))
+    if n_expected is not None and len(files) != n_expected:
+        raise UserError(
+            f"{folder} holds {len(files)} '{ext}' images, expected {n_expected} (n_sample / Dim1 "
+            "in condition.txt, one image per run); add or remove images or fix those keys"
+        )
+    return files
+
+
+def load_images(files: Sequence[str | Path], size: int = 256) -> np.ndarray:
+    """Greyscale images resized (bicubic) to size x size: float32 (P, size, size) in [0, 1]."""
+    from PIL import Image
+
+    out = np.empty((len(files), size, size), dtype=np.float32)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im.load()  # decode now: truncated files fail here, not later
+                if im.mode.startswith("I"):
+                    # 16-bit greyscale: convert("L") would clip at 255 instead of rescaling
+                    grey = Image.fromarray(np.asarray(im, dtype=np.float32) / 65535.0)  # mode "F"
+                else:
+                    grey = im.convert("L")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(
+                f"cannot read image {f} ({type(e).__name__}: {e}); replace or remove that file"
+            ) from None
+        resized = np.asarray(grey.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+        if grey.mode == "L":
+            out[i] = resized / 255.0
+        else:
+            out[i] = np.clip(resized, 0.0, 1.0)  # bicubic overshoots in float mode
+    return out
+
+
+# -----------------------------------------------------------------------------
+# scaling
+
+
+class MinMaxScaler:
+    """Per-column min-max scaling to `feature_range` (default [-0.9, 0.9]).
+
+    Columns are every axis but the first: (P, F) and (P, L, D) arrays both work. A constant
+    column (zero range) maps to the middle of the range and back to its value, without
+    dividing by zero. Transforms return float32; statistics are kept in float64.
+    """
+
+    def __init__(self, feature_range: tuple[float, float] = (-0.9, 0.9)) -> None:
+        lo, hi = feature_range
+        if not lo < hi:
+            raise ValueError(f"feature_range must be increasing, got {feature_range}")
+        self.feature_range = (float(lo), float(hi))
+        self.data_min: np.ndarray | None = None
+        self.data_max: np.ndarray | None = None
+
+    def fit(self, x: np.ndarray) -> MinMaxScaler:
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim < 1 or x.shape[0] == 0:
+            raise ValueError(f"cannot fit a scaler on an array of shape {x.shape}")
+        self.data_min = x.min(axis=0)
+        self.data_max = x.max(axis=0)
+        return self
+
+    def _affine(self) -> tuple[np.ndarray, np.ndarray, float, float]:
+        if self.data_min is None or self.data_max is None:
+            raise RuntimeError("MinMaxScaler is not fitted")
+        lo, hi = self.feature_range
+        centre = (self.data_max + self.data_min) / 2
+        half = (self.data_max - self.data_min) / 2
+        half = np.where(half > 0, half, 1.0)  # constant column
+        return centre, half, (hi + lo) / 2, (hi - lo) / 2
+
+    def _check(self, x: np.ndarray) -> None:
+        assert self.data_min is not None
+        if x.shape[1:] != self.data_min.shape:
+            raise ValueError(
+                f"scaler was fitted on columns of shape {self.data_min.shape}, got {x.shape[1:]}"
+            )
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        centre, half, mid, span = self._affine()
+        x = np.asarray(x, dtype=np.float64)
+        self._check(x)
+        return ((x - centre) / half * span + mid).astype(np.float32)
+
+    def inverse_transform(self, y: np.ndarray) -> np.ndarray:
+        centre, half, mid, span = self._affine()
+        y = np.asarray(y, dtype=np.float64)
+        self._check(y)
+        return ((y - mid) / span * half + centre).astype(np.float32)
+
+    def fit_transform(self, x: np.ndarray) -> np.ndarray:
+        return self.fit(x).transform(x)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        if self.data_min is None or self.data_max is None:
+            raise RuntimeError("MinMaxScaler is not fitted")
+        return {
+            "data_min": self.data_min.copy(),
+            "data_max": self.data_max.copy(),
+            "feature_range": np.asarray(self.feature_range, dtype=np.float64),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray]) -> MinMaxScaler:
+        lo, hi = (float(v) for v in np.asarray(state["feature_range"]))
+        scaler = cls((lo, hi))
+        scaler.data_min = np.asarray(state["data_min"], dtype=np.float64)
+        scaler.data_max = np.asarray(state["data_max"], dtype=np.float64)
+        return scaler

@@ -1,0 +1,513 @@
+"""Latent conditioners (SPEC §5): run inputs -> (main latent, hierarchical latents).
+
+Every conditioner maps its input to
+    main         (B, latent_dim_end)
+    hierarchical (B, num_levels, latent_dim)
+with a Tanh at the end of each head, because the targets are min-max scaled to [-0.9, 0.9].
+
+    csvs / csv  MLPConditioner  x (B, num_param)
+    image       CNNConditioner  x (B, 1, H, W)
+    image_vit   ViTConditioner  x (B, 1, H, W)
+
+torchvision is imported only when a CNN is built: it costs about two seconds of start-up,
+and CSV runs never need it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from modules.errors import UserError
+
+# -----------------------------------------------------------------------------
+# scheduled dropout
+
+
+class ScheduledDropout(nn.Module):
+    """Inverted dropout whose rate lives in a 0-dim float32 buffer.
+
+    The training engine anneals the rate ("progressive dropout"). A Python float would be
+    baked into a captured CUDA graph and would make torch.compile recompile at every change;
+    a buffer filled in place (`set_dropout_rate`) keeps one graph and one address. The buffer
+    is not persistent: the schedule sets it, so checkpoints do not carry it.
+    """
+
+    p: Tensor
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        _check_rate(p)
+        self.register_buffer("p", torch.tensor(float(p), dtype=torch.float32), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        # fp32 uniforms even under autocast: bf16 would quantise the keep probability
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        # clamp: p = 1 drops everything (0 / 1e-6 = 0) instead of producing 0 * inf = NaN
+        scale = keep.to(torch.float32) / (1.0 - self.p).clamp_min(1e-6)
+        return x * scale.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.3g}"
+
+
+def set_dropout_rate(model: nn.Module, p: float) -> None:
+    """Set the rate of every ScheduledDropout in `model` (wrappers included), in place."""
+    _check_rate(p)
+    for m in model.modules():
+        if isinstance(m, ScheduledDropout):
+            m.p.fill_(p)
+
+
+def _check_rate(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1], got {p}")
+
+
+# -----------------------------------------------------------------------------
+# shared helpers
+
+_WEIGHTED = (nn.Conv2d, nn.Linear)
+
+
+def _he_init(root: nn.Module) -> None:
+    """He (Kaiming-uniform, ReLU gain) weights and zero biases on every Conv2d/Linear.
+
+    The original's trainer applied this to the whole conditioner before training.
+    Call it before spectral_norm so the power iteration starts from the final weights.
+    """
+    for m in root.modules():
+        if isinstance(m, _WEIGHTED):
+            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _apply_spectral_norm(layers: Sequence[nn.Module]) -> None:
+    for m in layers:
+        spectral_norm(m)
+
+
+def _check_filters(filters: Sequence[int], minimum: int) -> list[int]:
+    filters = [int(c) for c in filters]
+    if len(filters) < minimum or any(c < 1 for c in filters):
+        raise UserError(
+            f"conditioner filter list {filters} needs at least {minimum} positive values: "
+            "fix line 4 of the preset block in preset.txt"
+        )
+    return filters
+
+
+class _TanhHead(nn.Sequential):
+    """Dropout·Linear(in -> hidden)·GELU·Dropout·Linear(hidden -> out)·Tanh."""
+
+    def __init__(self, c_in: int, hidden: int, c_out: int, p_in: float, p_mid: float) -> None:
+        super().__init__(
+            ScheduledDropout(p_in),
+            nn.Linear(c_in, hidden),
+            nn.GELU(),
+            ScheduledDropout(p_mid),
+            nn.Linear(hidden, c_out),
+            nn.Tanh(),
+        )
+
+
+# -----------------------------------------------------------------------------
+# MLP (csvs)
+
+
+class MLPConditioner(nn.Module):
+    """CSV parameters -> latents.
+
+    Linear(num_param -> c0) with no activation, then Linear·LeakyReLU(0.2)·Dropout(0.1) up to
+    c(m-2); the last filter value is never used, as in the original. Two heads with a
+    32:1 bottleneck. The original used fixed dropout rates here, not the config's.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_param: int,
+        filters: Sequence[int],
+        latent_dim_end: int,
+        latent_dim: int,
+        num_levels: int,
+        **_unused: object,  # uniform builder signature: image_size, dropout_rate, use_se
+    ) -> None:
+        super().__init__()
+        c = _check_filters(filters, 2)
+        self.num_levels = num_levels
+        self.latent_dim = latent_dim
+
+        body: list[nn.Module] = [nn.Linear(num_param, c[0])]
+        for i in range(1, len(c) - 1):
+            body += [nn.Linear(c[i - 1], c[i]), nn.LeakyReLU(0.2), ScheduledDropout(0.1)]
+        self.body = nn.Sequential(*body)
+
+        features = c[-2]
+        hidden = max(8, features // 32)
+        self.main_head = _TanhHead(features, hidden, latent_dim_end, 0.2, 0.15)
+        self.hier_head = _TanhHead(features, hidden, num_levels * latent_dim, 0.2, 0.15)
+        _he_init(self)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.body(x)  # (B, c[m-2])
+        main = self.main_head(h)  # (B, Lend)
+        hier = self.hier_head(h).unflatten(1, (self.num_levels, self.latent_dim))  # (B, L, Ld)
+        return main, hier
+
+
+# -----------------------------------------------------------------------------
+# CNN (image)
+
+# DropBlock block size of the original; torchvision needs it odd and not above the map
+_BLOCK_SIZE = 7
+_SE_REDUCTION = 16
+
+
+def _cnn_groups(c: int) -> int:
+    """Largest divisor of c not above min(16, max(2, c // 2)) (the original's count)."""
+    g = min(16, max(2, c // 2))
+    while c % g:
+        g -= 1
+    return g
+
+
+def _gn(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(_cnn_groups(c), c)
+
+
+def _block_size(side: int) -> int:
+    """Odd DropBlock size that fits a side x side feature map."""
+    b = min(_BLOCK_SIZE, side)
+    return b if b % 2 else b - 1
+
+
+def _half(side: int) -> int:
+    # output side of a stride-2 conv with "same" padding (7x7 p3, 3x3 p1 and 1x1 p0 alike)
+    return (side + 1) // 2
+
+
+class _ResidualBlock(nn.Module):
+    """conv3x3·GN·SiLU·DropBlock·conv3x3·GN + shortcut, SiLU, optional squeeze-excitation."""
+
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, drop_p: float, block_size: int, use_se: bool
+    ) -> None:
+        super().__init__()
+        from torchvision.ops import DropBlock2d, SqueezeExcitation
+
+        self.residual = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            _gn(c_out),
+            nn.SiLU(),
+            DropBlock2d(drop_p, block_size),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            _gn(c_out),
+        )
+        if stride != 1 or c_in != c_out:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), _gn(c_out)
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.act = nn.SiLU()
+        # torchvision's SE has biases (the original's had none): +c + c/16 parameters each
+        self.se = (
+            SqueezeExcitation(c_out, max(1, c_out // _SE_REDUCTION), activation=nn.SiLU)
+            if use_se
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.se(self.act(self.residual(x) + self.shortcut(x)))
+
+
+class CNNConditioner(nn.Module):
+    """Greyscale image -> latents: ResNet stages, multi-scale fusion, two pathways.
+
+    stem   conv7x7/2·GN·SiLU·DropBlock
+    stages one per filter value, two residual blocks each; the first keeps resolution
+    fusion every stage's pooled output projected to c_last/4 (1x1 conv·SiLU), concatenated
+           with the pooled last stage, spectral-normalised Linear -> c_last·SiLU·Dropout
+    paths  latent: SN Linear c_last -> c_last/2 -> c_last/4 -> Lend·Tanh
+           hier:   SN Linear c_last -> c_last/2 -> c_last/2 -> L·Ld·Tanh
+
+    `image_size` fixes the DropBlock block sizes (odd, at most 7, no larger than each map);
+    other sizes still run as long as their maps are not smaller.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        filters: Sequence[int],
+        latent_dim_end: int,
+        latent_dim: int,
+        num_levels: int,
+        dropout_rate: float,
+        use_se: bool,
+        **_unused: object,  # uniform builder signature: num_param
+    ) -> None:
+        super().__init__()
+        from torchvision.ops import DropBlock2d
+
+        c = _check_filters(filters, 1)
+        c_last = c[-1]
+        if c_last < 4:
+            raise UserError(
+                f"the last conditioner filter ({c_last}) must be at least 4 for the image CNN: "
+                "fix line 4 of the preset block in preset.txt"
+            )
+        self.num_levels = num_levels
+        self.latent_dim = latent_dim
+
+        side = _half(image_size)
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, c[0], 7, stride=2, padding=3, bias=False),
+            _gn(c[0]),
+            nn.SiLU(),
+            # the original kept the stem's DropBlock light for stability
+            DropBlock2d(max(0.01, dropout_rate / 10), _block_size(side)),
+        )
+
+        self.stages = nn.ModuleList()
+        self.projections = nn.ModuleList()
+        c_in = c[0]
+        for i, c_out in enumerate(c):
+            stride = 1 if i == 0 else 2
+            if stride == 2:
+                side = _half(side)
+            bs = _block_size(side)
+            self.stages.append(
+                nn.Sequential(
+                    _ResidualBlock(c_in, c_out, stride, dropout_rate, bs, use_se),
+                    _ResidualBlock(c_out, c_out, 1, dropout_rate, bs, use_se),
+                )
+            )
+            self.projections.append(nn.Conv2d(c_out, c_last // 4, 1))
+            c_in = c_out
+
+        fused_in = c_last + (c_last // 4) * len(c)
+        fuse = nn.Linear(fused_in, c_last)
+        # the original wrote `dropout_rate // 2` and `// 3` (floor division: 0 for any rate
+        # below 1); the port uses the halved / thirded rates it meant
+        self.fusion = nn.Sequential(fuse, nn.SiLU(), ScheduledDropout(dropout_rate / 2))
+        self.shared_dropout = ScheduledDropout(dropout_rate)
+
+        enc = c_last // 2
+        main_a, main_b = nn.Linear(c_last, enc), nn.Linear(enc, enc // 2)
+        main_out = nn.Linear(enc // 2, latent_dim_end)
+        hier_a, hier_b = nn.Linear(c_last, enc), nn.Linear(enc, enc)
+        hier_out = nn.Linear(enc, num_levels * latent_dim)
+        self.main_path = nn.Sequential(
+            main_a, nn.SiLU(), ScheduledDropout(dropout_rate / 3), main_b, nn.SiLU()
+        )
+        self.hier_path = nn.Sequential(
+            hier_a, nn.SiLU(), ScheduledDropout(dropout_rate / 3), hier_b, nn.SiLU()
+        )
+        self.main_head = nn.Sequential(main_out, nn.Tanh())
+        self.hier_head = nn.Sequential(hier_out, nn.Tanh())
+
+        _he_init(self)
+        _apply_spectral_norm([fuse, main_a, main_b, main_out, hier_a, hier_b, hier_out])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.stem(x)  # (B, c0, H/2, W/2)
+        pooled = []
+        for stage, proj in zip(self.stages, self.projections):
+            x = stage(x)  # (B, ci, h, w)
+            pooled.append(F.silu(proj(x.mean((2, 3), keepdim=True))).flatten(1))  # (B, c_last/4)
+        features = torch.cat([x.mean((2, 3))] + pooled, dim=1)  # (B, c_last + n·c_last/4)
+        shared = self.shared_dropout(self.fusion(features))  # (B, c_last)
+        main = self.main_head(self.main_path(shared))  # (B, Lend)
+        hier = self.hier_head(self.hier_path(shared))  # (B, L·Ld)
+        return main, hier.unflatten(1, (self.num_levels, self.latent_dim))  # (B, L, Ld)
+
+
+# -----------------------------------------------------------------------------
+# ViT (image_vit)
+
+_PATCH = 16
+_EMBED = 64
+_DEPTH = 2
+_HEADS = 4
+_MLP_RATIO = 2
+# attention-probability dropout of the original (fixed, not the config's rate)
+_ATTN_DROPOUT = 0.3
+
+
+def _drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p  # (B, 1, 1)
+    return x * (keep.to(x.dtype) / (1.0 - p))
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention on scaled_dot_product_attention, with the original's
+    learned temperature (one scalar dividing the logits, clamped at 0.1)."""
+
+    def __init__(self, dim: int, heads: int, dropout_rate: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.temperature = nn.Parameter(torch.ones(1))
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = ScheduledDropout(dropout_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, N, hs)
+        q = q / self.temperature.clamp(min=0.1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=_ATTN_DROPOUT if self.training else 0.0
+        )  # (B, nh, N, hs)
+        y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        return self.proj_drop(self.proj(y))
+
+
+class _TransformerBlock(nn.Module):
+    """Pre-norm block: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout_rate: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads, dropout_rate)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim * mlp_ratio),
+            nn.GELU(),
+            ScheduledDropout(dropout_rate),
+            nn.Linear(dim * mlp_ratio, dim),
+            ScheduledDropout(dropout_rate),
+        )
+        # the original's stochastic-depth rate; a fixed float, so no recompilation
+        self.drop_path = 0.5 * dropout_rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class ViTConditioner(nn.Module):
+    """Greyscale image -> latents with a two-layer ViT (16x16 patches, width 64).
+
+    Linear patch embedding, learned position embedding, pre-norm transformer layers,
+    final LayerNorm, mean over patches (no class token), two Tanh heads with an 8:1
+    bottleneck. Built for one `image_size` (the position embedding has one row per patch).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        latent_dim_end: int,
+        latent_dim: int,
+        num_levels: int,
+        dropout_rate: float,
+        **_unused: object,  # uniform builder signature: num_param, filters, use_se
+    ) -> None:
+        super().__init__()
+        if image_size % _PATCH:
+            raise UserError(
+                f"image size {image_size} is not a multiple of the ViT patch size {_PATCH}: "
+                "use a multiple of 16 (the default is 256)"
+            )
+        self.num_levels = num_levels
+        self.latent_dim = latent_dim
+        self.grid = image_size // _PATCH
+
+        self.patch_embed = nn.Linear(_PATCH * _PATCH, _EMBED)
+        self.patch_drop = ScheduledDropout(dropout_rate)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, _EMBED))
+        self.pos_drop = ScheduledDropout(dropout_rate)
+        self.blocks = nn.Sequential(
+            *[_TransformerBlock(_EMBED, _HEADS, _MLP_RATIO, dropout_rate) for _ in range(_DEPTH)]
+        )
+        self.norm = nn.LayerNorm(_EMBED)
+
+        hidden = max(4, _EMBED // 8)
+        self.main_head = _TanhHead(_EMBED, hidden, latent_dim_end, 0.6, 0.5)
+        self.hier_head = _TanhHead(_EMBED, hidden, num_levels * latent_dim, 0.6, 0.5)
+
+        _he_init(self)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, C, H, W = x.shape
+        p = _PATCH
+        x = x.reshape(B, C, H // p, p, W // p, p)  # (B, C, gh, p, gw, p)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, p·p)
+        x = self.patch_drop(self.patch_embed(x))  # (B, N, D)
+        x = self.pos_drop(x + self.pos_embed)
+        x = self.norm(self.blocks(x))  # (B, N, D)
+        h = x.mean(1)  # (B, D)
+        main = self.main_head(h)  # (B, Lend)
+        hier = self.hier_head(h).unflatten(1, (self.num_levels, self.latent_dim))  # (B, L, Ld)
+        return main, hier
+
+
+# -----------------------------------------------------------------------------
+# registry
+
+CONDITIONERS: dict[str, type[nn.Module]] = {
+    "csvs": MLPConditioner,
+    "csv": MLPConditioner,
+    "image": CNNConditioner,
+    "image_vit": ViTConditioner,
+}
+
+
+def build_conditioner(
+    input_type: str,
+    *,
+    num_param: int,
+    image_size: int,
+    filters: Sequence[int],
+    latent_dim_end: int,
+    latent_dim: int,
+    num_levels: int,
+    dropout_rate: float,
+    use_se: bool,
+) -> nn.Module:
+    """Build the conditioner for `input_type` (the condition.txt key of that name)."""
+    if input_type not in CONDITIONERS:
+        raise UserError(
+            f"unknown input_type {input_type!r} in condition.txt: "
+            f"use one of {', '.join(sorted(CONDITIONERS))}"
+        )
+    return CONDITIONERS[input_type](
+        num_param=num_param,
+        image_size=image_size,
+        filters=filters,
+        latent_dim_end=latent_dim_end,
+        latent_dim=latent_dim,
+        num_levels=num_levels,
+        dropout_rate=dropout_rate,
+        use_se=use_se,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "CONDITIONERS",
+    "CNNConditioner",
+    "MLPConditioner",
+    "ScheduledDropout",
+    "ViTConditioner",
+    "build_conditioner",
+    "count_parameters",
+    "set_dropout_rate",
+]

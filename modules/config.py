@@ -1,0 +1,450 @@
+"""Configuration: one strict parser for `condition.txt` and `preset.txt`.
+
+Every key of the original's `condition.txt` is a field of `Config`, named exactly as in
+the file. Every value the original hard-coded is an optional key whose default is the
+original's value, so the original file still parses and nothing is hidden in code.
+Each field's metadata (range, choices, help) drives parsing, validation, `--list_keys`
+and the README's key table, so there is one source of truth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modules.errors import UserError
+
+log = logging.getLogger("simulgen")
+
+_REQUIRED = object()
+# Values derived from other keys when absent (e.g. Dim2_red defaults to Dim2).
+_DERIVED = None
+
+
+def _key(default: Any = _REQUIRED, *, lo=None, hi=None, lo_open=False, choices=None,
+         section: str, help: str, reserved: bool = False):
+    return field(default=None if default is _REQUIRED else default,
+                 metadata=dict(required=default is _REQUIRED, lo=lo, hi=hi, lo_open=lo_open,
+                               choices=choices, section=section, help=help, reserved=reserved))
+
+
+_COMMON, _VAE, _AUG, _LC, _ENGINE, _RUN = ("data", "VAE", "augmentation", "conditioner",
+                                             "engine", "run")
+
+# `csv` is accepted as a spelling of `csvs` (the original's files use both).
+INPUT_TYPES = ("csvs", "csv", "image", "image_vit")
+LOSS_TYPES = {1: "MSE", 2: "MAE", 3: "SmoothL1", 4: "Huber"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    # --- the original's keys -------------------------------------------------------------
+    Dim1: int = _key(lo=1, section=_COMMON, help="number of runs P in the dataset")
+    Dim2: int = _key(lo=1, section=_COMMON, help="time steps T per run")
+    Dim3: int = _key(lo=1, section=_COMMON, help="nodes N per time step")
+    num_var: int = _key(1, lo=1, hi=1, section=_COMMON,
+                        help="variables per node; only 1 is supported (stack variables as extra nodes)")
+    Training_epochs: int = _key(lo=1, section=_VAE, help="VAE training epochs")
+    Batch_size: int = _key(lo=1, section=_VAE,
+                           help="VAE batch size (global: divided across DDP ranks)")
+    LearningR: float = _key(lo=0.0, lo_open=True, section=_VAE, help="VAE learning rate")
+    Latent_dim: int = _key(lo=1, section=_VAE, help="size of each hierarchical latent")
+    Latent_dim_end: int = _key(lo=1, section=_VAE, help="size of the main latent")
+    Loss_type: int = _key(1, lo=1, hi=4, section=_VAE,
+                          help="reconstruction loss: 1 MSE, 2 MAE, 3 SmoothL1, 4 Huber")
+    Stretch: int = _key(0, lo=0, hi=1, section=_AUG,
+                        help="1 = offline augmentation doubling the dataset with noisy/shifted copies")
+    alpha: float = _key(lo=0.0, lo_open=True, section=_VAE,
+                        help="weight of the reconstruction loss")
+    num_aug_f: int = _key(0, lo=0, section=_VAE, help="reserved (unused, as in the original)",
+                          reserved=True)
+    num_aug_a: int = _key(0, lo=0, section=_VAE, help="reserved (unused, as in the original)",
+                          reserved=True)
+    rec_graph: int = _key(0, lo=0, hi=1, section=_VAE,
+                          help="reserved; reconstruction figures follow --plot", reserved=True)
+    Recon_iter: int = _key(1, lo=1, section=_VAE,
+                           help="latent draws per run at extraction; the best reconstruction is kept")
+    Dim2_red: int = _key(_DERIVED, lo=1, section=_COMMON,
+                         help="keep only the first T' time steps (default: Dim2)")
+    Dim3_red: int = _key(_DERIVED, lo=1, section=_COMMON,
+                         help="keep only the first N' nodes (default: Dim3)")
+    num_param: int = _key(lo=1, section=_LC, help="number of CSV input columns")
+    n_sample: int = _key(_DERIVED, lo=1, section=_LC,
+                         help="number of conditioner samples; must equal Dim1 (default: Dim1)")
+    param_dir: str = _key(section=_LC,
+                          help="CSV file or image folder; a leading / that does not exist as an "
+                               "absolute path is relative to the working directory")
+    n_epoch: int = _key(lo=1, section=_LC, help="conditioner training epochs")
+    latent_conditioner_lr: float = _key(lo=0.0, lo_open=True, section=_LC,
+                                        help="conditioner learning rate")
+    latent_conditioner_batch: int = _key(lo=1, section=_LC, help="conditioner batch size (global)")
+    latent_conditioner_weight_decay: float = _key(1e-4, lo=0.0, section=_LC,
+                                                  help="conditioner AdamW weight decay")
+    latent_conditioner_dropout_rate: float = _key(0.2, lo=0.0, hi=0.95, section=_LC,
+                                                  help="conditioner dropout (CNN DropBlock)")
+    use_spatial_attention: bool = _key(True, section=_LC,
+                                       help="squeeze-excitation attention in the CNN (0/1)")
+    input_type: str = _key(choices=INPUT_TYPES, section=_LC,
+                           help="csvs (MLP; csv accepted), image (CNN) or image_vit (ViT)")
+    param_data_type: str = _key(".png", choices=(".png", ".jpg"), section=_LC,
+                                help="image file extension")
+
+    # --- data and run --------------------------------------------------------------------
+    dataset_dir: str = _key("", section=_RUN,
+                            help="folder of dataset<d>.npy / .pickle (default: the working directory)")
+    seed: int = _key(42, lo=0, section=_RUN, help="seed of every RNG and of the data split")
+    val_split: float = _key(0.2, lo=0.0, hi=0.9, lo_open=True, section=_RUN,
+                            help="fraction of runs held out for validation")
+    checkpoint_every: int = _key(100, lo=1, section=_RUN,
+                                 help="write a resumable checkpoint every N epochs (and at the end)")
+    log_every: int = _key(10, lo=1, section=_RUN,
+                          help="progress line / TensorBoard scalars every N epochs")
+
+    # --- VAE recipe ----------------------------------------------------------------------
+    weight_decay: float = _key(5e-4, lo=0.0, section=_VAE, help="VAE AdamW weight decay")
+    grad_clip: float = _key(10.0, lo=0.0, section=_VAE, help="VAE gradient-norm clip (0 = off)")
+    beta_start: float = _key(1e-4, lo=0.0, lo_open=True, section=_VAE,
+                             help="initial KL weight (a preset's k > 0 overrides it with 10^-k)")
+    beta_end: float = _key(1e-2, lo=0.0, lo_open=True, section=_VAE, help="final KL weight")
+    beta_ramp_start: float = _key(0.3, lo=0.0, hi=1.0, section=_VAE,
+                                  help="fraction of epochs at which the KL weight starts rising")
+    beta_ramp_end: float = _key(0.8, lo=0.0, hi=1.0, section=_VAE,
+                                help="fraction of epochs at which the KL weight reaches beta_end")
+    lr_restart_epochs: int = _key(0, lo=0, section=_VAE,
+                                  help="first cosine-restart period T_0 (0 = Training_epochs//4)")
+    lr_restart_mult: int = _key(2, lo=1, section=_VAE, help="cosine-restart period multiplier")
+    lr_min_factor: float = _key(1e-4, lo=0.0, hi=1.0, section=_VAE,
+                                help="minimum LR as a fraction of LearningR")
+    val_every: int = _key(10, lo=1, section=_VAE,
+                          help="validate every N epochs (and at the last epoch)")
+
+    # --- VAE augmentation (training runs only) --------------------------------------------
+    use_augmentation: bool = _key(True, section=_AUG, help="master switch of the augmentations")
+    aug_noise_prob: float = _key(0.2, lo=0.0, hi=1.0, section=_AUG, help="Gaussian-noise probability")
+    aug_noise_level: float = _key(0.03, lo=0.0, section=_AUG, help="noise std (fraction of the range)")
+    aug_scale_prob: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG, help="amplitude-scaling probability")
+    aug_scale_min: float = _key(0.9, lo=0.0, lo_open=True, section=_AUG, help="smallest scale factor")
+    aug_scale_max: float = _key(1.1, lo=0.0, lo_open=True, section=_AUG, help="largest scale factor")
+    aug_shift_prob: float = _key(0.0, lo=0.0, hi=1.0, section=_AUG, help="time-shift probability")
+    aug_shift_max: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG,
+                                help="largest time shift (fraction of the steps)")
+    aug_mixup_prob: float = _key(0.2, lo=0.0, hi=1.0, section=_AUG, help="mixup probability")
+    aug_mixup_alpha: float = _key(0.2, lo=0.0, lo_open=True, section=_AUG, help="mixup Beta(a, a)")
+    aug_cutout_prob: float = _key(0.0, lo=0.0, hi=1.0, section=_AUG, help="cutout probability")
+    aug_cutout_max: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG,
+                                 help="longest cutout (fraction of the steps)")
+
+    # --- conditioner recipe --------------------------------------------------------------
+    lc_warmup_epochs: int = _key(10, lo=0, section=_LC, help="linear LR warm-up epochs")
+    lc_warmup_start: float = _key(0.01, lo=0.0, hi=1.0, lo_open=True, section=_LC,
+                                  help="warm-up starts at this fraction of the LR")
+    lc_lr_min: float = _key(1e-8, lo=0.0, section=_LC, help="LR at the end of the cosine decay")
+    lc_grad_clip: float = _key(1.0, lo=0.0, section=_LC, help="gradient-norm clip (0 = off)")
+    lc_label_smoothing: float = _key(0.2, lo=0.0, hi=1.0, section=_LC,
+                                     help="shrink latent targets towards 0 by this fraction")
+    lc_label_noise: float = _key(0.01, lo=0.0, section=_LC, help="std of noise added to the targets")
+    lc_mixup_prob: float = _key(0.15, lo=0.0, hi=1.0, section=_LC, help="mixup probability")
+    lc_mixup_alpha: float = _key(0.2, lo=0.0, lo_open=True, section=_LC, help="mixup Beta(a, a)")
+    lc_input_noise_prob: float = _key(0.1, lo=0.0, hi=1.0, section=_LC, help="input-noise probability")
+    lc_input_noise: float = _key(0.01, lo=0.0, section=_LC, help="input-noise std")
+    lc_image_aug_prob: float = _key(0.8, lo=0.0, hi=1.0, section=_LC,
+                                    help="probability of outline-safe image augmentation (flip, ±1-px shift)")
+    lc_flip_prob: float = _key(0.5, lo=0.0, hi=1.0, section=_LC,
+                               help="horizontal-flip probability within image augmentation "
+                                    "(set 0 when a mirrored geometry gives a different field)")
+    lc_patience: int = _key(20000, lo=1, section=_LC,
+                            help="early stopping: epochs without validation improvement")
+    use_e2e_training: bool = _key(False, section=_LC,
+                                  help="fine-tune end to end through the frozen VAE decoder")
+    e2e_epochs: int = _key(_DERIVED, lo=1, section=_LC,
+                           help="end-to-end fine-tuning epochs (default: n_epoch//4)")
+    latent_reg_weight: float = _key(0.1, lo=0.0, section=_LC,
+                                    help="weight of the latent loss during end-to-end fine-tuning")
+
+    # --- training engine (both stages) ---------------------------------------------------
+    precision: str = _key("auto", choices=("auto", "fp32", "bf16", "fp16"), section=_ENGINE,
+                          help="auto: bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on CPU")
+    use_sam: bool = _key(False, section=_ENGINE, help="sharpness-aware minimisation (two passes a step)")
+    sam_rho: float = _key(0.05, lo=0.0, lo_open=True, section=_ENGINE, help="SAM neighbourhood size")
+    use_ema: bool = _key(False, section=_ENGINE,
+                         help="EMA of the weights, used for validation, latents, prediction and saving")
+    ema_decay: float = _key(0.999, lo=0.0, hi=1.0, lo_open=True, section=_ENGINE, help="EMA decay")
+    compile: bool = _key(False, section=_ENGINE, help="torch.compile the model")
+    cuda_graphs: bool = _key(False, section=_ENGINE,
+                             help="capture the training step in a CUDA graph (CUDA only)")
+    use_progressive_dropout: bool = _key(False, section=_ENGINE,
+                                         help="schedule the conditioner's dropout from dropout_start to dropout_end")
+    dropout_start: float = _key(0.3, lo=0.0, hi=0.95, section=_ENGINE, help="progressive dropout: first rate")
+    dropout_end: float = _key(0.1, lo=0.0, hi=0.95, section=_ENGINE, help="progressive dropout: last rate")
+
+    @property
+    def loss_name(self) -> str:
+        return LOSS_TYPES[self.Loss_type]
+
+    @property
+    def conditioner_type(self) -> str:
+        return "csvs" if self.input_type == "csv" else self.input_type
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Keys the original's files carry that have no meaning here.
+IGNORED_KEYS = {"RESERVED"}
+# The original's conditioner keys had earlier names ("pinn_*"); accept them.
+ALIASES = {"pinn_lr": "latent_conditioner_lr", "pinn_batch": "latent_conditioner_batch",
+           "pinn_weight_decay": "latent_conditioner_weight_decay",
+           "pinn_dropout_rate": "latent_conditioner_dropout_rate"}
+# Keys that decide the shape of the saved networks; a checkpoint must agree on them.
+ARCHITECTURE_KEYS = ("Dim2_red", "Dim3_red", "Latent_dim", "Latent_dim_end", "num_param",
+                     "input_type", "use_spatial_attention")
+
+
+def _convert(name: str, raw: str, where: str) -> Any:
+    f = FIELDS[name]
+    meta = f.metadata
+    kind = f.type
+    if kind == "bool":
+        if raw not in ("0", "1"):
+            raise UserError(f"{where}, key '{name}': '{raw}' is not 0 or 1; write 1 to switch it on or 0 to switch it off.")
+        return raw == "1"
+    if kind == "int":
+        try:
+            value = int(raw)
+        except ValueError:
+            try:
+                as_float = float(raw)
+            except ValueError:
+                as_float = math.nan
+            if not as_float.is_integer():
+                raise UserError(f"{where}, key '{name}': '{raw}' is not a whole number; write an integer such as {f.default if isinstance(f.default, int) and not isinstance(f.default, bool) else 1}.") from None
+            value = int(as_float)
+    elif kind == "float":
+        try:
+            value = float(raw)
+        except ValueError:
+            raise UserError(f"{where}, key '{name}': '{raw}' is not a number; write a value such as {f.default if f.default is not None else '0.001'}.") from None
+        if not math.isfinite(value):
+            raise UserError(f"{where}, key '{name}': '{raw}' is not a finite number.")
+    else:
+        value = raw
+        if name == "param_data_type" and not raw.startswith("."):
+            value = "." + raw
+        if meta["choices"] and value.lower() in meta["choices"]:
+            value = value.lower()
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"{where}, key '{name}': '{raw}' is not one of {', '.join(meta['choices'])}.")
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+        bound = f"greater than {lo}" if meta["lo_open"] else f"at least {lo}"
+        raise UserError(f"{where}, key '{name}': {raw} is out of range; it must be {bound}"
+                        + (f" and at most {hi}." if hi is not None else "."))
+    if hi is not None and value > hi:
+        raise UserError(f"{where}, key '{name}': {raw} is out of range; it must be at most {hi}"
+                        + (f" ({meta['help']})." if name == "num_var" else "."))
+    return value
+
+
+def _suggest(name: str) -> str | None:
+    candidates = list(FIELDS) + list(ALIASES)
+    lowered = {c.lower(): c for c in candidates}
+    if name.lower() in lowered:
+        return lowered[name.lower()]
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.8)
+    return lowered[close[0]] if close else None
+
+
+def _parse_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key or not value or len(value.split()) != 1:
+        raise UserError(f"--set {text!r}: write it as KEY=VALUE, for example --set Training_epochs=5.")
+    return key, value
+
+
+def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Parse a `condition.txt`, apply `--set KEY=VALUE` overrides, validate, return a Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass --config PATH or run from the folder that holds input_data/condition.txt.")
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror}.") from None
+
+    raw: dict[str, tuple[str, str]] = {}   # key -> (value text, location)
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text or text.startswith(("%", "'")):
+            continue
+        parts = text.split()
+        where = f"{path} line {number}"
+        key = ALIASES.get(parts[0], parts[0])
+        if key in IGNORED_KEYS:
+            continue
+        if key not in FIELDS:
+            hint = _suggest(parts[0])
+            if hint:
+                raise UserError(f"{where}: unknown key '{parts[0]}'; did you mean '{hint}'?")
+            log.warning("%s: ignoring unrecognised line %r", where, text)
+            continue
+        if len(parts) < 2:
+            raise UserError(f"{where}, key '{key}': no value given; write '{key} <value>'.")
+        if len(parts) > 2:
+            # Filter lists and the like belong in preset.txt; a stray second value is a mistake.
+            raise UserError(f"{where}, key '{key}': expected one value, found {len(parts) - 1} ({' '.join(parts[1:])}).")
+        if key in raw:
+            log.warning("%s: key '%s' repeated; the later value wins (first at %s)", where, key, raw[key][1])
+        raw[key] = (parts[1], where)
+
+    for text in overrides:
+        key, value = _parse_override(text)
+        key = ALIASES.get(key, key)
+        if key not in FIELDS:
+            hint = _suggest(key)
+            raise UserError(f"--set {text}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "; run with --list_keys to see every key."))
+        raw[key] = (value, f"--set {key}={value}")
+
+    values: dict[str, Any] = {}
+    for name, f in FIELDS.items():
+        if name in raw:
+            values[name] = _convert(name, raw[name][0], raw[name][1])
+        elif f.metadata["required"]:
+            raise UserError(f"{path}: required key '{name}' is missing; add a line '{name} <value>' ({f.metadata['help']}).")
+    cfg = Config(**values)
+    cfg = dataclasses.replace(
+        cfg,
+        Dim2_red=cfg.Dim2 if cfg.Dim2_red is None else cfg.Dim2_red,
+        Dim3_red=cfg.Dim3 if cfg.Dim3_red is None else cfg.Dim3_red,
+        n_sample=cfg.Dim1 if cfg.n_sample is None else cfg.n_sample,
+        e2e_epochs=max(1, cfg.n_epoch // 4) if cfg.e2e_epochs is None else cfg.e2e_epochs,
+    )
+    _check_consistency(cfg, lambda key: raw[key][1] if key in raw else str(path))
+    return cfg
+
+
+def train_split_size(num_runs: int, val_split: float) -> int:
+    """Runs in the training part of the split (at least one run on each side)."""
+    num_val = min(num_runs - 1, max(1, round(num_runs * val_split)))
+    return num_runs - num_val
+
+
+def _check_consistency(cfg: Config, where) -> None:
+    if cfg.Dim2_red > cfg.Dim2:
+        raise UserError(f"{where('Dim2_red')}, key 'Dim2_red': {cfg.Dim2_red} is larger than Dim2 = {cfg.Dim2}; it keeps the first T' of the {cfg.Dim2} steps, so set it to {cfg.Dim2} or less.")
+    if cfg.Dim3_red > cfg.Dim3:
+        raise UserError(f"{where('Dim3_red')}, key 'Dim3_red': {cfg.Dim3_red} is larger than Dim3 = {cfg.Dim3}; it keeps the first N' of the {cfg.Dim3} nodes, so set it to {cfg.Dim3} or less.")
+    if cfg.n_sample != cfg.Dim1:
+        raise UserError(f"{where('n_sample')}, key 'n_sample': {cfg.n_sample} differs from Dim1 = {cfg.Dim1}; the conditioner needs one input per run, so set n_sample {cfg.Dim1}.")
+    if cfg.Dim1 < 2:
+        raise UserError(f"{where('Dim1')}, key 'Dim1': at least 2 runs are needed (one to train on, one to validate).")
+    n_train = train_split_size(cfg.Dim1, cfg.val_split)
+    for key in ("Batch_size", "latent_conditioner_batch"):
+        batch = getattr(cfg, key)
+        if batch > n_train:
+            raise UserError(f"{where(key)}, key '{key}': {batch} is larger than the {n_train} training runs ({cfg.Dim1} runs, val_split {cfg.val_split}); set it to {n_train} or less.")
+    if cfg.beta_ramp_end < cfg.beta_ramp_start:
+        raise UserError(f"{where('beta_ramp_end')}, key 'beta_ramp_end': {cfg.beta_ramp_end} is before beta_ramp_start = {cfg.beta_ramp_start}.")
+    if cfg.aug_scale_max < cfg.aug_scale_min:
+        raise UserError(f"{where('aug_scale_max')}, key 'aug_scale_max': {cfg.aug_scale_max} is smaller than aug_scale_min = {cfg.aug_scale_min}.")
+
+
+# --- preset.txt --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preset:
+    dataset_number: int
+    beta_exponent: int                    # k > 0: the KL weight starts at 10^-k
+    encoder_filters: tuple[int, ...]      # the decoder uses them reversed
+    conditioner_filters: tuple[int, ...]
+
+
+def _int_list(text: str, what: str, where: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split())
+    except ValueError:
+        raise UserError(f"{where}: the {what} '{text.strip()}' must be whole numbers separated by spaces, e.g. 64 32 16 8.") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{where}: the {what} '{text.strip()}' must list positive whole numbers, e.g. 64 32 16 8.")
+    return values
+
+
+def parse_preset(path: str | Path, number: int) -> Preset:
+    """Block `number` (1-based) of a preset file: a header line, then 4 lines per block."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"preset file {path} not found; pass --preset_file PATH or create it (see README, 'preset.txt').")
+    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    blocks = (len(lines) - 1) // 4
+    if number < 1 or number > blocks:
+        have = f"it has {blocks} complete block{'s' if blocks != 1 else ''}" if blocks else "it has no complete block (a header line, then 4 lines per block)"
+        raise UserError(f"{path}: preset block {number} does not exist; {have}. Use --preset=1..{max(blocks, 1)} or add the block.")
+    first = 1 + 4 * (number - 1)
+    block = lines[first:first + 4]
+    where = [f"{path} line {first + i + 1}" for i in range(4)]
+    names = ("dataset number", "KL initial-weight exponent", "encoder filter list", "conditioner filter list")
+    for text, loc, name in zip(block, where, names):
+        if not text:
+            raise UserError(f"{loc}: the {name} of preset block {number} is empty.")
+    try:
+        dataset_number = int(block[0])
+        beta_exponent = int(block[1])
+    except ValueError:
+        bad = 0 if not block[0].lstrip("-").isdigit() else 1
+        raise UserError(f"{where[bad]}: the {names[bad]} '{block[bad]}' of preset block {number} must be a whole number.") from None
+    if dataset_number < 0 or beta_exponent < 0:
+        bad = 0 if dataset_number < 0 else 1
+        raise UserError(f"{where[bad]}: the {names[bad]} of preset block {number} must not be negative.")
+    return Preset(dataset_number, beta_exponent,
+                  _int_list(block[2], names[2], where[2]), _int_list(block[3], names[3], where[3]))
+
+
+def ask_preset() -> Preset:
+    """The original's interactive fallback, used only on a terminal."""
+    print("No --preset given: enter the preset values (or rerun with --preset=N).")
+
+    def ask(prompt: str, convert):
+        while True:
+            text = input(prompt).strip()
+            try:
+                return convert(text)
+            except (UserError, ValueError) as exc:
+                print(f"  {exc}")
+
+    return Preset(ask("dataset number d (dataset<d>.npy / .pickle): ", int),
+                  ask("KL initial-weight exponent k (0 = default): ", int),
+                  ask("encoder filters, e.g. 64 32 16 8: ", lambda t: _int_list(t, "encoder filter list", "input")),
+                  ask("conditioner filters, e.g. 16 32 64 128: ", lambda t: _int_list(t, "conditioner filter list", "input")))
+
+
+def load_preset(path: str | Path, number: int | None) -> Preset:
+    if number is not None:
+        return parse_preset(path, number)
+    if sys.stdin.isatty():
+        return ask_preset()
+    raise UserError(f"no preset chosen: pass --preset=N to use block N of {path} (there is no terminal to ask on).")
+
+
+def key_table() -> list[tuple[str, str, str, str]]:
+    """(section, key, default, help) rows for --list_keys and the README."""
+    rows = []
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        if meta["required"]:
+            default = "required"
+        elif f.default is None:
+            default = "derived"
+        elif isinstance(f.default, bool):
+            default = str(int(f.default))
+        else:
+            default = repr(f.default) if isinstance(f.default, str) else str(f.default)
+        rows.append((meta["section"], name, default, meta["help"]))
+    return rows

@@ -1,0 +1,97 @@
+"""Progress you can watch: tqdm bars on a terminal, plain lines in a log, TensorBoard.
+
+Every helper here checks the rank itself: only rank 0 prints progress and writes events.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("simulgen")
+
+
+class Monitor:
+    def __init__(self, run_dir: Path | None, is_main: bool, log_every: int = 10):
+        self.run_dir = run_dir
+        self.is_main = is_main and run_dir is not None
+        self.log_every = max(1, log_every)
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None and self.is_main:
+            from torch.utils.tensorboard import SummaryWriter   # slow import: only when used
+            self._writer = SummaryWriter(log_dir=str(self.run_dir))
+        return self._writer
+
+    def scalars(self, stage: str, step: int, values: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(f"{stage}/{key}", value, step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.is_main:
+            self.writer.add_text(tag, text.replace("\n", "  \n"))
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def progress(self, stage: str, first_epoch: int, epochs: int) -> "Progress":
+        return Progress(stage, first_epoch, epochs, self.is_main, self.log_every)
+
+
+class Progress:
+    """A tqdm bar per stage on a terminal; a plain line every `log_every` epochs otherwise."""
+
+    def __init__(self, stage: str, first_epoch: int, epochs: int, enabled: bool, log_every: int):
+        self.stage, self.epochs, self.enabled, self.log_every = stage, epochs, enabled, log_every
+        self.first_epoch = first_epoch
+        self.started = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=epochs, initial=first_epoch, desc=stage, unit="epoch",
+                            dynamic_ncols=True, leave=True)
+
+    def update(self, epoch: int, values: dict[str, float]) -> None:
+        """`epoch` is 0-based and just finished."""
+        if not self.enabled:
+            return
+        text = {k: _fmt(v) for k, v in values.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=False)
+            self.bar.update(1)
+            return
+        done = epoch + 1
+        if done % self.log_every == 0 or done == self.epochs or done == self.first_epoch + 1:
+            elapsed = time.perf_counter() - self.started
+            rate = (done - self.first_epoch) / elapsed if elapsed > 0 else 0.0
+            eta = (self.epochs - done) / rate if rate > 0 else 0.0
+            fields = " ".join(f"{k}={v}" for k, v in text.items())
+            print(f"[{self.stage}] epoch {done}/{self.epochs} {fields} eta={_duration(eta)}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3e}" if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4) else f"{value:.4f}"
+    return str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

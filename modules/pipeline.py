@@ -1,0 +1,310 @@
+"""A training run, top to bottom: configuration → inputs → VAE → latents → conditioner →
+evaluation. Every input is checked before anything is written, so a bad config or file
+never touches the outputs of an earlier run."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modules.checkpoint import load_npz, load_torch, save_json, save_npz, seed_everything
+from modules.config import Preset, load_preset, parse_condition
+from modules.data import FieldScaler, FieldStore, check_dataset, find_dataset, open_dataset, reduce, split_indices
+from modules.distributed import DistInfo, barrier, init_distributed
+from modules.errors import UserError
+from modules.monitor import Monitor
+from modules.plots import Figures
+from modules.run import Paths, RunContext, new_run_id
+
+log = logging.getLogger("simulgen")
+
+_VAE_HINT = "train the VAE first: python SimulGen-VAE.py --preset=1 --lc_only=0"
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The command-line choices a training run needs."""
+    config: Path
+    preset_file: Path
+    preset: int | None
+    overrides: tuple[str, ...]
+    plot: int
+    lc_only: bool
+    small: bool
+    load_all: bool
+    use_ddp: bool
+    device: str
+    resume: bool
+
+
+def check_preset(preset: Preset) -> None:
+    if len(preset.encoder_filters) < 2:
+        raise UserError(f"the encoder filter list {list(preset.encoder_filters)} of the preset needs at least 2 values "
+                        "(one per VAE level, e.g. 64 32 16 8).")
+    if len(preset.conditioner_filters) < 2:
+        raise UserError(f"the conditioner filter list {list(preset.conditioner_filters)} of the preset needs at least 2 "
+                        "values, e.g. 16 32 64 128.")
+
+
+def _peek(path: Path, what: str, hint: str) -> dict | None:
+    return load_torch(path, what, hint) if path.is_file() else None
+
+
+def train(flags: Flags, workdir: Path) -> dict:
+    dist_info, device = init_distributed(flags.use_ddp, flags.device)
+    cfg = parse_condition(flags.config, flags.overrides)
+    preset = load_preset(flags.preset_file, flags.preset)
+    check_preset(preset)
+    paths = Paths(workdir)
+    seed_everything(cfg.seed)
+
+    # --- every input, before anything is written ------------------------------------------
+    from modules.train_conditioner import read_conditioner_inputs
+    data_dir = (workdir / cfg.dataset_dir) if cfg.dataset_dir else workdir
+    data_path = find_dataset(data_dir, preset.dataset_number)
+    array = open_dataset(data_path)
+    check_dataset(array, (cfg.Dim1, cfg.Dim2, cfg.Dim3), data_path)
+    runs = reduce(array, cfg.Dim2_red, cfg.Dim3_red)                      # (P, T', N'), a view
+    inputs = read_conditioner_inputs(cfg, workdir)
+    vae_state = _peek(paths.vae, "VAE checkpoint", _VAE_HINT)
+    if flags.lc_only:
+        if vae_state is None or not vae_state.get("finished"):
+            raise UserError(f"--lc_only=1 needs a finished VAE in {paths.vae}, but it is "
+                            f"{'missing' if vae_state is None else 'unfinished'}; {_VAE_HINT} (or --resume it).")
+        load_npz(paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
+        load_npz(paths.field_scaler, "field scaler", _VAE_HINT, ("data_min", "data_max"))
+    cond_state = _peek(paths.conditioner, "conditioner checkpoint", "delete it")
+    if flags.resume and vae_state is None and cond_state is None:
+        raise UserError(f"--resume: no checkpoint in {paths.checkpoints} to continue from; start without --resume.")
+
+    small = flags.small
+    run_id = _choose_run_id(flags, paths, vae_state, cond_state)
+    ctx = RunContext(cfg, preset, small, flags.load_all, flags.plot, device, dist_info, paths, run_id, flags.resume)
+    if flags.lc_only and vae_state["architecture"] != ctx.vae_architecture():
+        raise UserError(f"{paths.vae} was trained with another VAE architecture ({vae_state['architecture']}) than "
+                        f"this config and preset give ({ctx.vae_architecture()}); {_VAE_HINT}.")
+    fresh_vae = not flags.lc_only and not (flags.resume and vae_state is not None)
+    if dist_info.is_main:
+        if fresh_vae:
+            _keep_previous(paths)
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(ctx.run_dir / "config.json", ctx.describe())
+    barrier()
+    ctx.monitor = Monitor(ctx.run_dir, dist_info.is_main, cfg.log_every)
+    ctx.monitor.text("config", "\n".join(f"{k}: {v}" for k, v in ctx.describe()["config"].items()))
+    figures = Figures(flags.plot, ctx.run_dir, dist_info.is_main)
+    if dist_info.is_main:
+        _print_config(ctx, data_path)
+
+    summary: dict = {"run_id": run_id}
+    started = time.perf_counter()
+    scaler = _field_scaler(ctx, runs, flags.lc_only)
+    store = FieldStore(runs, scaler, preload=flags.load_all, device=device, pin_memory=device.type == "cuda")
+    train_idx, val_idx = split_indices(cfg.Dim1, cfg.val_split, cfg.seed)
+
+    if flags.lc_only:
+        vae_run_id = vae_state["run"]["run_id"]
+        latents = load_npz(paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
+    else:
+        vae_run_id = run_id if fresh_vae else vae_state["run"]["run_id"]
+        latents = _vae_stage(ctx, store, train_idx, val_idx, figures, summary)
+    summary.update(_conditioner_stage(ctx, inputs, latents, store, train_idx, val_idx, vae_run_id, figures))
+    summary["seconds_total"] = time.perf_counter() - started
+    summary["figures"] = [str(p) for p in figures.saved]
+    if dist_info.is_main:
+        save_json(ctx.run_dir / "summary.json", summary)
+        _print_summary(summary, ctx)
+    ctx.monitor.close()
+    barrier()
+    return summary
+
+
+def _choose_run_id(flags: Flags, paths: Paths, vae_state, cond_state) -> str:
+    if flags.resume:
+        if not flags.lc_only and vae_state is not None and not vae_state.get("finished"):
+            return vae_state["run"]["run_id"]
+        if cond_state is not None and not cond_state.get("finished"):
+            return cond_state["run"]["run_id"]
+        if vae_state is not None and not flags.lc_only:
+            return vae_state["run"]["run_id"]
+    from modules.distributed import broadcast_object
+    return broadcast_object(new_run_id(paths))
+
+
+def _keep_previous(paths: Paths) -> None:
+    """A fresh run replaces checkpoints/: keep the previous run's files in checkpoints/previous/."""
+    files = [p for p in paths.checkpoints.glob("*") if p.is_file() and not p.name.startswith(".")]
+    if not files:
+        return
+    previous = paths.checkpoints / "previous"
+    if previous.exists():
+        shutil.rmtree(previous)
+    previous.mkdir(parents=True)
+    for f in files:
+        f.rename(previous / f.name)
+    log.info("moved the previous run's checkpoints to %s", previous)
+
+
+def _field_scaler(ctx: RunContext, runs: np.ndarray, lc_only: bool) -> FieldScaler:
+    if lc_only:
+        state = load_npz(ctx.paths.field_scaler, "field scaler", _VAE_HINT, ("data_min", "data_max"))
+        scaler = FieldScaler.from_state_dict(state)
+        if scaler.num_nodes != runs.shape[2]:
+            raise UserError(f"{ctx.paths.field_scaler} covers {scaler.num_nodes} nodes, the data {runs.shape[2]}; {_VAE_HINT}.")
+        return scaler
+    scaler = FieldScaler.fit_streaming(runs)          # one pass; a memmap is never read whole
+    if ctx.dist.is_main:
+        save_npz(ctx.paths.field_scaler, **scaler.state_dict())
+    return scaler
+
+
+def _vae_stage(ctx: RunContext, store: FieldStore, train_idx, val_idx, figures: Figures, summary: dict) -> dict:
+    from modules.train_vae import VAETrainer, extract_latents, save_latents
+    cfg = ctx.cfg
+    trainer = VAETrainer(ctx, store, train_idx, val_idx)
+    if ctx.dist.enabled:
+        seed_everything(cfg.seed + ctx.dist.rank)    # same initial weights, different augmentation streams
+    trainer.fit()
+    model = trainer.engine.eval_module()
+    if ctx.dist.is_main:
+        latents = extract_latents(model, store, cfg.Recon_iter, max(cfg.Batch_size, 1))
+        save_latents(ctx.paths.latents, latents)
+        history = trainer.history
+        summary.update({
+            "vae_epochs": len(history.get("epoch", [])),
+            "vae_train_loss": history["train_loss"][-1] if history.get("train_loss") else None,
+            "vae_val_recon_mse_initial": (trainer.initial_val or {}).get("recon_mse"),
+            "vae_val_recon_mse": _last_finite(history.get("val_recon_mse", [])),
+            "vae_recon_mse": float(latents.recon_error.mean()),
+            "vae_recon_rel_l2": float(latents.rel_l2.mean()),
+            "vae_recon_rel_l2_max": float(latents.rel_l2.max()),
+            "vae_seconds": trainer.seconds, "vae_rollbacks": trainer.rollbacks,
+        })
+        figures.losses(history, "vae_losses", "VAE training")
+        if figures.active:
+            run = int(val_idx[0])
+            true = store.scaler.inverse_transform(store.get([run]).double())[0].T.cpu().numpy()
+            with torch.no_grad():
+                recon, _ = model.decode(torch.from_numpy(latents.main[run:run + 1]).to(ctx.device),
+                                        torch.from_numpy(latents.hierarchical[run:run + 1]).to(ctx.device), mode="fix")
+            recon = store.scaler.inverse_transform(recon.double())[0].T.cpu().numpy()
+            figures.traces(true, recon, run, "vae_reconstruction", "reconstruction")
+    barrier()
+    return load_npz(ctx.paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
+
+
+def _conditioner_stage(ctx: RunContext, inputs, latents: dict, store: FieldStore, train_idx, val_idx,
+                       vae_run_id: str, figures: Figures) -> dict:
+    from modules.predict import LatentDecoder, Surrogate
+    from modules.train_conditioner import ConditionerData, ConditionerTrainer, evaluate_surrogate
+    from modules.train_vae import build_vae
+    cfg, paths = ctx.cfg, ctx.paths
+    data = ConditionerData.build(inputs, latents["main"], latents["hierarchical"], ctx.device)
+    if ctx.dist.is_main:
+        data.save_scalers(paths.conditioner_scalers)
+    vae_state = load_torch(paths.vae, "VAE checkpoint", _VAE_HINT)
+    vae = build_vae(vae_state["architecture"]).to(ctx.device)
+    vae.load_state_dict(vae_state["export"])
+    vae.eval().requires_grad_(False)
+    decoder = LatentDecoder(vae, data.main_scaler, data.hier_scaler, ctx.device)
+
+    resume = ctx.resume and _belongs_to(paths.conditioner, vae_run_id)
+    ctx_stage = _with_resume(ctx, resume)
+    trainer = ConditionerTrainer(ctx_stage, data, train_idx, val_idx, vae_run_id=vae_run_id)
+    if ctx.dist.enabled:
+        seed_everything(cfg.seed + ctx.dist.rank)
+    trainer.fit()
+    best = trainer.best_module()
+    out: dict = {"conditioner": cfg.conditioner_type, "lc_epochs": len(trainer.history.get("epoch", [])),
+                 "lc_best_val_loss": trainer.best_val, "lc_seconds": trainer.seconds, "lc_rollbacks": trainer.rollbacks}
+
+    def surrogate(module) -> Surrogate:
+        return Surrogate(module, decoder, store.scaler, data.input_scaler, cfg.conditioner_type, cfg.num_param,
+                         cfg.param_data_type, ctx.device, {})
+
+    val_t = torch.as_tensor(val_idx)
+    train_t = torch.as_tensor(train_idx)
+    evaluation = evaluate_surrogate(surrogate(best), data, store, train_t, val_t) if ctx.dist.is_main else {}
+    if cfg.use_e2e_training:
+        if ctx.dist.is_main:
+            out["lc_val_rel_l2_before_e2e"] = evaluation["lc_val_rel_l2"]
+        e2e_resume = ctx.resume and _belongs_to(paths.conditioner_e2e, vae_run_id)
+        e2e = ConditionerTrainer(_with_resume(ctx, e2e_resume), data, train_idx, val_idx, decoder=decoder, store=store,
+                                 initial_state=trainer.export_state(), vae_run_id=vae_run_id)
+        e2e.fit()
+        best = e2e.best_module()
+        out.update({"e2e_epochs": len(e2e.history.get("epoch", [])), "e2e_best_val_loss": e2e.best_val,
+                    "e2e_seconds": e2e.seconds})
+        if ctx.dist.is_main:
+            evaluation = evaluate_surrogate(surrogate(best), data, store, train_t, val_t)
+        figures.losses(e2e.history, "e2e_losses", "end-to-end fine-tuning")
+    elif ctx.dist.is_main and paths.conditioner_e2e.exists():
+        paths.conditioner_e2e.unlink()      # stale: it belongs to an earlier conditioner
+    if ctx.dist.is_main:
+        pred, true = evaluation.pop("_pred"), evaluation.pop("_true")
+        out.update(evaluation)
+        figures.losses(trainer.history, "conditioner_losses", "conditioner training")
+        if figures.active:
+            with torch.no_grad():
+                main, _ = best(data.inputs[val_t.to(data.inputs.device)])
+            figures.latents(main.float().cpu().numpy(), data.main[val_t].cpu().numpy(), "conditioner_latents")
+            figures.traces(true[0], pred[0], int(val_idx[0]), "conditioner_prediction", "prediction")
+    barrier()
+    return out
+
+
+def _belongs_to(path: Path, vae_run_id: str) -> bool:
+    """Resume a conditioner checkpoint only if it was trained on this VAE's latents."""
+    state = _peek(path, "conditioner checkpoint", "delete it")
+    if state is None:
+        return False
+    if state["extra"].get("vae_run_id") != vae_run_id:
+        log.warning("%s belongs to another VAE run; the conditioner starts afresh", path)
+        return False
+    return True
+
+
+def _with_resume(ctx: RunContext, resume: bool) -> RunContext:
+    from dataclasses import replace
+    return replace(ctx, resume=resume)
+
+
+def _last_finite(values: list[float]) -> float | None:
+    finite = [v for v in values if v == v]
+    return finite[-1] if finite else None
+
+
+def _print_config(ctx: RunContext, data_path: Path) -> None:
+    cfg, p = ctx.cfg, ctx.preset
+    print(f"SimulGenVAE run {ctx.run_id}: {cfg.Dim1} runs × {cfg.Dim2_red} steps × {cfg.Dim3_red} nodes from {data_path}")
+    print(f"  VAE {'small' if ctx.small else 'large'}, filters {list(p.encoder_filters)}, latents {cfg.Latent_dim_end} + "
+          f"{len(p.encoder_filters) - 1}×{cfg.Latent_dim}; {cfg.Training_epochs} epochs, batch {cfg.Batch_size}, lr {cfg.LearningR}")
+    print(f"  conditioner {cfg.conditioner_type}, filters {list(p.conditioner_filters)}; {cfg.n_epoch} epochs, "
+          f"batch {cfg.latent_conditioner_batch}, lr {cfg.latent_conditioner_lr}")
+    print(f"  device {ctx.device}, world size {ctx.dist.world_size}, precision {cfg.precision}; outputs in "
+          f"{ctx.paths.checkpoints} and {ctx.run_dir} (resolved config: {ctx.run_dir / 'config.json'})", flush=True)
+
+
+def _print_summary(summary: dict, ctx: RunContext) -> None:
+    def f(key):
+        v = summary.get(key)
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    print("Summary")
+    if "vae_recon_rel_l2" in summary:
+        print(f"  VAE: final train loss {f('vae_train_loss')}, validation recon MSE {f('vae_val_recon_mse_initial')} → "
+              f"{f('vae_val_recon_mse')}; reconstruction over all runs: MSE {f('vae_recon_mse')} (scaled), "
+              f"relative L2 {f('vae_recon_rel_l2')} (physical)")
+    print(f"  conditioner ({summary.get('conditioner')}): validation relative L2 mean {f('lc_val_rel_l2')}, median "
+          f"{f('lc_val_rel_l2_median')}, max {f('lc_val_rel_l2_max')}; mean-field baseline {f('baseline_mean_field_rel_l2')}")
+    if "lc_val_rel_l2_before_e2e" in summary:
+        print(f"  end-to-end fine-tuning: {f('lc_val_rel_l2_before_e2e')} → {f('lc_val_rel_l2')}")
+    print(f"  total {summary['seconds_total']:.1f} s; summary in {ctx.run_dir / 'summary.json'}", flush=True)
+
+
+__all__ = ["DistInfo", "Flags", "train"]

@@ -1,0 +1,195 @@
+"""The trained surrogate: inputs → conditioner → latents → VAE decoder → physical field.
+
+Used at the end of conditioner training (evaluation on the validation runs) and by the
+prediction mode (`--predict PATH --out FILE.npy [--samples K]`), so both decode alike.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from modules.checkpoint import atomic_write, load_npz, load_torch, save_json
+from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images
+from modules.data import FieldScaler
+from modules.errors import UserError
+from modules.run import Paths
+
+log = logging.getLogger("simulgen")
+
+IMAGE_SIZE = 256
+_TRAIN_HINT = "train first: python SimulGen-VAE.py --preset=1 --lc_only=0"
+
+
+def inverse_affine(scaler: MinMaxScaler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with scaler.inverse_transform(y) == y·a + b, as float32 tensors (differentiable use)."""
+    lo, hi = scaler.feature_range
+    half = (scaler.data_max - scaler.data_min) / 2
+    half = np.where(half > 0, half, 1.0)
+    centre = (scaler.data_max + scaler.data_min) / 2
+    a = half / ((hi - lo) / 2)
+    b = centre - (hi + lo) / 2 * a
+    return (torch.as_tensor(a, dtype=torch.float32, device=device),
+            torch.as_tensor(b, dtype=torch.float32, device=device))
+
+
+class LatentDecoder(nn.Module):
+    """Scaled conditioner outputs → VAE latents → decoded, scaled field (B, N, T)."""
+
+    def __init__(self, vae: nn.Module, main_scaler: MinMaxScaler, hier_scaler: MinMaxScaler, device: torch.device):
+        super().__init__()
+        self.vae = vae
+        a, b = inverse_affine(main_scaler, device)
+        self.register_buffer("main_a", a)
+        self.register_buffer("main_b", b)
+        a, b = inverse_affine(hier_scaler, device)
+        self.register_buffer("hier_a", a)
+        self.register_buffer("hier_b", b)
+
+    def forward(self, main: torch.Tensor, hier: torch.Tensor, mode: str = "fix") -> torch.Tensor:
+        z = main.float() * self.main_a + self.main_b             # (B, Lend)
+        xs = hier.float() * self.hier_a + self.hier_b            # (B, L-1, Ld)
+        field, _ = self.vae.decode(z, xs, mode=mode)
+        return field                                             # (B, N, T)
+
+
+@dataclass
+class Surrogate:
+    conditioner: nn.Module
+    decoder: LatentDecoder
+    field_scaler: FieldScaler
+    input_scaler: MinMaxScaler | None      # CSV inputs only
+    input_type: str
+    num_param: int
+    image_ext: str
+    device: torch.device
+    sources: dict
+
+    @torch.inference_mode()
+    def fields(self, inputs: torch.Tensor, samples: int = 1, batch_size: int = 64) -> np.ndarray:
+        """Physical fields for model-ready inputs: (n, T, N), or (n, K, T, N) when samples > 1.
+
+        One sample is the deterministic point prediction (`fix` mode); K > 1 draws the
+        hierarchical levels at random around the predicted latents.
+        """
+        self.conditioner.eval()
+        self.decoder.eval()
+        out = []
+        for chunk in inputs.split(batch_size):
+            main, hier = self.conditioner(chunk.to(self.device))
+            if samples == 1:
+                field = self.decoder(main, hier, mode="fix")[:, None]                       # (B, 1, N, T)
+            else:
+                reps = self.decoder(main.repeat_interleave(samples, 0), hier.repeat_interleave(samples, 0),
+                                    mode="random")                                          # (B·K, N, T)
+                field = reps.unflatten(0, (main.shape[0], samples))                         # (B, K, N, T)
+            field = self.field_scaler.inverse_transform(field.float()).transpose(-1, -2)    # (B, K, T, N)
+            out.append(field.cpu())
+        result = torch.cat(out).numpy()
+        return result[:, 0] if samples == 1 else result
+
+    def prepare(self, raw: np.ndarray) -> torch.Tensor:
+        """Raw inputs (CSV rows (n, F) or images (n, H, W) in [0, 1]) → model inputs."""
+        if self.input_scaler is not None:
+            return torch.from_numpy(self.input_scaler.transform(raw))
+        return torch.from_numpy(raw).unsqueeze(1)                                           # (n, 1, H, W)
+
+    @classmethod
+    def load(cls, paths: Paths, device: torch.device) -> "Surrogate":
+        from modules.conditioners import build_conditioner
+        from modules.train_vae import build_vae
+
+        vae_state = load_torch(paths.vae, "VAE checkpoint", _TRAIN_HINT)
+        cond_path = paths.conditioner_e2e if _finished(paths.conditioner_e2e) else paths.conditioner
+        cond_state = load_torch(cond_path, "conditioner checkpoint", _TRAIN_HINT)
+        if not vae_state.get("finished") or not cond_state.get("finished"):
+            unfinished = paths.vae if not vae_state.get("finished") else cond_path
+            raise UserError(f"{unfinished} is from an unfinished training run; finish it with --resume first.")
+        vae_run = vae_state["run"]["run_id"]
+        if cond_state["extra"].get("vae_run_id") != vae_run:
+            raise UserError(f"{cond_path} was trained on the latents of another VAE (run {cond_state['extra'].get('vae_run_id')}) "
+                            f"than {paths.vae} (run {vae_run}); retrain the conditioner with --lc_only=1.")
+        vae = build_vae(vae_state["architecture"]).to(device)
+        vae.load_state_dict(vae_state["export"])
+        arch = cond_state["architecture"]
+        conditioner = build_conditioner(arch["input_type"], num_param=arch["num_param"], image_size=IMAGE_SIZE,
+                                        filters=arch["filters"], latent_dim_end=arch["latent_dim_end"],
+                                        latent_dim=arch["latent_dim"], num_levels=arch["num_levels"],
+                                        dropout_rate=arch["dropout_rate"], use_se=arch["use_se"]).to(device)
+        conditioner.load_state_dict(cond_state["export"])
+        field = load_npz(paths.field_scaler, "field scaler", _TRAIN_HINT, ("data_min", "data_max"))
+        scalers = load_npz(paths.conditioner_scalers, "conditioner scalers", _TRAIN_HINT,
+                           ("main_data_min", "hier_data_min"))
+        main_scaler = MinMaxScaler.from_state_dict(_prefixed(scalers, "main_"))
+        hier_scaler = MinMaxScaler.from_state_dict(_prefixed(scalers, "hier_"))
+        input_scaler = (MinMaxScaler.from_state_dict(_prefixed(scalers, "input_"))
+                        if "input_data_min" in scalers else None)
+        config = cond_state["run"]["config"]
+        return cls(conditioner, LatentDecoder(vae, main_scaler, hier_scaler, device),
+                   FieldScaler.from_state_dict(field), input_scaler, arch["input_type"], arch["num_param"],
+                   config["param_data_type"], device,
+                   {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
+                    "conditioner_scalers": str(paths.conditioner_scalers),
+                    "weights": "EMA" if config.get("use_ema") else "trained"})
+
+
+def _finished(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    return bool(load_torch(path, "conditioner checkpoint", _TRAIN_HINT).get("finished"))
+
+
+def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
+def read_inputs(surrogate: Surrogate, source: Path) -> tuple[np.ndarray, list[str]]:
+    """New inputs of the trained kind: CSV rows or a folder of images."""
+    if surrogate.input_type == "csvs":
+        if source.is_dir():
+            raise UserError(f"--predict {source} is a folder, but the conditioner was trained on CSV parameters "
+                            f"(input_type csvs); pass a CSV file with {surrogate.num_param} columns per row.")
+        return load_csv(source, surrogate.num_param, None), [str(source)]
+    if not source.is_dir():
+        raise UserError(f"--predict {source} is not a folder, but the conditioner was trained on images "
+                        f"(input_type {surrogate.input_type}); pass a folder of {surrogate.image_ext} images.")
+    files = list_images(source, surrogate.image_ext)
+    return load_images(files, IMAGE_SIZE), [str(f) for f in files]
+
+
+def check_writable(out: Path) -> None:
+    if out.suffix != ".npy":
+        raise UserError(f"--out {out}: the output must be a .npy file, e.g. --out predictions.npy.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".{out.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write to {out.parent} ({exc.strerror}); choose a writable folder.") from None
+
+
+def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: torch.device) -> dict:
+    if samples < 1:
+        raise UserError(f"--samples {samples}: give 1 or more realisations per input.")
+    if not source.exists():
+        raise UserError(f"--predict {source} not found; pass a CSV file or a folder of images.")
+    check_writable(out)
+    surrogate = Surrogate.load(paths, device)
+    raw, files = read_inputs(surrogate, source)
+    started = time.perf_counter()
+    fields = surrogate.fields(surrogate.prepare(raw), samples)
+    seconds = time.perf_counter() - started
+    atomic_write(out, lambda f: np.save(f, fields.astype(np.float32)))
+    meta = {"inputs": files, "input_type": surrogate.input_type, "shape": list(fields.shape),
+            "layout": "[n, T, N]" if samples == 1 else "[n, K, T, N]", "samples": samples,
+            "units": "physical (inverse of the per-node scaling)", "checkpoints": surrogate.sources,
+            "seconds": seconds}
+    save_json(out.with_suffix(".json"), meta)
+    return meta
+

@@ -1,0 +1,106 @@
+"""What a training run carries from stage to stage: settings, places, device, ranks."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modules.config import Config, Preset
+from modules.distributed import DistInfo
+from modules.monitor import Monitor
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Outputs live under the working directory: checkpoints/ and runs/<run-id>/."""
+    workdir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.workdir / "checkpoints"
+
+    @property
+    def vae(self) -> Path:
+        return self.checkpoints / "vae.pt"
+
+    @property
+    def field_scaler(self) -> Path:
+        return self.checkpoints / "field_scaler.npz"
+
+    @property
+    def latents(self) -> Path:
+        return self.checkpoints / "latents.npz"
+
+    @property
+    def conditioner(self) -> Path:
+        return self.checkpoints / "conditioner.pt"
+
+    @property
+    def conditioner_e2e(self) -> Path:
+        return self.checkpoints / "conditioner_e2e.pt"
+
+    @property
+    def conditioner_scalers(self) -> Path:
+        return self.checkpoints / "conditioner_scalers.npz"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.workdir / "runs" / run_id
+
+
+def new_run_id(paths: Paths) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_id, n = stamp, 1
+    while paths.run_dir(run_id).exists():
+        n += 1
+        run_id = f"{stamp}-{n}"
+    return run_id
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    preset: Preset
+    small: bool
+    load_all: bool
+    plot: int                    # 0 show, 1 save PNGs, 2 none
+    device: torch.device
+    dist: DistInfo
+    paths: Paths
+    run_id: str
+    resume: bool = False
+    monitor: Monitor | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.paths.run_dir(self.run_id)
+
+    @property
+    def encoder_filters(self) -> tuple[int, ...]:
+        return self.preset.encoder_filters
+
+    @property
+    def beta_start(self) -> float:
+        """A preset exponent k > 0 starts the KL weight at 10^-k."""
+        k = self.preset.beta_exponent
+        return 10.0 ** (-k) if k > 0 else self.cfg.beta_start
+
+    def vae_architecture(self) -> dict:
+        """What fixes the VAE's shapes; a checkpoint must agree on all of it."""
+        return {"num_nodes": self.cfg.Dim3_red, "num_time": self.cfg.Dim2_red,
+                "filters": list(self.preset.encoder_filters), "latent_dim_end": self.cfg.Latent_dim_end,
+                "latent_dim": self.cfg.Latent_dim, "small": self.small}
+
+    def conditioner_architecture(self) -> dict:
+        cfg = self.cfg
+        return {"input_type": cfg.conditioner_type, "num_param": cfg.num_param,
+                "filters": list(self.preset.conditioner_filters), "latent_dim_end": cfg.Latent_dim_end,
+                "latent_dim": cfg.Latent_dim, "num_levels": len(self.preset.encoder_filters) - 1,
+                "dropout_rate": cfg.latent_conditioner_dropout_rate, "use_se": cfg.use_spatial_attention}
+
+    def describe(self) -> dict:
+        return {"config": self.cfg.to_dict(), "preset": dataclasses.asdict(self.preset),
+                "size": "small" if self.small else "large", "load_all": self.load_all,
+                "device": str(self.device), "world_size": self.dist.world_size, "run_id": self.run_id}

@@ -1,0 +1,194 @@
+"""The epoch loop both stages share: schedules, checkpoints, exact resume, the non-finite
+guard, validation, logging and progress. A stage supplies its data, schedules and
+validation through a few hooks; the engine does the steps."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from modules.checkpoint import clean_state_dict, load_torch, rng_state, save_torch, set_rng_state
+from modules.distributed import barrier
+from modules.engine import Batch, EpochResult, TrainingEngine
+from modules.errors import UserError
+from modules.run import RunContext
+
+log = logging.getLogger("simulgen")
+
+CHECKPOINT_VERSION = 1
+
+
+class StageTrainer:
+    stage = "stage"           # "vae" or "conditioner": TensorBoard prefix and checkpoint kind
+    title = "stage"           # human name for messages
+
+    def __init__(self, ctx: RunContext, engine: TrainingEngine, epochs: int, checkpoint: Path,
+                 architecture: dict, how_to_make: str):
+        self.ctx = ctx
+        self.engine = engine
+        self.epochs = epochs
+        self.checkpoint = checkpoint
+        self.architecture = architecture
+        self.how_to_make = how_to_make
+        self.lr_scale = 1.0            # halved by a rollback after a non-finite loss
+        self.rollbacks = 0
+        self.history: dict[str, list[float]] = {}
+        self.finished = False
+        self.seconds = 0.0
+
+    # --- hooks -------------------------------------------------------------------------
+    def schedule(self, epoch: int) -> dict[str, float]:
+        """Set the epoch's LR (and other scheduled values); return them for the log."""
+        raise NotImplementedError
+
+    def train_batches(self, epoch: int) -> list[Batch]:
+        raise NotImplementedError
+
+    def transform(self, batch: Batch) -> Batch:
+        return batch
+
+    def should_validate(self, epoch: int) -> bool:
+        return True
+
+    def validate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def after_validation(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Return True to stop early."""
+        return False
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The weights prediction should use."""
+        return clean_state_dict(self.engine.eval_module().state_dict())
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def progress_values(self, train: dict[str, float], val: dict[str, float] | None, sched: dict[str, float]) -> dict:
+        values = {"loss": train["loss"]}
+        if val:
+            values["val"] = next(iter(val.values()))
+        values.update(sched)
+        return values
+
+    # --- checkpoints -------------------------------------------------------------------
+    def _payload(self, epoch: int) -> dict:
+        rngs = [rng_state()]
+        if dist.is_initialized():
+            rngs = [None] * dist.get_world_size()
+            dist.all_gather_object(rngs, rng_state())
+        return {"kind": self.stage, "version": CHECKPOINT_VERSION, "epoch": epoch, "epochs": self.epochs,
+                "finished": self.finished, "model": clean_state_dict(self.engine.module.state_dict()),
+                "export": self.export_state(), "engine": self.engine.state_dict(),
+                "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "rng": rngs,
+                "history": self.history, "seconds": self.seconds, "architecture": self.architecture,
+                "run": self.ctx.describe(), "extra": self.extra_state()}
+
+    def save(self, epoch: int) -> None:
+        payload = self._payload(epoch)          # collective under DDP: every rank builds it
+        if self.ctx.dist.is_main:
+            save_torch(payload, self.checkpoint)
+        barrier()
+
+    def load(self) -> dict:
+        state = load_torch(self.checkpoint, f"{self.title} checkpoint", self.how_to_make)
+        if state.get("kind") != self.stage or "model" not in state:
+            raise UserError(f"{self.checkpoint} is not a {self.title} checkpoint; delete it and {self.how_to_make}.")
+        if state.get("architecture") != self.architecture:
+            diff = _describe_difference(state.get("architecture") or {}, self.architecture)
+            raise UserError(f"{self.checkpoint} was trained with a different architecture ({diff}); "
+                            f"restore the config it was made with, or start afresh without --resume.")
+        return state
+
+    def restore(self, state: dict) -> int:
+        self.engine.module.load_state_dict(state["model"])
+        self.engine.load_state_dict(state["engine"])
+        self.lr_scale = state["lr_scale"]
+        self.rollbacks = state["rollbacks"]
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.seconds = state.get("seconds", 0.0)
+        self.finished = state["finished"]
+        rngs = state["rng"]
+        rank = self.ctx.dist.rank
+        if len(rngs) == self.ctx.dist.world_size:
+            set_rng_state(rngs[rank])
+        else:
+            log.warning("%s was saved by %d process(es), this run has %d; random streams restart from the seed",
+                        self.checkpoint, len(rngs), self.ctx.dist.world_size)
+        self.load_extra_state(state["extra"])
+        return state["epoch"]
+
+    # --- the loop ------------------------------------------------------------------------
+    def fit(self) -> None:
+        ctx, monitor = self.ctx, self.ctx.monitor
+        epoch = 0
+        if ctx.resume and self.checkpoint.is_file():
+            epoch = self.restore(self.load())
+            if self.finished:
+                log.info("%s: already finished in %s; nothing to resume", self.title, self.checkpoint)
+                return
+            log.info("%s: resuming at epoch %d of %d from %s", self.title, epoch, self.epochs, self.checkpoint)
+        else:
+            self.save(0)       # a known-good state to roll back to and resume from
+        progress = monitor.progress(self.title, epoch, self.epochs)
+        try:
+            while epoch < self.epochs:
+                started = time.perf_counter()
+                sched = self.schedule(epoch)
+                result = self.engine.train_epoch(self.train_batches(epoch), self.transform)
+                if result.first_bad_batch is not None:
+                    epoch = self._roll_back(epoch, result)
+                    continue
+                val = self.validate() if self.should_validate(epoch) else None
+                stop = self.after_validation(epoch, val) if val is not None else False
+                self.seconds += time.perf_counter() - started
+                self._record(epoch, result.metrics, val, sched)
+                progress.update(epoch, self.progress_values(result.metrics, val, sched))
+                epoch += 1
+                if stop:
+                    log.info("%s: early stop at epoch %d (no validation improvement)", self.title, epoch)
+                    break
+                if epoch % ctx.cfg.checkpoint_every == 0 and epoch < self.epochs:
+                    self.save(epoch)
+        finally:
+            progress.close()
+        self.finished = True
+        self.save(epoch)
+        monitor.flush()
+
+    def _record(self, epoch: int, train: dict[str, float], val: dict[str, float] | None, sched: dict[str, float]) -> None:
+        row = {f"train_{k}": v for k, v in train.items()}
+        row.update(sched)
+        if val is not None:
+            row.update({f"val_{k}": v for k, v in val.items()})
+        self.history.setdefault("epoch", []).append(epoch)
+        for key in set(self.history) - {"epoch"} | set(row):
+            column = self.history.setdefault(key, [math.nan] * (len(self.history["epoch"]) - 1))
+            column.append(row.get(key, math.nan))
+        if (epoch + 1) % self.ctx.cfg.log_every == 0 or val is not None or epoch + 1 == self.epochs:
+            self.ctx.monitor.scalars(self.stage, epoch + 1, {k: v for k, v in row.items() if math.isfinite(v)})
+
+    def _roll_back(self, epoch: int, result: EpochResult) -> int:
+        where = f"{self.title} training: non-finite loss or gradient at epoch {epoch + 1}, batch {result.first_bad_batch + 1}"
+        if self.rollbacks >= 1:
+            raise UserError(f"{where}, again after a rollback with half the learning rate; stopped. The last good "
+                            f"checkpoint {self.checkpoint} is kept: lower the learning rate or check the data, then --resume.")
+        state = self.load()
+        restored = self.restore(state)
+        self.rollbacks += 1
+        self.lr_scale *= 0.5
+        log.warning("%s; rolled back to the checkpoint of epoch %d with the learning rate halved", where, restored)
+        return restored
+
+
+def _describe_difference(saved: dict, current: dict) -> str:
+    keys = sorted(set(saved) | set(current))
+    parts = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    return "; ".join(parts) or "unknown difference"

@@ -1,0 +1,253 @@
+"""Stage 2: train the latent conditioner (MLP / CNN / ViT) on the extracted latents,
+optionally fine-tune it end to end through the frozen VAE decoder, and evaluate the
+whole surrogate on the validation runs in physical units."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modules.augment import ConditionerAugmentation
+from modules.checkpoint import clean_state_dict, save_npz
+from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
+from modules.conditioners import build_conditioner, set_dropout_rate
+from modules.data import FieldStore
+from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
+from modules.predict import IMAGE_SIZE, LatentDecoder, Surrogate
+from modules.run import RunContext
+from modules.schedules import progressive_dropout, warmup_cosine
+from modules.stage import StageTrainer
+from modules.train_vae import RECON_LOSSES, per_rank_batch
+
+log = logging.getLogger("simulgen")
+
+
+@dataclass(frozen=True)
+class ConditionerInputs:
+    raw: np.ndarray          # CSV rows (P, num_param) or greyscale images (P, 256, 256) in [0, 1]
+    files: list[str]
+
+
+def read_conditioner_inputs(cfg, workdir: Path) -> ConditionerInputs:
+    """The run inputs named by param_dir; every problem is a one-line UserError."""
+    path = resolve_param_dir(cfg.param_dir, workdir)
+    if cfg.conditioner_type == "csvs":
+        return ConditionerInputs(load_csv(path, cfg.num_param, cfg.n_sample), [str(path)])
+    files = list_images(path, cfg.param_data_type, cfg.n_sample)
+    return ConditionerInputs(load_images(files, IMAGE_SIZE), [str(f) for f in files])
+
+
+@dataclass
+class ConditionerData:
+    inputs: torch.Tensor             # model-ready inputs (P, F) or (P, 1, 256, 256), on the device
+    main: torch.Tensor               # scaled targets (P, Lend)
+    hier: torch.Tensor               # scaled targets (P, L-1, Ld)
+    input_scaler: MinMaxScaler | None
+    main_scaler: MinMaxScaler
+    hier_scaler: MinMaxScaler
+
+    @classmethod
+    def build(cls, inputs: ConditionerInputs, main: np.ndarray, hier: np.ndarray, device: torch.device) -> "ConditionerData":
+        input_scaler = None
+        raw = inputs.raw
+        if raw.ndim == 2:
+            input_scaler = MinMaxScaler().fit(raw)
+            x = torch.from_numpy(input_scaler.transform(raw))
+        else:
+            x = torch.from_numpy(raw).unsqueeze(1)                       # (P, 1, H, W)
+        main_scaler, hier_scaler = MinMaxScaler().fit(main), MinMaxScaler().fit(hier)
+        return cls(x.to(device), torch.from_numpy(main_scaler.transform(main)).to(device),
+                   torch.from_numpy(hier_scaler.transform(hier)).to(device), input_scaler, main_scaler, hier_scaler)
+
+    def save_scalers(self, path: Path) -> None:
+        arrays = {f"main_{k}": v for k, v in self.main_scaler.state_dict().items()}
+        arrays.update({f"hier_{k}": v for k, v in self.hier_scaler.state_dict().items()})
+        if self.input_scaler is not None:
+            arrays.update({f"input_{k}": v for k, v in self.input_scaler.state_dict().items()})
+        save_npz(path, **arrays)
+
+
+def build_from_architecture(arch: dict):
+    return build_conditioner(arch["input_type"], num_param=arch["num_param"], image_size=IMAGE_SIZE,
+                             filters=arch["filters"], latent_dim_end=arch["latent_dim_end"], latent_dim=arch["latent_dim"],
+                             num_levels=arch["num_levels"], dropout_rate=arch["dropout_rate"], use_se=arch["use_se"])
+
+
+class ConditionerTrainer(StageTrainer):
+    """The latent phase (targets: scaled latents), or with `decoder` the end-to-end phase
+    (target: the field, through the frozen VAE decoder in `fix` mode)."""
+
+    def __init__(self, ctx: RunContext, data: ConditionerData, train_idx, val_idx, *,
+                 decoder: LatentDecoder | None = None, store: FieldStore | None = None,
+                 initial_state: dict | None = None, vae_run_id: str = ""):
+        cfg = ctx.cfg
+        self.e2e = decoder is not None
+        self.stage = "conditioner_e2e" if self.e2e else "conditioner"
+        self.title = "end-to-end fine-tuning" if self.e2e else "conditioner"
+        self.data, self.store, self.vae_run_id = data, store, vae_run_id
+        self.train_idx = torch.as_tensor(train_idx, dtype=torch.long)
+        self.val_idx = torch.as_tensor(val_idx, dtype=torch.long)
+        arch = ctx.conditioner_architecture()
+        model = build_from_architecture(arch).to(ctx.device)
+        if initial_state is not None:
+            model.load_state_dict(initial_state)
+        latent_weight = cfg.latent_reg_weight
+        recon_loss = RECON_LOSSES[cfg.loss_name]
+
+        def latent_loss(main, hier, y_main, y_hier):
+            return F.mse_loss(main.float(), y_main), F.mse_loss(hier.float(), y_hier)
+
+        if self.e2e:
+            def loss_fn(net, batch: Batch):
+                x, y_main, y_hier, field = batch
+                main, hier = net(x)
+                field_loss = recon_loss(decoder(main, hier).float(), field)
+                lm, lh = latent_loss(main, hier, y_main, y_hier)
+                return field_loss + latent_weight * (lm + lh), {"field": field_loss.detach(), "latent": (lm + lh).detach()}
+        else:
+            def loss_fn(net, batch: Batch):
+                x, y_main, y_hier = batch
+                lm, lh = latent_loss(*net(x), y_main, y_hier)
+                return lm + lh, {"main": lm.detach(), "hier": lh.detach()}
+
+        self.decoder = decoder
+        settings = EngineSettings.from_config(cfg, ctx.device, cfg.lc_grad_clip)
+        engine = TrainingEngine(model, loss_fn, lr=cfg.latent_conditioner_lr, weight_decay=cfg.latent_conditioner_weight_decay,
+                                settings=settings, device=ctx.device, ddp=ctx.dist.enabled)
+        checkpoint = ctx.paths.conditioner_e2e if self.e2e else ctx.paths.conditioner
+        super().__init__(ctx, engine, cfg.e2e_epochs if self.e2e else cfg.n_epoch, checkpoint, arch,
+                         "train the conditioner first (--lc_only=1)")
+        self.batch = per_rank_batch(cfg.latent_conditioner_batch, ctx.dist.world_size, "latent_conditioner_batch")
+        self.augment = ConditionerAugmentation.from_config(cfg)
+        self.best_state: dict | None = None
+        self.best_val = float("inf")
+        self.bad_epochs = 0
+
+    # --- data ---------------------------------------------------------------------------
+    def _batch(self, idx: torch.Tensor) -> Batch:
+        d = self.data
+        idx = idx.to(d.inputs.device)
+        batch = (d.inputs[idx], d.main[idx], d.hier[idx])
+        return batch + (self.store.get(idx),) if self.e2e else batch
+
+    def train_batches(self, epoch: int):
+        d = self.ctx.dist
+        for idx in batch_indices(self.train_idx, self.batch, epoch=epoch, seed=self.ctx.cfg.seed,
+                                 rank=d.rank, world_size=d.world_size):
+            yield self._batch(idx)
+
+    def val_batches(self):
+        d = self.ctx.dist
+        for idx in self.val_idx[d.rank::d.world_size].split(max(self.batch, 1)):
+            yield self._batch(idx)
+
+    def transform(self, batch: Batch) -> Batch:
+        x, y_main, y_hier, *rest = self.augment(batch)
+        cfg = self.ctx.cfg
+        # Label smoothing: shrink the latent targets towards 0, plus a little noise.
+        keep = 1.0 - cfg.lc_label_smoothing
+        y_main = y_main * keep + cfg.lc_label_noise * torch.randn_like(y_main)
+        y_hier = y_hier * keep + cfg.lc_label_noise * torch.randn_like(y_hier)
+        return (x, y_main, y_hier, *rest)
+
+    # --- hooks ----------------------------------------------------------------------------
+    def schedule(self, epoch: int) -> dict[str, float]:
+        cfg = self.ctx.cfg
+        lr = self.lr_scale * warmup_cosine(epoch, self.epochs, cfg.latent_conditioner_lr, cfg.lc_warmup_epochs,
+                                           cfg.lc_warmup_start, cfg.lc_lr_min)
+        self.engine.set_lr(lr)
+        values = {"lr": lr}
+        if cfg.use_progressive_dropout:
+            rate = progressive_dropout(epoch, self.epochs, cfg.dropout_start, cfg.dropout_end)
+            set_dropout_rate(self.engine.module, rate)
+            values["dropout"] = rate
+        return values
+
+    def validate(self) -> dict[str, float]:
+        if self.e2e:
+            def metrics(module, batch: Batch):
+                x, y_main, y_hier, field = batch
+                main, hier = module(x)
+                field_mse = F.mse_loss(self.decoder(main, hier).float(), field)
+                latent = F.mse_loss(main.float(), y_main) + F.mse_loss(hier.float(), y_hier)
+                return {"loss": field_mse + self.ctx.cfg.latent_reg_weight * latent, "field_mse": field_mse}
+        else:
+            def metrics(module, batch: Batch):
+                x, y_main, y_hier = batch
+                main, hier = module(x)
+                lm, lh = F.mse_loss(main.float(), y_main), F.mse_loss(hier.float(), y_hier)
+                return {"loss": lm + lh, "main": lm, "hier": lh}
+        return evaluate(self.engine.eval_module(), self.val_batches(), metrics, self.ctx.device)
+
+    def after_validation(self, epoch: int, metrics: dict[str, float]) -> bool:
+        if metrics["loss"] < self.best_val:
+            self.best_val = metrics["loss"]
+            self.best_state = {k: v.detach().clone() for k, v in clean_state_dict(self.engine.eval_module().state_dict()).items()}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs >= self.ctx.cfg.lc_patience
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        return self.best_state if self.best_state is not None else super().export_state()
+
+    def extra_state(self) -> dict:
+        return {"best_val": self.best_val, "bad_epochs": self.bad_epochs, "vae_run_id": self.vae_run_id,
+                "split": {"train": self.train_idx.clone(), "val": self.val_idx.clone()}}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.best_val, self.bad_epochs = state["best_val"], state["bad_epochs"]
+
+    def restore(self, state: dict) -> int:
+        epoch = super().restore(state)
+        self.best_state = state["export"]
+        return epoch
+
+    def best_module(self):
+        """The conditioner with its best-validation weights (EMA weights when EMA is on)."""
+        module = self.engine.eval_module()
+        module.load_state_dict(self.export_state())
+        return module.eval()
+
+
+def relative_l2(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per run ‖pred − true‖_F / ‖true‖_F over (T, N)."""
+    diff = (pred.astype(np.float64) - true).reshape(len(true), -1)
+    norm = np.linalg.norm(true.reshape(len(true), -1).astype(np.float64), axis=1)
+    return np.linalg.norm(diff, axis=1) / np.maximum(norm, 1e-30)
+
+
+def physical_fields(store: FieldStore, indices: torch.Tensor, batch: int = 64) -> np.ndarray:
+    """True fields of `indices` in physical units, (n, T, N)."""
+    parts = [store.scaler.inverse_transform(store.get(i).double()).transpose(1, 2).cpu().numpy()
+             for i in indices.split(batch)]
+    return np.concatenate(parts)
+
+
+def evaluate_surrogate(surrogate: Surrogate, data: ConditionerData, store: FieldStore,
+                       train_idx: torch.Tensor, val_idx: torch.Tensor) -> dict:
+    """Relative L2 of the predicted validation fields, next to the mean-field baseline."""
+    true = physical_fields(store, val_idx)
+    pred = surrogate.fields(data.inputs[val_idx.to(data.inputs.device)])
+    rel = relative_l2(pred, true)
+    total = None
+    for i in train_idx.split(64):
+        part = physical_fields(store, i).sum(axis=0)
+        total = part if total is None else total + part
+    mean_field = total / len(train_idx)
+    base = relative_l2(np.broadcast_to(mean_field, true.shape), true)
+    with torch.no_grad():
+        main, hier = surrogate.conditioner(data.inputs[val_idx.to(data.inputs.device)])
+        y_main, y_hier = data.main[val_idx], data.hier[val_idx]
+        latent_mse = (F.mse_loss(main.float(), y_main) + F.mse_loss(hier.float(), y_hier)).item()
+        tm, th = data.main[train_idx].mean(0, keepdim=True), data.hier[train_idx].mean(0, keepdim=True)
+        base_latent = (F.mse_loss(tm.expand_as(y_main), y_main) + F.mse_loss(th.expand_as(y_hier), y_hier)).item()
+    return {"lc_val_rel_l2": float(rel.mean()), "lc_val_rel_l2_median": float(np.median(rel)),
+            "lc_val_rel_l2_max": float(rel.max()), "lc_val_rel_l2_per_run": rel.tolist(),
+            "baseline_mean_field_rel_l2": float(base.mean()), "baseline_mean_field_rel_l2_per_run": base.tolist(),
+            "lc_val_latent_mse": latent_mse, "baseline_mean_latent_mse": base_latent,
+            "lc_val_runs": val_idx.tolist(), "_pred": pred, "_true": true}

@@ -1,0 +1,195 @@
+"""Stage 1: train the hierarchical VAE, then extract every run's latents."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from modules.augment import SeriesAugmentation, stretch_copy
+from modules.checkpoint import save_npz
+from modules.config import LOSS_TYPES
+from modules.data import FieldStore
+from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
+from modules.errors import UserError
+from modules.run import RunContext
+from modules.schedules import cosine_warm_restarts, kl_weight
+from modules.stage import StageTrainer
+from modules.vae import HierarchicalVAE
+
+log = logging.getLogger("simulgen")
+
+RECON_LOSSES = {"MSE": F.mse_loss, "MAE": F.l1_loss, "SmoothL1": F.smooth_l1_loss, "Huber": F.huber_loss}
+assert set(RECON_LOSSES) == set(LOSS_TYPES.values())
+
+
+def build_vae(arch: dict) -> HierarchicalVAE:
+    model = HierarchicalVAE(arch["num_nodes"], arch["num_time"], arch["filters"],
+                            arch["latent_dim_end"], arch["latent_dim"], arch["small"])
+    # The last hierarchical branch is built (for fidelity) but never used: freeze it, so
+    # neither AdamW nor DDP waits for gradients that never come.
+    for p in model.unused_parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
+    if global_batch % world_size:
+        raise UserError(f"{key} = {global_batch} is not divisible by the {world_size} DDP processes; "
+                        f"use a multiple of {world_size}.")
+    return global_batch // world_size
+
+
+class VAETrainer(StageTrainer):
+    stage = "vae"
+    title = "VAE"
+
+    def __init__(self, ctx: RunContext, store: FieldStore, train_idx: np.ndarray, val_idx: np.ndarray):
+        cfg = ctx.cfg
+        self.store = store
+        self.train_idx = torch.as_tensor(train_idx, dtype=torch.long)
+        self.val_idx = torch.as_tensor(val_idx, dtype=torch.long)
+        self.num_runs = store.num_runs
+        if cfg.Stretch:
+            # Stretch: a second, fixed noisy/time-shifted copy of every training run (index + P).
+            self.train_idx = torch.cat([self.train_idx, self.train_idx + self.num_runs])
+        model = build_vae(ctx.vae_architecture()).to(ctx.device)
+        self.beta = torch.tensor(0.0, device=ctx.device)     # a tensor: compile/graphs see updates
+        recon_loss = RECON_LOSSES[cfg.loss_name]
+        alpha = cfg.alpha
+
+        def loss_fn(net, batch: Batch):
+            (x,) = batch
+            out = net(x)
+            recon = recon_loss(out.x_hat.float(), x)
+            kl = out.kl_main + out.kl_levels
+            return alpha * recon + self.beta * kl, {"recon": recon.detach(), "kl": kl.detach()}
+
+        settings = EngineSettings.from_config(cfg, ctx.device, cfg.grad_clip)
+        engine = TrainingEngine(model, loss_fn, lr=cfg.LearningR, weight_decay=cfg.weight_decay,
+                                settings=settings, device=ctx.device, ddp=ctx.dist.enabled)
+        super().__init__(ctx, engine, cfg.Training_epochs, ctx.paths.vae, ctx.vae_architecture(),
+                         "train the VAE first (--lc_only=0)")
+        self.batch = per_rank_batch(cfg.Batch_size, ctx.dist.world_size, "Batch_size")
+        self.augment = SeriesAugmentation.from_config(cfg) if cfg.use_augmentation else None
+        self.initial_val: dict[str, float] | None = None
+
+    # --- data --------------------------------------------------------------------------
+    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
+        """Scaled runs (B, N, T); indices ≥ P are the Stretch copies of run index - P."""
+        if not self.ctx.cfg.Stretch:
+            return self.store.get(indices)
+        x = self.store.get(indices % self.num_runs)
+        for row in torch.nonzero(indices >= self.num_runs).flatten().tolist():
+            gen = torch.Generator().manual_seed(self.ctx.cfg.seed * 1_000_003 + int(indices[row]))
+            x[row:row + 1] = stretch_copy(x[row:row + 1], gen)
+        return x
+
+    def train_batches(self, epoch: int):
+        d = self.ctx.dist
+        for idx in batch_indices(self.train_idx, self.batch, epoch=epoch, seed=self.ctx.cfg.seed,
+                                 rank=d.rank, world_size=d.world_size):
+            yield (self.fetch(idx),)
+
+    def val_batches(self):
+        d = self.ctx.dist
+        mine = self.val_idx[d.rank::d.world_size]
+        for idx in mine.split(max(self.batch, 1)):
+            yield (self.store.get(idx),)
+
+    def transform(self, batch: Batch) -> Batch:
+        return (self.augment(batch[0]),) if self.augment is not None else batch
+
+    # --- hooks ---------------------------------------------------------------------------
+    def schedule(self, epoch: int) -> dict[str, float]:
+        cfg = self.ctx.cfg
+        beta = kl_weight(epoch, self.epochs, self.ctx.beta_start, cfg.beta_end, cfg.beta_ramp_start, cfg.beta_ramp_end)
+        lr = self.lr_scale * cosine_warm_restarts(epoch, self.epochs, cfg.LearningR, cfg.lr_restart_epochs,
+                                                  cfg.lr_restart_mult, cfg.lr_min_factor)
+        self.beta.fill_(beta)
+        self.engine.set_lr(lr)
+        return {"beta": beta, "lr": lr}
+
+    def should_validate(self, epoch: int) -> bool:
+        return (epoch + 1) % self.ctx.cfg.val_every == 0 or epoch + 1 == self.epochs
+
+    def validate(self) -> dict[str, float]:
+        """Deterministic (`fix`) reconstruction of the validation runs, no augmentation."""
+        def metrics(module, batch: Batch):
+            out = module(batch[0], mode="fix")
+            return {"recon_mse": F.mse_loss(out.x_hat.float(), batch[0]), "kl": out.kl_main + out.kl_levels}
+
+        return evaluate(self.engine.eval_module(), self.val_batches(), metrics, self.ctx.device)
+
+    def progress_values(self, train, val, sched):
+        values = {"loss": train["loss"], "recon": train["recon"]}
+        if val:
+            values["val_recon"] = val["recon_mse"]
+        values.update(sched)
+        return values
+
+    def extra_state(self) -> dict:
+        return {"split": {"train": self.train_idx.clone(), "val": self.val_idx.clone()},
+                "initial_val": self.initial_val}
+
+    def load_extra_state(self, state: dict) -> None:
+        if not torch.equal(state["split"]["val"], self.val_idx):
+            raise UserError(f"{self.checkpoint} used another train/validation split (seed, val_split or Dim1 changed); "
+                            "restore them, or start afresh without --resume.")
+        self.initial_val = state.get("initial_val")
+
+    def fit(self) -> None:
+        if self.initial_val is None and not (self.ctx.resume and self.checkpoint.is_file()):
+            self.initial_val = self.validate()
+        super().fit()
+
+
+@dataclass(frozen=True)
+class Latents:
+    main: np.ndarray            # (P, Latent_dim_end)
+    hierarchical: np.ndarray    # (P, L-1, Latent_dim)
+    recon_error: np.ndarray     # (P,) MSE in scaled space of the kept draw
+    rel_l2: np.ndarray          # (P,) ‖x̂ − x‖ / ‖x‖ in physical units
+
+
+@torch.no_grad()
+def extract_latents(model: HierarchicalVAE, store: FieldStore, recon_iter: int, batch_size: int) -> Latents:
+    """Encode every run, draw `recon_iter` main latents, keep the best-reconstructing draw.
+
+    The hierarchical latents are the encoder's (deterministic) vectors. Candidates are
+    decoded in `fix` mode, the way predictions are decoded, so the choice is not noise.
+    """
+    model.eval()
+    mains, hiers, errors, rel = [], [], [], []
+    scaler = store.scaler
+    for idx in torch.arange(store.num_runs).split(batch_size):
+        x = store.get(idx)                                       # (B, N, T)
+        mu, log_var, xs = model.encode(x)
+        best_err = torch.full((x.shape[0],), float("inf"), device=x.device)
+        best_z = mu.clone()
+        best_x = torch.zeros_like(x)
+        std = torch.exp(0.5 * log_var.float()).clamp(1e-8, 10.0)
+        for _ in range(recon_iter):
+            z = mu + torch.randn_like(std) * std
+            x_hat, _ = model.decode(z, xs, mode="fix")
+            err = (x_hat.float() - x).square().mean(dim=(1, 2))  # (B,)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_z = torch.where(better[:, None], z, best_z)
+            best_x = torch.where(better[:, None, None], x_hat.float(), best_x)
+        true = scaler.inverse_transform(x.double())
+        pred = scaler.inverse_transform(best_x.double())
+        rel.append((torch.linalg.vector_norm(pred - true, dim=(1, 2))
+                    / torch.linalg.vector_norm(true, dim=(1, 2)).clamp_min(1e-30)).cpu())
+        mains.append(best_z.cpu())
+        hiers.append(xs.cpu())
+        errors.append(best_err.cpu())
+    return Latents(torch.cat(mains).numpy(), torch.cat(hiers).numpy(), torch.cat(errors).numpy(),
+                   torch.cat(rel).numpy())
+
+
+def save_latents(path, latents: Latents) -> None:
+    save_npz(path, main=latents.main.astype(np.float32), hierarchical=latents.hierarchical.astype(np.float32),
+             recon_error=latents.recon_error.astype(np.float32), rel_l2=latents.rel_l2.astype(np.float32))

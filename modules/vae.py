@@ -1,0 +1,326 @@
+"""The hierarchical VAE (SPEC §4): building blocks, encoder tower, NVAE-style decoder.
+
+Runs enter as x (B, N, T): mesh nodes are channels, time is the sequence axis, and T is
+kept at every layer. `small` selects the lighter block variants of the original.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from modules.gaussian import Gaussian, kl_residual
+
+# residual branches are added with this weight (original value)
+RESIDUAL_SCALE = 0.1
+# channel expansion inside the decoder residual block
+EXPANSION = 5
+
+
+# -----------------------------------------------------------------------------
+# helpers
+
+def num_groups(c: int) -> int:
+    """Largest divisor of c not above min(8, max(1, c // 4)).
+
+    Equal to the original's group count wherever that divided c; the original crashed
+    otherwise (e.g. c = 300 nodes gives 6 here, c = 1681 = 41^2 gives 1).
+    """
+    g = min(8, max(1, c // 4))
+    while c % g:
+        g -= 1
+    return g
+
+
+def group_norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups(c), c)
+
+
+def conv_gn_gelu(c_in: int, c_out: int, kernel_size: int) -> list[nn.Module]:
+    # odd kernels with "same" padding: the time axis never shrinks
+    return [
+        nn.Conv1d(c_in, c_out, kernel_size, padding=kernel_size // 2),
+        group_norm(c_out),
+        nn.GELU(),
+    ]
+
+
+_WEIGHTED = (nn.Conv1d, nn.ConvTranspose1d, nn.Linear)
+
+
+def he_init_and_spectral_norm(root: nn.Module) -> None:
+    """He (Kaiming-uniform) weights, zero biases, then spectral norm, on every Conv/Linear.
+
+    Init comes first so the power-iteration vectors are seeded from the final weights.
+    spectral_norm picks dim=1 for ConvTranspose1d by itself (its weight is (in, out, k)).
+    The parametrization keeps the raw weight as `parametrizations.weight.original`, so
+    parameter counts are those of the plain layers.
+    """
+    for m in list(root.modules()):  # list(): spectral_norm adds submodules while we walk
+        if isinstance(m, _WEIGHTED):
+            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+            spectral_norm(m)
+
+
+# -----------------------------------------------------------------------------
+# blocks
+
+class ConvBlock(nn.Sequential):
+    """a -> b channels. small: 1x1 conv·GN·GELU; large adds 3x3 conv·GN·GELU."""
+
+    def __init__(self, c_in: int, c_out: int, small: bool) -> None:
+        layers = conv_gn_gelu(c_in, c_out, 1)
+        if not small:
+            layers += conv_gn_gelu(c_out, c_out, 3)
+        super().__init__(*layers)
+
+
+class ResidualBlock(nn.Module):
+    """x + 0.1 f(x), f = [3-conv·GN·GELU] once (small) or twice (large).
+
+    The original has two identical classes for this (encoder residual block and the
+    residual block of the decoder's prior/posterior nets); one class serves both.
+    """
+
+    def __init__(self, c: int, small: bool) -> None:
+        super().__init__()
+        layers = conv_gn_gelu(c, c, 3)
+        if not small:
+            layers += conv_gn_gelu(c, c, 3)
+        self.f = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + RESIDUAL_SCALE * self.f(x)
+
+
+class DecoderResidualBlock(nn.Module):
+    """x + 0.1 f(x) with a x5 channel expansion inside f."""
+
+    def __init__(self, c: int, small: bool) -> None:
+        super().__init__()
+        wide = EXPANSION * c
+        if small:
+            layers = conv_gn_gelu(c, wide, 1) + conv_gn_gelu(wide, wide, 5)
+        else:
+            layers = (
+                conv_gn_gelu(c, c, 1)
+                + conv_gn_gelu(c, wide, 5)
+                + conv_gn_gelu(wide, wide, 5)
+            )
+        layers += conv_gn_gelu(wide, c, 1)
+        self.f = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + RESIDUAL_SCALE * self.f(x)
+
+
+class UpBlock(nn.Sequential):
+    """ConvTranspose1d(a, b, k=3, p=1)·GELU: changes channels, keeps T."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.ConvTranspose1d(c_in, c_out, 3, padding=1), nn.GELU())
+
+
+class LatentToSequence(nn.Module):
+    """Vector (B, d) -> Linear -> (B, d, T) -> 5-conv·GN·GELU -> (B, c, T).
+
+    The decoder's start and its per-level hierarchical-vector nets.
+    """
+
+    def __init__(self, d: int, c_out: int, num_time: int) -> None:
+        super().__init__()
+        self.d, self.num_time = d, num_time
+        self.linear = nn.Linear(d, d * num_time)
+        self.conv = nn.Sequential(*conv_gn_gelu(d, c_out, 5))
+
+    def forward(self, v: Tensor) -> Tensor:
+        h = self.linear(v).view(v.shape[0], self.d, self.num_time)  # (B, d, T)
+        return self.conv(h)  # (B, c, T)
+
+
+class PriorNet(nn.Sequential):
+    """h (B, c, T) -> (B, 2c, T) = [mu_p, log var_p]: residual·GELU·3-conv."""
+
+    def __init__(self, c: int, small: bool) -> None:
+        super().__init__(ResidualBlock(c, small), nn.GELU(), nn.Conv1d(c, 2 * c, 3, padding=1))
+
+
+class PosteriorNet(nn.Sequential):
+    """[x_hat, h] (B, 2c, T) -> (B, 2c, T) = [delta mu, delta log var]."""
+
+    def __init__(self, c: int, small: bool) -> None:
+        super().__init__(
+            ResidualBlock(2 * c, small), nn.GELU(), nn.Conv1d(2 * c, 2 * c, 3, padding=1)
+        )
+
+
+# -----------------------------------------------------------------------------
+# encoder / decoder
+
+class Encoder(nn.Module):
+    def __init__(
+        self,
+        num_nodes: int,
+        num_time: int,
+        filters: Sequence[int],
+        latent_dim_end: int,
+        latent_dim: int,
+        small: bool,
+    ) -> None:
+        super().__init__()
+        channels = [num_nodes, *filters]
+        self.latent_dim_end = latent_dim_end
+        self.levels = nn.ModuleList(
+            nn.Sequential(ConvBlock(a, b, small), ResidualBlock(b, small))
+            for a, b in zip(channels[:-1], channels[1:])
+        )
+        # One Linear per level, as in the original. The last level's output was computed
+        # and then thrown away there; forward() skips computing it (pure waste), but the
+        # layer stays so the parameter count and state dict match the original network.
+        self.xs_linear = nn.ModuleList(nn.Linear(f * num_time, latent_dim) for f in filters)
+        self.head = nn.Linear(filters[-1] * num_time, 2 * latent_dim_end)
+        he_init_and_spectral_norm(self)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """x (B, N, T) -> mu, log_var (B, Lend) and L-1 vectors (B, Ld), deepest first."""
+        xs = []
+        last = len(self.levels) - 1
+        for i, level in enumerate(self.levels):
+            x = level(x)  # (B, F_i, T)
+            if i < last:
+                xs.append(self.xs_linear[i](x.flatten(1)))  # (B, F_i*T) -> (B, Ld)
+        mu, log_var = self.head(x.flatten(1)).chunk(2, dim=1)  # 2 x (B, Lend)
+        xs.reverse()
+        return mu, log_var, xs
+
+
+class Decoder(nn.Module):
+    """NVAE-style top-down decoder over D = reversed(filters).
+
+    Level i (0 .. L-2): h = residual(up(D_i -> D_{i+1})(input)), input = start(z) for
+    i = 0 and h_prev + z_prev after. Every level but the last then builds a prior from h,
+    optionally a residual posterior from the hierarchical vector x_i, and draws z_i.
+
+    As in the original, prior/posterior/xs nets are built for all L-1 levels, but the
+    last level's are never used: the encoder hands over L-1 vectors and only the first
+    L-2 are consumed (the last one, from encoder level 0, is saved but never decoded).
+    The unused pieces are kept so shapes (saved latents (P, L-1, Ld)) and parameter
+    counts match the original. They and encoder.xs_linear[0] and [-1] get no gradient:
+    DDP needs find_unused_parameters=True.
+    """
+
+    def __init__(
+        self,
+        num_nodes: int,
+        num_time: int,
+        filters: Sequence[int],
+        latent_dim_end: int,
+        latent_dim: int,
+        small: bool,
+    ) -> None:
+        super().__init__()
+        d = list(reversed(filters))
+        outs = d[1:]  # channels of level i = D_{i+1}
+        self.num_levels = len(outs)  # L-1
+        self.start = LatentToSequence(latent_dim_end, d[0], num_time)
+        self.up_blocks = nn.ModuleList(UpBlock(a, b) for a, b in zip(d[:-1], outs))
+        self.res_blocks = nn.ModuleList(DecoderResidualBlock(c, small) for c in outs)
+        self.condition_z = nn.ModuleList(PriorNet(c, small) for c in outs)
+        self.condition_xz = nn.ModuleList(PosteriorNet(c, small) for c in outs)
+        self.xs_sequence = nn.ModuleList(LatentToSequence(latent_dim, c, num_time) for c in outs)
+        self.recon = nn.Sequential(nn.Conv1d(d[-1], num_nodes, 1), group_norm(num_nodes), nn.Tanh())
+        he_init_and_spectral_norm(self)
+
+    def forward(
+        self, z: Tensor, xs: Sequence[Tensor] | Tensor | None = None, mode: str = "random"
+    ) -> tuple[Tensor, Tensor]:
+        """z (B, Lend); xs: L-1 tensors (B, Ld) or one (B, L-1, Ld), or None to sample
+        every level from its prior. Returns x_hat (B, N, T) and the summed level KL
+        (fp32 scalar; zero without xs)."""
+        if mode not in ("random", "fix"):
+            raise ValueError(f"mode must be 'random' or 'fix', got {mode!r}")
+        if torch.is_tensor(xs):
+            xs = xs.unbind(1)  # L-1 x (B, Ld)
+        kl = torch.zeros((), device=z.device, dtype=torch.float32)
+        h = self.start(z)  # (B, D0, T)
+        z_level = None
+        last = self.num_levels - 1
+        for i in range(self.num_levels):
+            if z_level is not None:
+                h = h + z_level  # (B, D_i, T)
+            h = self.res_blocks[i](self.up_blocks[i](h))  # (B, D_{i+1}, T)
+            if i == last:
+                break
+            prior_mu, prior_log_var = self.condition_z[i](h).chunk(2, dim=1)  # 2 x (B, D_{i+1}, T)
+            if xs is None:
+                dist = Gaussian(prior_mu, prior_log_var)
+            else:
+                x_hat_i = self.xs_sequence[i](xs[i])  # (B, D_{i+1}, T)
+                delta = self.condition_xz[i](torch.cat([x_hat_i, h], dim=1))  # (B, 2*D_{i+1}, T)
+                delta_mu, delta_log_var = delta.chunk(2, dim=1)
+                kl = kl + kl_residual(delta_mu, delta_log_var, prior_log_var)
+                dist = Gaussian(prior_mu + delta_mu, prior_log_var + delta_log_var)
+            z_level = dist.draw(mode)
+        return self.recon(h), kl  # (B, N, T)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class VAEOutput(NamedTuple):
+    x_hat: Tensor  # (B, N, T)
+    mu: Tensor  # (B, Lend)
+    log_var: Tensor  # (B, Lend), clamped
+    kl_main: Tensor  # fp32 scalar, batch mean
+    kl_levels: Tensor  # fp32 scalar, batch mean, summed over consumed levels
+
+
+class HierarchicalVAE(nn.Module):
+    def __init__(
+        self,
+        num_nodes: int,
+        num_time: int,
+        filters: Sequence[int],
+        latent_dim_end: int,
+        latent_dim: int,
+        small: bool = True,
+    ) -> None:
+        super().__init__()
+        filters = [int(f) for f in filters]
+        if len(filters) < 2:
+            raise ValueError(f"need at least 2 encoder filters, got {filters}")
+        args = (num_nodes, num_time, filters, latent_dim_end, latent_dim, small)
+        self.encoder = Encoder(*args)
+        self.decoder = Decoder(*args)
+        self.num_levels = self.decoder.num_levels  # L-1 hierarchical vectors per run
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, T) -> mu, clamped log_var (B, Lend), xs (B, L-1, Ld)."""
+        mu, log_var, xs = self.encoder(x)
+        return mu, Gaussian(mu, log_var).log_var, torch.stack(xs, dim=1)  # (B, L-1, Ld)
+
+    def decode(
+        self, z: Tensor, xs: Sequence[Tensor] | Tensor | None = None, mode: str = "random"
+    ) -> tuple[Tensor, Tensor]:
+        return self.decoder(z, xs, mode)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters no forward pass reaches, kept so the network matches the original:
+        the encoder's first-level vector is never decoded and its last-level Linear never
+        applied; the decoder's last level builds prior/posterior/xs nets it never runs."""
+        last = self.decoder.num_levels - 1
+        modules = (self.encoder.xs_linear[0], self.encoder.xs_linear[-1], self.decoder.condition_z[last],
+                   self.decoder.condition_xz[last], self.decoder.xs_sequence[last])
+        return [p for m in modules for p in m.parameters()]
+
+    def forward(self, x: Tensor, mode: str = "random") -> VAEOutput:
+        mu, log_var, xs = self.encoder(x)
+        posterior = Gaussian(mu, log_var)
+        z = posterior.draw(mode)  # (B, Lend)
+        x_hat, kl_levels = self.decoder(z, xs, mode)
+        return VAEOutput(x_hat, mu, posterior.log_var, posterior.kl_standard(), kl_levels)
