@@ -292,7 +292,8 @@ def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             hint = _suggest(parts[0])
             if hint:
                 raise UserError(f"{where}: unknown key '{parts[0]}'; did you mean '{hint}'?")
-            log.warning("%s: ignoring unrecognised line %r", where, text)
+            if number > 1:      # the first line may be a free-text title ("Common params")
+                log.warning("%s: ignoring unrecognised line %r", where, text)
             continue
         if len(parts) < 2:
             raise UserError(f"{where}, key '{key}': no value given; write '{key} <value>'.")

@@ -262,13 +262,14 @@ class TrainingEngine:
         names = sorted(sums)
         packed = torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=self.device)]).double()
         all_reduce_sum(packed)
+        packed = torch.cat([packed, self.applied_steps.double().reshape(1)])
         # The earliest bad batch over ranks: max of its negation, with "none" as -inf.
         never = torch.full_like(first_bad, -(1 << 40))
         neg_bad = all_reduce_max(torch.where(first_bad < 0, never, -first_bad))
         values = torch.cat([packed, neg_bad.double().reshape(1)]).tolist()   # the epoch's one host sync
-        total, bad_index = values[-2], -int(values[-1])
-        return EpochResult({k: v / total for k, v in zip(names, values[:-2])},
-                           None if bad_index >= 1 << 40 else bad_index)
+        total, applied, bad_index = values[-3], int(values[-2]), -int(values[-1])
+        return EpochResult({k: v / total for k, v in zip(names, values[:-3])},
+                           None if bad_index >= 1 << 40 else bad_index, applied)
 
     def eval_module(self) -> nn.Module:
         """The weights to validate, extract, predict and export with: the EMA when on."""
@@ -301,6 +302,7 @@ class TrainingEngine:
 class EpochResult:
     metrics: dict[str, float]            # means over the epoch's batches (and ranks)
     first_bad_batch: int | None          # first batch whose loss or gradient was not finite
+    applied_steps: int                   # optimizer steps applied so far (fp16 skips some)
 
 
 def evaluate(module: nn.Module, batches: Iterable[Batch], metric_fn: Callable[[nn.Module, Batch], dict[str, torch.Tensor]],

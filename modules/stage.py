@@ -39,10 +39,13 @@ class StageTrainer:
         self.history: dict[str, list[float]] = {}
         self.finished = False
         self.seconds = 0.0
+        self.applied_steps = 0
+        self.steps_per_epoch = 1       # set by the stage: training batches per epoch
 
     # --- hooks -------------------------------------------------------------------------
-    def schedule(self, epoch: int) -> dict[str, float]:
-        """Set the epoch's LR (and other scheduled values); return them for the log."""
+    def schedule(self, epoch: int, lr_epoch: int) -> dict[str, float]:
+        """Set the epoch's LR (a function of `lr_epoch`) and other scheduled values (functions
+        of `epoch`); return them for the log."""
         raise NotImplementedError
 
     def train_batches(self, epoch: int) -> list[Batch]:
@@ -110,6 +113,7 @@ class StageTrainer:
     def restore(self, state: dict) -> int:
         self.engine.module.load_state_dict(state["model"])
         self.engine.load_state_dict(state["engine"])
+        self.applied_steps = state["engine"]["applied_steps"]
         self.lr_scale = state["lr_scale"]
         self.rollbacks = state["rollbacks"]
         self.history = {k: list(v) for k, v in state["history"].items()}
@@ -141,11 +145,14 @@ class StageTrainer:
         try:
             while epoch < self.epochs:
                 started = time.perf_counter()
-                sched = self.schedule(epoch)
+                # The LR clock counts applied optimizer steps: a step the fp16 scaler skipped
+                # does not advance the LR schedule.
+                sched = self.schedule(epoch, self.applied_steps // self.steps_per_epoch)
                 result = self.engine.train_epoch(self.train_batches(epoch), self.transform)
                 if result.first_bad_batch is not None:
                     epoch = self._roll_back(epoch, result)
                     continue
+                self.applied_steps = result.applied_steps
                 val = self.validate() if self.should_validate(epoch) else None
                 stop = self.after_validation(epoch, val) if val is not None else False
                 self.seconds += time.perf_counter() - started

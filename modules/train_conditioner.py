@@ -126,6 +126,8 @@ class ConditionerTrainer(StageTrainer):
         self.best_state: dict | None = None
         self.best_val = float("inf")
         self.bad_epochs = 0
+        self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.seed,
+                                                 rank=ctx.dist.rank, world_size=ctx.dist.world_size))
 
     # --- data ---------------------------------------------------------------------------
     def _batch(self, idx: torch.Tensor) -> Batch:
@@ -155,9 +157,9 @@ class ConditionerTrainer(StageTrainer):
         return (x, y_main, y_hier, *rest)
 
     # --- hooks ----------------------------------------------------------------------------
-    def schedule(self, epoch: int) -> dict[str, float]:
+    def schedule(self, epoch: int, lr_epoch: int) -> dict[str, float]:
         cfg = self.ctx.cfg
-        lr = self.lr_scale * warmup_cosine(epoch, self.epochs, cfg.latent_conditioner_lr, cfg.lc_warmup_epochs,
+        lr = self.lr_scale * warmup_cosine(lr_epoch, self.epochs, cfg.latent_conditioner_lr, cfg.lc_warmup_epochs,
                                            cfg.lc_warmup_start, cfg.lc_lr_min)
         self.engine.set_lr(lr)
         values = {"lr": lr}

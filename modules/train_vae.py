@@ -75,6 +75,8 @@ class VAETrainer(StageTrainer):
         self.batch = per_rank_batch(cfg.Batch_size, ctx.dist.world_size, "Batch_size")
         self.augment = SeriesAugmentation.from_config(cfg) if cfg.use_augmentation else None
         self.initial_val: dict[str, float] | None = None
+        self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.seed,
+                                                 rank=ctx.dist.rank, world_size=ctx.dist.world_size))
 
     # --- data --------------------------------------------------------------------------
     def fetch(self, indices: torch.Tensor) -> torch.Tensor:
@@ -103,10 +105,10 @@ class VAETrainer(StageTrainer):
         return (self.augment(batch[0]),) if self.augment is not None else batch
 
     # --- hooks ---------------------------------------------------------------------------
-    def schedule(self, epoch: int) -> dict[str, float]:
+    def schedule(self, epoch: int, lr_epoch: int) -> dict[str, float]:
         cfg = self.ctx.cfg
         beta = kl_weight(epoch, self.epochs, self.ctx.beta_start, cfg.beta_end, cfg.beta_ramp_start, cfg.beta_ramp_end)
-        lr = self.lr_scale * cosine_warm_restarts(epoch, self.epochs, cfg.LearningR, cfg.lr_restart_epochs,
+        lr = self.lr_scale * cosine_warm_restarts(lr_epoch, self.epochs, cfg.LearningR, cfg.lr_restart_epochs,
                                                   cfg.lr_restart_mult, cfg.lr_min_factor)
         self.beta.fill_(beta)
         self.engine.set_lr(lr)

@@ -1,0 +1,251 @@
+"""The training engine: each switch must really do something (SAM, EMA, AMP, compile,
+CUDA graphs, clipping, the non-finite report, the DDP batch split)."""
+import copy
+import io
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.engine import EngineSettings, TrainingEngine, batch_indices, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3))
+
+
+def mse_loss(net, batch):
+    x, y = batch
+    pred = net(x)
+    loss = F.mse_loss(pred.float(), y)
+    return loss, {"mse": loss.detach()}
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 6, generator=g)
+    return x, torch.randn(8, 3, generator=g)
+
+
+def make_engine(model=None, **settings):
+    model = model if model is not None else tiny_model()
+    return TrainingEngine(model, mse_loss, lr=1e-2, weight_decay=0.0, settings=EngineSettings(**settings), device=CPU)
+
+
+def grads_at(model, batch, dtype=None):
+    model.zero_grad(set_to_none=True)
+    ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    with ctx:
+        loss, _ = mse_loss(model, batch)
+    loss.backward()
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+# --- SAM ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", None), ("bf16", torch.bfloat16)])
+def test_sam_second_pass_gradient_is_taken_at_the_perturbed_weights(batch, precision, dtype):
+    rho = 0.05
+    engine = make_engine(precision=precision, use_sam=True, sam_rho=rho)
+    model = engine.module
+    weights = [p.detach().clone() for p in model.parameters()]
+    g1 = grads_at(model, batch, dtype)
+
+    # The reference: the gradient at w + rho * g / ||g||, computed by hand on a copy.
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in g1]))
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, g in zip(shifted.parameters(), g1):
+            p.add_(rho * g / norm)
+    expected = grads_at(shifted, batch, dtype)
+
+    engine._zero_grad()
+    engine._sam_passes(batch)
+    g2 = [p.grad for p in model.parameters()]
+    largest_change = max((a - b).abs().max().item() for a, b in zip(g1, g2))
+    assert largest_change > 1e-3, "SAM's second gradient equals the first: the perturbation was not seen"
+    for got, want in zip(g2, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w), "weights must be restored exactly after the SAM passes"
+
+
+def test_one_sam_run_differs_from_plain_adamw_from_the_same_state(batch):
+    plain, sam = make_engine(), make_engine(use_sam=True)
+    for _ in range(3):
+        plain.step(batch)
+        sam.step(batch)
+    diffs = [(a - b).abs().max().item() for a, b in zip(plain.module.parameters(), sam.module.parameters())]
+    assert max(diffs) > 1e-5
+
+
+# --- EMA ------------------------------------------------------------------------------------
+
+def test_ema_weights_equal_the_closed_form_average_of_the_history(batch):
+    decay, k = 0.9, 6
+    engine = make_engine(use_ema=True, ema_decay=decay)
+    history = []
+    for _ in range(k):
+        engine.step(batch)
+        history.append([p.detach().clone() for p in engine.module.parameters()])
+    # AveragedModel copies the first weights, then ema = d·ema + (1 - d)·w after each step.
+    expected = [decay ** (k - 1) * w for w in history[0]]
+    for t in range(1, k):
+        expected = [e + (1 - decay) * decay ** (k - 1 - t) * w for e, w in zip(expected, history[t])]
+    ema = engine.eval_module()
+    assert ema is engine.ema.module
+    for got, want in zip(ema.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    live = list(engine.module.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), live))
+
+
+def test_ema_state_survives_a_checkpoint_round_trip(batch):
+    engine = make_engine(use_ema=True, ema_decay=0.5)
+    for _ in range(3):
+        engine.step(batch)
+    buffer = io.BytesIO()
+    torch.save(engine.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    other = make_engine(tiny_model(seed=5), use_ema=True, ema_decay=0.5)
+    other.module.load_state_dict(engine.module.state_dict())
+    other.load_state_dict(state)
+    for a, b in zip(engine.ema.module.parameters(), other.ema.module.parameters()):
+        assert torch.equal(a, b)
+    assert int(other.ema.n_averaged) == 3
+    engine.step(batch)
+    other.step(batch)
+    for a, b in zip(engine.ema.module.parameters(), other.ema.module.parameters()):
+        assert torch.equal(a, b)
+
+
+# --- mixed precision --------------------------------------------------------------------------
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_needs_no_scaler():
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert make_engine(precision="bf16").scaler is None
+    assert make_engine(precision="fp16").scaler is not None
+
+
+def test_bf16_autocast_really_runs_in_bf16(batch):
+    seen = []
+    engine = make_engine(precision="bf16")
+    engine.module[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    engine.step(batch)
+    assert seen == [torch.bfloat16]
+
+
+def test_fp16_overflowing_step_is_skipped_and_does_not_count(batch):
+    blow_up = torch.tensor(1.0)
+
+    def loss_fn(net, b):
+        loss, metrics = mse_loss(net, b)
+        return loss * blow_up, metrics
+
+    engine = TrainingEngine(tiny_model(), loss_fn, lr=1e-2, weight_decay=0.0,
+                            settings=EngineSettings(precision="fp16"), device=CPU)
+    engine.step(batch)
+    assert int(engine.applied_steps) == 1
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    scale = engine.scaler.get_scale()
+    blow_up.fill_(float("inf"))
+    engine.step(batch)
+    assert int(engine.applied_steps) == 1, "a skipped fp16 step must not advance the LR clock"
+    assert engine.scaler.get_scale() < scale
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters()))
+    blow_up.fill_(1.0)
+    engine.step(batch)
+    assert int(engine.applied_steps) == 2
+
+
+# --- clipping, non-finite report ----------------------------------------------------------------
+
+def test_gradients_are_clipped_to_the_configured_norm(batch):
+    engine = make_engine(grad_clip=1e-3)
+    metrics = engine.step(batch)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in engine.module.parameters()]))
+    assert metrics["grad_norm"] > 1e-3
+    assert total <= 1e-3 * (1 + 1e-4)
+
+
+def test_train_epoch_names_the_first_non_finite_batch(batch):
+    calls = {"n": 0}
+
+    def loss_fn(net, b):
+        loss, metrics = mse_loss(net, b)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), metrics
+
+    engine = TrainingEngine(tiny_model(), loss_fn, lr=1e-3, weight_decay=0.0, settings=EngineSettings(), device=CPU)
+    result = engine.train_epoch([batch] * 5)
+    assert result.first_bad_batch == 2
+    clean = make_engine().train_epoch([batch] * 4)
+    assert clean.first_bad_batch is None and clean.applied_steps == 4
+    assert clean.metrics["loss"] > 0
+
+
+# --- torch.compile, CUDA graphs -----------------------------------------------------------------
+
+def test_compiled_training_step_matches_the_eager_one(batch):
+    eager, compiled = make_engine(), make_engine(compile=True)
+    for _ in range(2):
+        a, b = eager.step(batch), compiled.step(batch)
+        torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-6)
+    assert hasattr(compiled.net, "_orig_mod"), "the model must really be compiled"
+    for p, q in zip(eager.module.parameters(), compiled.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graphs_on_cpu_warn_once_and_run_eagerly(batch, caplog):
+    from modules import engine as engine_module
+    engine_module._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="simulgen"):
+        first, second = make_engine(cuda_graphs=True), make_engine(cuda_graphs=True)
+        for _ in range(5):
+            first.step(batch)
+    warnings = [r for r in caplog.records if "cuda_graphs" in r.getMessage()]
+    assert len(warnings) == 1
+    assert first._graph is None and not second.use_graphs
+    eager = make_engine()
+    for _ in range(5):
+        eager.step(batch)
+    for p, q in zip(eager.module.parameters(), first.module.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_match_eager_steps():
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 6, device=dev), torch.randn(8, 3, device=dev)) for _ in range(8)]
+    engines = []
+    for graphs in (False, True):
+        model = tiny_model().to(dev)
+        engines.append(TrainingEngine(model, mse_loss, lr=1e-2, weight_decay=0.0,
+                                      settings=EngineSettings(cuda_graphs=graphs), device=dev))
+    for b in data:
+        for e in engines:
+            e.step(b)
+    assert engines[1]._graph is not None
+    for p, q in zip(engines[0].module.parameters(), engines[1].module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+# --- the DDP batch split ----------------------------------------------------------------------
+
+def test_ranks_batches_together_are_the_single_process_batches():
+    indices = torch.arange(100, 140)
+    single = batch_indices(indices, 8, epoch=3, seed=7)
+    ranks = [batch_indices(indices, 4, epoch=3, seed=7, rank=r, world_size=2) for r in range(2)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 5
+    for k, whole in enumerate(single):
+        assert sorted(torch.cat([ranks[0][k], ranks[1][k]]).tolist()) == sorted(whole.tolist())
+    assert batch_indices(indices, 8, epoch=4, seed=7)[0].tolist() != single[0].tolist()
+    assert all(len(b) == 8 for b in batch_indices(torch.arange(21), 8, epoch=0, seed=0))   # drop_last

@@ -1,0 +1,178 @@
+"""Schedules are pure functions of the epoch; they must match the original's torch schedulers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import (
+    CosineAnnealingLR,
+    CosineAnnealingWarmRestarts,
+    LinearLR,
+    SequentialLR,
+)
+
+from modules.config import Preset, parse_condition
+from modules.distributed import DistInfo
+from modules.run import Paths, RunContext
+from modules.schedules import cosine_warm_restarts, kl_weight, progressive_dropout, warmup_cosine
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def torch_lrs(make_scheduler, lr: float, epochs: int) -> list[float]:
+    """The LR each epoch trains with when the scheduler is stepped once at the end of every epoch."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr)
+    sched = make_scheduler(opt)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def assert_close_all(ours: list[float], reference: list[float], rel=1e-9, abs_=1e-18):
+    assert len(ours) == len(reference)
+    for epoch, (a, b) in enumerate(zip(ours, reference)):
+        assert a == pytest.approx(b, rel=rel, abs=abs_), f"epoch {epoch}: {a} != {b}"
+
+
+# -----------------------------------------------------------------------------
+# VAE learning rate
+
+
+@pytest.mark.parametrize("epochs", [100, 10002 // 50, 7])
+def test_cosine_warm_restarts_matches_torch_default(epochs):
+    lr = 5e-4
+    ours = [cosine_warm_restarts(e, epochs, lr) for e in range(epochs)]
+    reference = torch_lrs(lambda opt: CosineAnnealingWarmRestarts(
+        opt, T_0=max(1, epochs // 4), T_mult=2, eta_min=lr * 1e-4), lr, epochs)
+    assert_close_all(ours, reference)
+    assert ours[0] == pytest.approx(lr)
+    if epochs == 100:                       # restarts at 25 and 25 + 50
+        assert ours[25] == pytest.approx(lr) and ours[75] == pytest.approx(lr)
+        assert ours[24] < 0.01 * lr and ours[74] < 0.01 * lr
+
+
+@pytest.mark.parametrize("t0, t_mult", [(7, 1), (10, 1), (5, 3), (1, 2)])
+def test_cosine_warm_restarts_explicit_period_and_multiplier(t0, t_mult):
+    lr, epochs, factor = 1e-3, 100, 1e-2
+    ours = [cosine_warm_restarts(e, epochs, lr, t0=t0, t_mult=t_mult, min_factor=factor)
+            for e in range(epochs)]
+    reference = torch_lrs(lambda opt: CosineAnnealingWarmRestarts(
+        opt, T_0=t0, T_mult=t_mult, eta_min=lr * factor), lr, epochs)
+    assert_close_all(ours, reference)
+
+
+def test_cosine_warm_restarts_stays_between_min_and_lr():
+    lr = 2e-3
+    values = [cosine_warm_restarts(e, 1000, lr) for e in range(1000)]
+    assert min(values) >= lr * 1e-4 and max(values) <= lr * (1 + 1e-12)
+
+
+# -----------------------------------------------------------------------------
+# KL weight
+
+
+def test_kl_weight_start_ramp_end():
+    epochs, start, end = 1000, 1e-4, 1e-2
+    beta = [kl_weight(e, epochs, start, end) for e in range(epochs)]
+    assert all(b == start for b in beta[:300])            # before 30 %
+    assert all(b == end for b in beta[800:])              # from 80 % on
+    assert beta[550] == pytest.approx((start + end) / 2)  # halfway through the ramp
+    assert beta[400] == pytest.approx(start + (end - start) * 0.2)
+    # linear: constant step inside the ramp
+    steps = [b - a for a, b in zip(beta[300:801], beta[301:801])]
+    assert max(steps) == pytest.approx(min(steps)) and min(steps) > 0
+    assert all(b >= a for a, b in zip(beta, beta[1:]))    # monotone
+
+
+def test_kl_weight_custom_ramp_and_short_runs():
+    assert kl_weight(0, 10, 1e-3, 1e-1, ramp_start=0.0, ramp_end=0.5) == pytest.approx(1e-3)
+    assert kl_weight(5, 10, 1e-3, 1e-1, ramp_start=0.0, ramp_end=0.5) == pytest.approx(1e-1)
+    for epochs in (1, 2, 3):
+        values = [kl_weight(e, epochs, 1e-4, 1e-2) for e in range(epochs)]
+        assert all(1e-4 <= v <= 1e-2 for v in values)
+        assert values == sorted(values)
+
+
+def make_context(tmp_path, beta_exponent: int, overrides=()) -> RunContext:
+    cfg = parse_condition(FIXTURES / "original_condition.txt", overrides=overrides)
+    preset = Preset(1, beta_exponent, (64, 32, 16, 8), (16, 32, 64, 128))
+    return RunContext(cfg=cfg, preset=preset, small=True, load_all=True, plot=2,
+                      device=torch.device("cpu"), dist=DistInfo(), paths=Paths(tmp_path), run_id="t")
+
+
+def test_preset_exponent_sets_the_kl_start(tmp_path):
+    assert make_context(tmp_path, 3).beta_start == pytest.approx(1e-3)
+    assert make_context(tmp_path, 5).beta_start == pytest.approx(1e-5)
+    # k = 0 keeps the config's start (default 1e-4, or whatever the config says)
+    assert make_context(tmp_path, 0).beta_start == pytest.approx(1e-4)
+    assert make_context(tmp_path, 0, ["beta_start=2e-3"]).beta_start == pytest.approx(2e-3)
+    # the preset wins over the config key when k > 0
+    assert make_context(tmp_path, 2, ["beta_start=2e-3"]).beta_start == pytest.approx(1e-2)
+    ctx = make_context(tmp_path, 3)
+    assert kl_weight(0, 100, ctx.beta_start, ctx.cfg.beta_end) == pytest.approx(1e-3)
+
+
+# -----------------------------------------------------------------------------
+# conditioner learning rate
+
+
+@pytest.mark.parametrize("epochs", [60, 11, 200])
+def test_warmup_cosine_matches_torch_linear_then_cosine(epochs):
+    """The spec is the original's torch pair, LinearLR(0.01, 10 epochs) then
+    CosineAnnealingLR(T_max=epochs-10, eta_min=1e-8), stepped once per epoch. It reaches
+    lr_min at step `epochs`, i.e. right after the last epoch; the last epoch itself trains
+    at one cosine step above lr_min (tiny, but not exactly lr_min)."""
+    lr, warmup, lr_min = 1e-3, 10, 1e-8
+    ours = [warmup_cosine(e, epochs, lr) for e in range(epochs + 1)]
+    reference = torch_lrs(lambda opt: SequentialLR(opt, [
+        LinearLR(opt, start_factor=0.01, total_iters=warmup),
+        CosineAnnealingLR(opt, T_max=epochs - warmup, eta_min=lr_min)], milestones=[warmup]),
+        lr, epochs + 1)
+    assert_close_all(ours, reference, rel=1e-9, abs_=1e-15)
+    assert ours[0] == pytest.approx(0.01 * lr)
+    assert ours[warmup] == pytest.approx(lr)
+    assert all(b > a for a, b in zip(ours[:warmup], ours[1:warmup + 1]))     # warm-up rises
+    assert all(b < a for a, b in zip(ours[warmup:], ours[warmup + 1:]))      # then decays
+    last = lr_min + (lr - lr_min) * (1 - math.cos(math.pi / (epochs - warmup))) / 2
+    assert ours[epochs - 1] == pytest.approx(last)
+    assert ours[epochs] == pytest.approx(lr_min)
+
+
+def test_warmup_cosine_linear_warmup_values():
+    lr = 2e-3
+    for e in range(10):
+        assert warmup_cosine(e, 100, lr) == pytest.approx(lr * (0.01 + 0.99 * e / 10))
+    assert warmup_cosine(0, 100, lr, warmup=4, warmup_start=0.1) == pytest.approx(0.1 * lr)
+    assert warmup_cosine(4, 100, lr, warmup=4, warmup_start=0.1) == pytest.approx(lr)
+
+
+def test_warmup_cosine_without_warmup_starts_at_lr():
+    assert warmup_cosine(0, 50, 1e-3, warmup=0) == pytest.approx(1e-3)
+    assert warmup_cosine(50, 50, 1e-3, warmup=0, lr_min=1e-6) == pytest.approx(1e-6)
+
+
+# -----------------------------------------------------------------------------
+# progressive dropout
+
+
+def test_progressive_dropout_linear_from_point_three_to_point_one():
+    epochs = 101
+    rates = [progressive_dropout(e, epochs) for e in range(epochs)]
+    assert rates[0] == pytest.approx(0.3)
+    assert rates[-1] == pytest.approx(0.1)
+    assert rates[50] == pytest.approx(0.2)
+    steps = [b - a for a, b in zip(rates, rates[1:])]
+    assert max(steps) == pytest.approx(min(steps)) and max(steps) < 0
+    assert progressive_dropout(0, 20, start=0.5, end=0.0) == pytest.approx(0.5)
+    assert progressive_dropout(19, 20, start=0.5, end=0.0) == pytest.approx(0.0)
+
+
+def test_progressive_dropout_single_epoch():
+    assert 0.1 <= progressive_dropout(0, 1) <= 0.3
