@@ -48,7 +48,7 @@ class SeriesAugmentation:
             factor = torch.empty(B, 1, 1, device=dev, dtype=dt).uniform_(self.scale_min, self.scale_max)
             x = torch.where(chosen(self.scale_prob), x * factor, x)
         if self.shift_prob > 0 and self.shift_max > 0:
-            largest = max(1, int(self.shift_max * T))
+            largest = max(1, int(self.shift_max * T))          # at least one step when switched on
             shift = torch.randint(-largest, largest + 1, (B, 1, 1), device=dev)
             shift = torch.where(chosen(self.shift_prob), shift, torch.zeros_like(shift))
             steps = torch.arange(T, device=dev).view(1, 1, T)

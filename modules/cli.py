@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: the last checkpoint in checkpoints/ is kept; continue with --resume", file=sys.stderr)
         return 130
     finally:
-        from modules.distributed import shutdown
-        shutdown()
+        distributed = sys.modules.get("modules.distributed")   # not imported: no process group (and no torch import)
+        if distributed is not None:
+            distributed.shutdown()
 
 
 def _run(args: argparse.Namespace) -> int:

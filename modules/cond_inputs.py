@@ -40,12 +40,23 @@ def resolve_param_dir(value: str, cwd: str | Path) -> Path:
 # CSV
 
 
-def load_csv(path: str | Path, num_param: int, n_expected: int | None) -> np.ndarray:
-    """Read the parameter CSV (no header) as float32 (P, num_param); n_expected=None: any row count."""
+_PARAM_DIR_RULE = ("a value starting with / that is not an existing absolute path is read relative to "
+                   "the working directory")
+
+_COLUMNS_FIX = ("(the num_param key in condition.txt); make every row have num_param comma-separated values "
+                "or change num_param")
+
+
+def load_csv(path: str | Path, num_param: int, n_expected: int | None,
+             columns_fix: str = _COLUMNS_FIX) -> np.ndarray:
+    """Read the parameter CSV (no header) as float32 (P, num_param); n_expected=None: any row count.
+
+    `columns_fix` ends the wrong-column-count message (what to change, where)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
-            f"parameter CSV not found: {path} (set param_dir in condition.txt to the CSV file)"
+            f"parameter CSV not found: {path} (set param_dir in condition.txt to the CSV file; "
+            f"{_PARAM_DIR_RULE})"
         )
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
@@ -60,9 +71,7 @@ def load_csv(path: str | Path, num_param: int, n_expected: int | None) -> np.nda
     for k, (line, row) in enumerate(rows):
         if len(row) != num_param:
             raise UserError(
-                f"{path}, line {line}: found {len(row)} columns, expected {num_param} "
-                "(the num_param key in condition.txt); make every row have num_param "
-                "comma-separated values or change num_param"
+                f"{path}, line {line}: found {len(row)} columns, expected {num_param} {columns_fix}"
             )
         for j, cell in enumerate(row):
             try:
@@ -119,7 +128,7 @@ def list_images(folder: str | Path, ext: str, n_expected: int | None = None) -> 
     if not folder.is_dir():
         raise UserError(
             f"image folder not found: {folder} (set param_dir in condition.txt to the folder "
-            "of input images)"
+            f"of input images; {_PARAM_DIR_RULE})"
         )
     files = [f for f in folder.iterdir() if f.is_file() and f.name.lower().endswith(ext)]
     if not files:

@@ -274,7 +274,7 @@ def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass --config PATH or run from the folder that holds input_data/condition.txt.")
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc.strerror}.") from None
 
@@ -381,7 +381,7 @@ def parse_preset(path: str | Path, number: int) -> Preset:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"preset file {path} not found; pass --preset_file PATH or create it (see README, 'preset.txt').")
-    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8-sig", errors="replace").splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     blocks = (len(lines) - 1) // 4

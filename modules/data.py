@@ -35,7 +35,8 @@ def find_dataset(directory: Path, number: int) -> Path:
             return path
     raise UserError(
         f"no dataset {number}: neither {candidates[0]} nor {candidates[1]} exists; put the runs "
-        f"there as a [Dim1, Dim2, Dim3] numpy array or fix the dataset number on line 2 of preset.txt"
+        f"there as a [Dim1, Dim2, Dim3] numpy array, set dataset_dir in condition.txt to the folder that "
+        f"holds them, or fix the dataset number (first line of the preset block) in preset.txt"
     )
 
 

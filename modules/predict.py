@@ -154,7 +154,9 @@ def read_inputs(surrogate: Surrogate, source: Path) -> tuple[np.ndarray, list[st
         if source.is_dir():
             raise UserError(f"--predict {source} is a folder, but the conditioner was trained on CSV parameters "
                             f"(input_type csvs); pass a CSV file with {surrogate.num_param} columns per row.")
-        return load_csv(source, surrogate.num_param, None), [str(source)]
+        fix = (f"(the conditioner was trained on {surrogate.num_param} parameters); give every row exactly "
+               f"{surrogate.num_param} comma-separated values, in the order of the training CSV's columns")
+        return load_csv(source, surrogate.num_param, None, columns_fix=fix), [str(source)]
     if not source.is_dir():
         raise UserError(f"--predict {source} is not a folder, but the conditioner was trained on images "
                         f"(input_type {surrogate.input_type}); pass a folder of {surrogate.image_ext} images.")

@@ -39,6 +39,16 @@ def test_series_keeps_shape_and_dtype_and_never_writes_the_input(dtype):
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize("which", ["noise_prob", "scale_prob", "shift_prob", "mixup_prob", "cutout_prob"])
+def test_series_each_augmentation_leaves_the_input_tensor_alone(which):
+    torch.manual_seed(0)
+    x = series()
+    before = x.clone()
+    y = only(**{which: 1.0})(x)
+    assert torch.equal(x, before)
+    assert not torch.equal(y, x)
+
+
 def test_series_all_probabilities_zero_is_identity():
     torch.manual_seed(0)
     x = series()

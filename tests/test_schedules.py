@@ -108,6 +108,7 @@ def make_context(tmp_path, beta_exponent: int, overrides=()) -> RunContext:
 
 
 def test_preset_exponent_sets_the_kl_start(tmp_path):
+    assert make_context(tmp_path, 1).beta_start == pytest.approx(1e-1)
     assert make_context(tmp_path, 3).beta_start == pytest.approx(1e-3)
     assert make_context(tmp_path, 5).beta_start == pytest.approx(1e-5)
     # k = 0 keeps the config's start (default 1e-4, or whatever the config says)

@@ -14,14 +14,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from modules.checkpoint import seed_everything  # noqa: E402
-from modules.config import load_preset, parse_condition  # noqa: E402
-from modules.data import FieldScaler, FieldStore, open_dataset, reduce, split_indices  # noqa: E402
 from modules.distributed import init_distributed, shutdown  # noqa: E402
-from modules.monitor import Monitor  # noqa: E402
-from modules.run import Paths, RunContext  # noqa: E402
 from modules.train_conditioner import ConditionerData, ConditionerInputs, ConditionerTrainer  # noqa: E402
 from modules.train_vae import VAETrainer  # noqa: E402
+from tests.helpers.context import demo_context  # noqa: E402
 
 OVERRIDES = ["Training_epochs=3", "n_epoch=3", "Batch_size=16", "latent_conditioner_batch=16", "use_augmentation=0",
              "val_every=1", "input_type=csvs", "param_dir=/input_data/params.csv", "use_progressive_dropout=1",
@@ -31,16 +27,10 @@ OVERRIDES = ["Training_epochs=3", "n_epoch=3", "Batch_size=16", "latent_conditio
 
 def main(workdir: str, out: str) -> None:
     info, device = init_distributed(len(sys.argv) > 3 and sys.argv[3] == "ddp", "cpu")
-    cfg = parse_condition(ROOT / "input_data/condition.txt", OVERRIDES)
-    preset = load_preset(ROOT / "preset.txt", 1)
-    seed_everything(cfg.seed)
     torch.set_default_dtype(torch.float64)
-    ctx = RunContext(cfg, preset, True, True, 2, device, info, Paths(Path(workdir)), "harness")
-    ctx.monitor = Monitor(None, False)
-    runs = reduce(open_dataset(ROOT / "input_data/dataset1.npy"), cfg.Dim2_red, cfg.Dim3_red)
-    store = FieldStore(runs, FieldScaler.fit_streaming(runs), preload=True)
+    ctx, store, train_idx, val_idx = demo_context(Path(workdir), OVERRIDES, info, device)
+    cfg, preset = ctx.cfg, ctx.preset
     store._data = store._data.double()          # float64 batches for the float64 models
-    train_idx, val_idx = split_indices(cfg.Dim1, cfg.val_split, cfg.seed)
 
     vae = VAETrainer(ctx, store, train_idx, val_idx)
 
