@@ -120,6 +120,9 @@ class Config:
     lr_restart_mult: int = _key(2, lo=1, section=_VAE, help="cosine-restart period multiplier")
     lr_min_factor: float = _key(1e-4, lo=0.0, hi=1.0, section=_VAE,
                                 help="minimum LR as a fraction of LearningR")
+    output_norm: bool = _key(True, section=_VAE,
+                             help="GroupNorm on the decoder's output (the original's); 0 removes it, which "
+                                  "fields whose runs differ mainly in amplitude need")
     val_every: int = _key(10, lo=1, section=_VAE,
                           help="validate every N epochs (and at the last epoch)")
 
@@ -202,8 +205,6 @@ ALIASES = {"pinn_lr": "latent_conditioner_lr", "pinn_batch": "latent_conditioner
            "pinn_weight_decay": "latent_conditioner_weight_decay",
            "pinn_dropout_rate": "latent_conditioner_dropout_rate"}
 # Keys that decide the shape of the saved networks; a checkpoint must agree on them.
-ARCHITECTURE_KEYS = ("Dim2_red", "Dim3_red", "Latent_dim", "Latent_dim_end", "num_param",
-                     "input_type", "use_spatial_attention")
 
 
 def _convert(name: str, raw: str, where: str) -> Any:

@@ -91,7 +91,7 @@ class RunContext:
         """What fixes the VAE's shapes; a checkpoint must agree on all of it."""
         return {"num_nodes": self.cfg.Dim3_red, "num_time": self.cfg.Dim2_red,
                 "filters": list(self.preset.encoder_filters), "latent_dim_end": self.cfg.Latent_dim_end,
-                "latent_dim": self.cfg.Latent_dim, "small": self.small}
+                "latent_dim": self.cfg.Latent_dim, "small": self.small, "output_norm": self.cfg.output_norm}
 
     def conditioner_architecture(self) -> dict:
         cfg = self.cfg

@@ -27,7 +27,7 @@ assert set(RECON_LOSSES) == set(LOSS_TYPES.values())
 
 def build_vae(arch: dict) -> HierarchicalVAE:
     model = HierarchicalVAE(arch["num_nodes"], arch["num_time"], arch["filters"],
-                            arch["latent_dim_end"], arch["latent_dim"], arch["small"])
+                            arch["latent_dim_end"], arch["latent_dim"], arch["small"], arch["output_norm"])
     # The last hierarchical branch is built (for fidelity) but never used: freeze it, so
     # neither AdamW nor DDP waits for gradients that never come.
     for p in model.unused_parameters():

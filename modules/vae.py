@@ -222,6 +222,7 @@ class Decoder(nn.Module):
         latent_dim_end: int,
         latent_dim: int,
         small: bool,
+        output_norm: bool = True,
     ) -> None:
         super().__init__()
         d = list(reversed(filters))
@@ -233,7 +234,11 @@ class Decoder(nn.Module):
         self.condition_z = nn.ModuleList(PriorNet(c, small) for c in outs)
         self.condition_xz = nn.ModuleList(PosteriorNet(c, small) for c in outs)
         self.xs_sequence = nn.ModuleList(LatentToSequence(latent_dim, c, num_time) for c in outs)
-        self.recon = nn.Sequential(nn.Conv1d(d[-1], num_nodes, 1), group_norm(num_nodes), nn.Tanh())
+        # The original normalises the output with GroupNorm(N). That standardises each run's
+        # nodes x time per group, so runs that differ mainly in amplitude (a load, a power)
+        # all come out alike; output_norm=False drops it (see the `output_norm` key).
+        norm = group_norm(num_nodes) if output_norm else nn.Identity()
+        self.recon = nn.Sequential(nn.Conv1d(d[-1], num_nodes, 1), norm, nn.Tanh())
         he_init_and_spectral_norm(self)
 
     def forward(
@@ -289,6 +294,7 @@ class HierarchicalVAE(nn.Module):
         latent_dim_end: int,
         latent_dim: int,
         small: bool = True,
+        output_norm: bool = True,
     ) -> None:
         super().__init__()
         filters = [int(f) for f in filters]
@@ -296,7 +302,7 @@ class HierarchicalVAE(nn.Module):
             raise ValueError(f"need at least 2 encoder filters, got {filters}")
         args = (num_nodes, num_time, filters, latent_dim_end, latent_dim, small)
         self.encoder = Encoder(*args)
-        self.decoder = Decoder(*args)
+        self.decoder = Decoder(*args, output_norm=output_norm)
         self.num_levels = self.decoder.num_levels  # L-1 hierarchical vectors per run
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

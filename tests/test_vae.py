@@ -387,3 +387,25 @@ def test_unused_parameters_are_exactly_those_without_gradient(filters):
     (out.x_hat.square().mean() + out.kl_main + out.kl_levels).backward()
     no_grad = {id(p) for p in model.parameters() if p.grad is None}
     assert no_grad == {id(p) for p in model.unused_parameters()}
+
+
+def test_output_norm_off_drops_only_the_output_groupnorm():
+    with torch.device("meta"):
+        base = HierarchicalVAE(N, T, F, LEND, LD, small=True)
+        plain = HierarchicalVAE(N, T, F, LEND, LD, small=True, output_norm=False)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(base) - count(plain) == 2 * N
+    assert isinstance(plain.decoder.recon[1], nn.Identity)
+
+
+def test_without_output_norm_the_amplitude_of_a_run_reaches_the_output():
+    """GroupNorm(N) standardises each run: scaling the decoder's pre-norm signal does nothing."""
+    torch.manual_seed(0)
+    for output_norm, should_change in ((True, False), (False, True)):
+        model = HierarchicalVAE(N, T, F, LEND, LD, small=True, output_norm=output_norm).eval()
+        h = torch.randn(2, F[0], T)
+        conv, rest = model.decoder.recon[0], model.decoder.recon[1:]
+        with torch.no_grad():
+            a = rest(conv(h))
+            b = rest(2 * conv(h) - conv.bias.view(1, -1, 1))   # twice the amplitude around the bias
+        assert (not torch.allclose(a, b, atol=1e-4)) == should_change
