@@ -72,7 +72,8 @@ def load_torch(path: str | Path, what: str, how_to_make: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle opcode, disallowed global, ...
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        text = " ".join(str(exc).split())
+        reason = (text.split(". ")[0].rstrip(".") if text else type(exc).__name__)[:160]
         raise UserError(f"{what} {path} is truncated or corrupt ({reason}); delete it and {how_to_make}.") from None
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} does not hold a SimulGenVAE checkpoint; delete it and {how_to_make}.")

@@ -114,12 +114,15 @@ def _run(args: argparse.Namespace) -> int:
         return _predict(args)
     if args.samples != 1:
         raise UserError("--samples goes with --predict PATH --out FILE.npy.")
-    from modules.pipeline import Flags, train
+    # The config and preset are checked before torch is imported: a typo costs no start-up.
+    from modules.config import load_preset, parse_condition
     overrides = tuple(args.overrides) + ((f"seed={args.seed}",) if args.seed is not None else ())
-    flags = Flags(config=args.config, preset_file=args.preset_file, preset=args.preset, overrides=overrides,
-                  plot=args.plot, lc_only=bool(args.lc_only), small=args.size == "small",
+    cfg = parse_condition(args.config, overrides)
+    preset = load_preset(args.preset_file, args.preset)
+    from modules.pipeline import Flags, train
+    flags = Flags(plot=args.plot, lc_only=bool(args.lc_only), small=args.size == "small",
                   load_all=bool(args.load_all), use_ddp=args.use_ddp, device=args.device, resume=args.resume)
-    train(flags, Path.cwd())
+    train(flags, cfg, preset, Path.cwd())
     return 0
 
 

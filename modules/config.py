@@ -86,7 +86,7 @@ class Config:
     latent_conditioner_weight_decay: float = _key(1e-4, lo=0.0, section=_LC,
                                                   help="conditioner AdamW weight decay")
     latent_conditioner_dropout_rate: float = _key(0.2, lo=0.0, hi=0.95, section=_LC,
-                                                  help="conditioner dropout (CNN DropBlock)")
+                                                  help="dropout of the CNN (DropBlock) and the ViT")
     use_spatial_attention: bool = _key(True, section=_LC,
                                        help="squeeze-excitation attention in the CNN (0/1)")
     input_type: str = _key(choices=INPUT_TYPES, section=_LC,
@@ -429,10 +429,17 @@ def ask_preset() -> Preset:
 
 def load_preset(path: str | Path, number: int | None) -> Preset:
     if number is not None:
-        return parse_preset(path, number)
-    if sys.stdin.isatty():
-        return ask_preset()
-    raise UserError(f"no preset chosen: pass --preset=N to use block N of {path} (there is no terminal to ask on).")
+        preset = parse_preset(path, number)
+    elif sys.stdin.isatty():
+        preset = ask_preset()
+    else:
+        raise UserError(f"no preset chosen: pass --preset=N to use block N of {path} (there is no terminal to ask on).")
+    for name, filters, example in (("encoder", preset.encoder_filters, "64 32 16 8"),
+                                   ("conditioner", preset.conditioner_filters, "16 32 64 128")):
+        if len(filters) < 2:
+            raise UserError(f"{path}: the {name} filter list {' '.join(map(str, filters))} of the preset needs at "
+                            f"least 2 values, e.g. {example}.")
+    return preset
 
 
 def key_table() -> list[tuple[str, str, str, str]]:

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from modules.checkpoint import load_npz, load_torch, save_json, save_npz, seed_everything
-from modules.config import Preset, load_preset, parse_condition
+from modules.config import Config, Preset
 from modules.data import FieldScaler, FieldStore, check_dataset, find_dataset, open_dataset, reduce, split_indices
-from modules.distributed import DistInfo, barrier, init_distributed
+from modules.distributed import barrier, init_distributed
 from modules.errors import UserError
 from modules.monitor import Monitor
 from modules.plots import Figures
@@ -28,11 +28,7 @@ _VAE_HINT = "train the VAE first: python SimulGen-VAE.py --preset=1 --lc_only=0"
 
 @dataclass(frozen=True)
 class Flags:
-    """The command-line choices a training run needs."""
-    config: Path
-    preset_file: Path
-    preset: int | None
-    overrides: tuple[str, ...]
+    """The command-line choices a training run needs (besides the config and preset)."""
     plot: int
     lc_only: bool
     small: bool
@@ -42,24 +38,12 @@ class Flags:
     resume: bool
 
 
-def check_preset(preset: Preset) -> None:
-    if len(preset.encoder_filters) < 2:
-        raise UserError(f"the encoder filter list {list(preset.encoder_filters)} of the preset needs at least 2 values "
-                        "(one per VAE level, e.g. 64 32 16 8).")
-    if len(preset.conditioner_filters) < 2:
-        raise UserError(f"the conditioner filter list {list(preset.conditioner_filters)} of the preset needs at least 2 "
-                        "values, e.g. 16 32 64 128.")
-
-
 def _peek(path: Path, what: str, hint: str) -> dict | None:
     return load_torch(path, what, hint) if path.is_file() else None
 
 
-def train(flags: Flags, workdir: Path) -> dict:
+def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     dist_info, device = init_distributed(flags.use_ddp, flags.device)
-    cfg = parse_condition(flags.config, flags.overrides)
-    preset = load_preset(flags.preset_file, flags.preset)
-    check_preset(preset)
     paths = Paths(workdir)
     seed_everything(cfg.seed)
 
@@ -306,5 +290,3 @@ def _print_summary(summary: dict, ctx: RunContext) -> None:
         print(f"  end-to-end fine-tuning: {f('lc_val_rel_l2_before_e2e')} → {f('lc_val_rel_l2')}")
     print(f"  total {summary['seconds_total']:.1f} s; summary in {ctx.run_dir / 'summary.json'}", flush=True)
 
-
-__all__ = ["DistInfo", "Flags", "train"]

@@ -493,3 +493,16 @@ def test_key_table_lists_every_field_once_with_section_and_help():
     assert by_name["Dim1"][2] == "required"
     assert by_name["Dim2_red"][2] == "derived"
     assert by_name["weight_decay"][2] == "0.0005"
+
+
+def test_readme_documents_every_key_and_flag():
+    from pathlib import Path
+
+    from modules.cli import build_parser
+    from modules.config import FIELDS
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [k for k in FIELDS if f"`{k}`" not in readme]
+    assert not missing, f"README lacks keys: {missing}"
+    flags = [s for a in build_parser()._actions for s in a.option_strings if s.startswith("--") and s != "--help"
+             and a.help != "==SUPPRESS=="]
+    assert not [f for f in flags if f"`{f}" not in readme], "README lacks flags"
