@@ -1,0 +1,88 @@
+"""Stage-level behaviour: the scheduled values really reach the model, EMA weights are the
+ones exported, the e2e phase trains through the frozen decoder, headless --plot=0 saves."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST, run_cli
+from helpers.context import demo_context
+from modules.conditioners import ScheduledDropout
+from modules.schedules import progressive_dropout
+from modules.train_conditioner import ConditionerData, ConditionerInputs, ConditionerTrainer
+from modules.train_vae import VAETrainer
+
+CSV_INPUTS = ["input_type=csvs", "param_dir=/input_data/params.csv"]
+
+
+@pytest.fixture
+def latent_data():
+    from helpers.context import ROOT
+    rng = np.random.default_rng(0)
+    params = np.loadtxt(ROOT / "input_data/params.csv", delimiter=",", dtype=np.float32)
+    # Latents that depend on the parameters, so the conditioner has something to learn.
+    main = np.tanh(params @ rng.normal(size=(4, 32))).astype(np.float32)
+    hier = np.tanh(params @ rng.normal(size=(4, 24))).reshape(80, 3, 8).astype(np.float32)
+    return ConditionerInputs(params, []), main, hier
+
+
+def test_progressive_dropout_reaches_every_dropout_layer_each_epoch(tmp_path, latent_data):
+    ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + ["n_epoch=4", "use_progressive_dropout=1"])
+    data = ConditionerData.build(*latent_data, ctx.device)
+    trainer = ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
+    seen = []
+    layers = [m for m in trainer.engine.module.modules() if isinstance(m, ScheduledDropout)]
+    assert layers
+    layers[0].register_forward_pre_hook(lambda m, _: seen.append(float(m.p)) if m.training else None)
+    trainer.fit()
+    expected = [progressive_dropout(e, 4, 0.3, 0.1) for e in range(4)]
+    assert trainer.history["dropout"] == pytest.approx(expected)
+    per_epoch = len(seen) // 4
+    assert seen[::per_epoch] == pytest.approx(expected)
+    assert all(float(m.p) == pytest.approx(0.1) for m in layers)
+
+
+def test_with_ema_validation_and_export_use_the_averaged_weights(tmp_path):
+    ctx, store, train_idx, val_idx = demo_context(tmp_path, ["Training_epochs=3", "use_ema=1", "ema_decay=0.9",
+                                                             "val_every=1"])
+    trainer = VAETrainer(ctx, store, train_idx, val_idx)
+    trainer.fit()
+    state = torch.load(ctx.paths.vae, weights_only=True)
+    ema = trainer.engine.ema.module.state_dict()
+    for key, value in state["export"].items():
+        assert torch.equal(value, ema[key])
+    live = trainer.engine.module.state_dict()
+    assert any(not torch.equal(state["export"][k], live[k]) for k in state["export"] if k.endswith("original"))
+    assert trainer.engine.eval_module() is trainer.engine.ema.module
+
+
+def test_e2e_fine_tuning_trains_through_the_frozen_decoder(tmp_path, latent_data):
+    from modules.predict import LatentDecoder
+    ctx, store, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + ["Training_epochs=2", "n_epoch=2",
+                                                                         "e2e_epochs=3"])
+    vae = VAETrainer(ctx, store, train_idx, val_idx)
+    vae.fit()
+    model = vae.engine.eval_module().eval().requires_grad_(False)
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    data = ConditionerData.build(*latent_data, ctx.device)
+    first = ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
+    first.fit()
+    decoder = LatentDecoder(model, data.main_scaler, data.hier_scaler, ctx.device)
+    e2e = ConditionerTrainer(ctx, data, train_idx, val_idx, decoder=decoder, store=store,
+                             initial_state=first.export_state(), vae_run_id="x")
+    e2e.fit()
+    assert e2e.stage == "conditioner_e2e" and ctx.paths.conditioner_e2e.is_file()
+    assert len(e2e.history["train_field"]) == 3 and np.isfinite(e2e.history["val_field_mse"]).all()
+    moved = [not torch.equal(a, b) for a, b in zip(first.export_state().values(), e2e.export_state().values())]
+    assert any(moved), "the end-to-end phase must change the conditioner"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, frozen[key]), "the VAE decoder must stay frozen"
+
+
+def test_plot_0_without_a_display_warns_once_and_saves_the_figures(workdir, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    result = run_cli(workdir, "--preset=1", "--plot=0", *FAST, "--set", "Training_epochs=2", "--set", "n_epoch=2")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("no display") == 1
+    run_dir = next((workdir / "runs").iterdir())
+    assert (run_dir / "vae_losses.png").is_file() and (run_dir / "conditioner_prediction.png").is_file()
