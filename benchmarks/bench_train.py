@@ -1,7 +1,7 @@
 """Training speed of the real VAE stage: whole epochs, a bare step, start-up, memory.
 
-    .venv/bin/python benchmarks/bench_train.py                       # the full table (~10 min)
-    .venv/bin/python benchmarks/bench_train.py --baseline-root /tmp/baseline   # before/after
+    .venv/bin/python benchmarks/bench_train.py                       # the full table (~15 min)
+    .venv/bin/python benchmarks/bench_train.py --baseline-root /tmp/baseline   # before/after (~30 min)
     .venv/bin/python benchmarks/bench_train.py --quick               # smoke run (tiny sizes)
 
 Every configuration runs in a fresh interpreter (`--worker`), so each one reports its own
@@ -50,15 +50,16 @@ def worker(spec: dict) -> None:
     import torch
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    from modules.train_vae import VAETrainer
 
     result: dict = {"name": spec["name"], "code_root": str(code_root)}
     marks: dict[str, float] = {}
     workdir = Path(spec["workdir"])
+    # the order of modules/pipeline.py: data first, then the VAE stage's own imports
     ctx, store, train_idx, val_idx = C.vae_context(
         code_root, workdir, Path(spec["data"]), runs=spec["runs"], steps=spec["steps"], nodes=spec["nodes"],
         filters=spec["filters"], batch=spec["batch"], epochs=spec["epochs"], precision=spec["precision"],
         load_all=spec["load_all"], extra=tuple(spec.get("extra", ())))
+    from modules.train_vae import VAETrainer
     trainer = VAETrainer(ctx, store, train_idx, val_idx)
     engine = trainer.engine
 
@@ -97,19 +98,24 @@ def worker(spec: dict) -> None:
     result["samples_per_s"] = C.median(rates)
     result["samples_per_epoch"] = per_epoch
 
-    # bare step: TrainingEngine.step on one fixed batch
+    # bare step: TrainingEngine.step on one fixed batch, under the allocator settings that
+    # train_epoch gives its steps (engine.heap_allocations, where the code has it)
+    import contextlib
+    import modules.engine as engine_module
+    heap = getattr(engine_module, "heap_allocations", lambda device: contextlib.nullcontext())
     x = store.get(torch.as_tensor(train_idx[:spec["batch"]]))
     batch = (x,)
     engine.module.train()
-    for _ in range(3):
-        engine.step(batch)
     step_times = []
-    for _ in range(spec["step_repeats"]):
-        t = time.perf_counter()
-        for _ in range(spec["step_inner"]):
-            out = engine.step(batch)
-        out["loss"].item()
-        step_times.append((time.perf_counter() - t) / spec["step_inner"])
+    with heap(ctx.device):
+        for _ in range(3):
+            engine.step(batch)
+        for _ in range(spec["step_repeats"]):
+            t = time.perf_counter()
+            for _ in range(spec["step_inner"]):
+                out = engine.step(batch)
+            out["loss"].item()
+            step_times.append((time.perf_counter() - t) / spec["step_inner"])
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:

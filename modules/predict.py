@@ -105,8 +105,12 @@ class Surrogate:
         from modules.train_vae import build_vae
 
         vae_state = load_torch(paths.vae, "VAE checkpoint", _TRAIN_HINT)
-        cond_path = paths.conditioner_e2e if _finished(paths.conditioner_e2e) else paths.conditioner
-        cond_state = load_torch(cond_path, "conditioner checkpoint", _TRAIN_HINT)
+        cond_path, cond_state = paths.conditioner, None
+        if paths.conditioner_e2e.is_file():     # an end-to-end fine-tuned conditioner wins once finished
+            cond_state = load_torch(paths.conditioner_e2e, "conditioner checkpoint", _TRAIN_HINT)
+            cond_path = paths.conditioner_e2e if cond_state.get("finished") else paths.conditioner
+        if cond_path == paths.conditioner:
+            cond_state = load_torch(cond_path, "conditioner checkpoint", _TRAIN_HINT)
         if not vae_state.get("finished") or not cond_state.get("finished"):
             unfinished = paths.vae if not vae_state.get("finished") else cond_path
             raise UserError(f"{unfinished} is from an unfinished training run; finish it with --resume first.")
@@ -136,12 +140,6 @@ class Surrogate:
                    {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
                     "conditioner_scalers": str(paths.conditioner_scalers),
                     "weights": "EMA" if config.get("use_ema") else "trained"})
-
-
-def _finished(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    return bool(load_torch(path, "conditioner checkpoint", _TRAIN_HINT).get("finished"))
 
 
 def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -171,16 +171,14 @@ class StageTrainer:
         monitor.flush()
 
     def _record(self, epoch: int, train: dict[str, float], val: dict[str, float] | None, sched: dict[str, float]) -> None:
-        row = {f"train_{k}": v for k, v in train.items()}
-        row.update(sched)
-        if val is not None:
-            row.update({f"val_{k}": v for k, v in val.items()})
-        self.history.setdefault("epoch", []).append(epoch)
-        for key in set(self.history) - {"epoch"} | set(row):
-            column = self.history.setdefault(key, [math.nan] * (len(self.history["epoch"]) - 1))
-            column.append(row.get(key, math.nan))
+        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, **sched,
+               **{f"val_{k}": v for k, v in (val or {}).items()}}
+        done = len(self.history.get("epoch", []))
+        for key in self.history.keys() | row.keys():      # one column per key, NaN where absent
+            self.history.setdefault(key, [math.nan] * done).append(row.get(key, math.nan))
         if (epoch + 1) % self.ctx.cfg.log_every == 0 or val is not None or epoch + 1 == self.epochs:
-            self.ctx.monitor.scalars(self.stage, epoch + 1, {k: v for k, v in row.items() if math.isfinite(v)})
+            self.ctx.monitor.scalars(self.stage, epoch + 1, {k: v for k, v in row.items()
+                                                             if k != "epoch" and math.isfinite(v)})
 
     def _roll_back(self, epoch: int, result: EpochResult) -> int:
         where = f"{self.title} training: non-finite loss or gradient at epoch {epoch + 1}, batch {result.first_bad_batch + 1}"
