@@ -177,6 +177,9 @@ class Config:
     use_ema: bool = _key(False, section=_ENGINE,
                          help="EMA of the weights, used for validation, latents, prediction and saving")
     ema_decay: float = _key(0.999, lo=0.0, hi=1.0, lo_open=True, section=_ENGINE, help="EMA decay")
+    ema_warmup: bool = _key(True, section=_ENGINE,
+                            help="EMA decay min(ema_decay, (1+n)/(10+n)) after n updates, so short runs "
+                                 "are not averaged towards their initial weights")
     compile: bool = _key(False, section=_ENGINE, help="torch.compile the model")
     cuda_graphs: bool = _key(False, section=_ENGINE,
                              help="capture the training step in a CUDA graph (CUDA only)")

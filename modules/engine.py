@@ -36,6 +36,7 @@ class EngineSettings:
     sam_rho: float = 0.05
     use_ema: bool = False
     ema_decay: float = 0.999
+    ema_warmup: bool = True
     compile: bool = False
     cuda_graphs: bool = False
 
@@ -43,7 +44,8 @@ class EngineSettings:
     def from_config(cls, cfg, device: torch.device, grad_clip: float) -> "EngineSettings":
         return cls(precision=resolve_precision(cfg.precision, device), grad_clip=grad_clip,
                    use_sam=cfg.use_sam, sam_rho=cfg.sam_rho, use_ema=cfg.use_ema,
-                   ema_decay=cfg.ema_decay, compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+                   ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, compile=cfg.compile,
+                   cuda_graphs=cfg.cuda_graphs)
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
@@ -158,9 +160,10 @@ class TrainingEngine:
         self.autocast_dtype = _DTYPES.get(settings.precision)
         self.scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
         self.ema = None
+        self._ema_updates = 0            # host copy of ema.n_averaged: the decay needs no device sync
         if settings.use_ema:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay))
+            from torch.optim.swa_utils import AveragedModel
+            self.ema = AveragedModel(model, multi_avg_fn=self._ema_average)
         self.use_graphs = settings.cuda_graphs and device.type == "cuda"
         if settings.cuda_graphs and not self.use_graphs:
             _warn_once("cuda_graphs 1 needs a CUDA device; training runs eagerly.")
@@ -255,7 +258,18 @@ class TrainingEngine:
         self.applied_steps += torch.isfinite(norm)
         if self.ema is not None:
             self.ema.update_parameters(self.module)
+            self._ema_updates += 1
         return norm
+
+    def ema_decay_now(self) -> float:
+        """Decay of the next EMA update. With warm-up it is min(decay, (1 + n) / (10 + n))
+        after n updates, so a run much shorter than 1 / (1 - decay) steps is not averaged
+        towards its initial weights."""
+        decay, n = self.settings.ema_decay, self._ema_updates
+        return min(decay, (1 + n) / (10 + n)) if self.settings.ema_warmup else decay
+
+    def _ema_average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - self.ema_decay_now())
 
     # --- one step ------------------------------------------------------------------------
     def step(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -356,6 +370,7 @@ class TrainingEngine:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+            self._ema_updates = int(self.ema.n_averaged)
         self.applied_steps.fill_(state.get("applied_steps", 0))
 
 

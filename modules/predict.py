@@ -70,6 +70,11 @@ class Surrogate:
     device: torch.device
     sources: dict
 
+    def __post_init__(self):
+        # Once here, not per call: .eval() walks every submodule (0.5 ms of a 3 ms prediction).
+        self.conditioner.eval()
+        self.decoder.eval()
+
     @torch.inference_mode()
     def fields(self, inputs: torch.Tensor, samples: int = 1, batch_size: int = 64) -> np.ndarray:
         """Physical fields for model-ready inputs: (n, T, N), or (n, K, T, N) when samples > 1.
@@ -77,8 +82,6 @@ class Surrogate:
         One sample is the deterministic point prediction (`fix` mode); K > 1 draws the
         hierarchical levels at random around the predicted latents.
         """
-        self.conditioner.eval()
-        self.decoder.eval()
         out = []
         for chunk in inputs.split(batch_size):
             main, hier = self.conditioner(chunk.to(self.device))

@@ -89,7 +89,7 @@ def test_one_sam_run_differs_from_plain_adamw_from_the_same_state(batch):
 
 def test_ema_weights_equal_the_closed_form_average_of_the_history(batch):
     decay, k = 0.9, 6
-    engine = make_engine(use_ema=True, ema_decay=decay)
+    engine = make_engine(use_ema=True, ema_decay=decay, ema_warmup=False)
     history = []
     for _ in range(k):
         engine.step(batch)
@@ -104,6 +104,20 @@ def test_ema_weights_equal_the_closed_form_average_of_the_history(batch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     live = list(engine.module.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(ema.parameters(), live))
+
+
+def test_ema_warmup_uses_the_smaller_early_decays(batch):
+    decay, k = 0.99, 5
+    engine = make_engine(use_ema=True, ema_decay=decay)
+    expected = None
+    for n in range(k):
+        engine.step(batch)
+        weights = [p.detach().clone() for p in engine.module.parameters()]
+        d = min(decay, (1 + n) / (10 + n))       # decay after n earlier updates
+        expected = weights if expected is None else [d * e + (1 - d) * w for e, w in zip(expected, weights)]
+    for got, want in zip(engine.ema.module.parameters(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert engine.ema_decay_now() == pytest.approx(min(decay, 6 / 15))
 
 
 def test_ema_state_survives_a_checkpoint_round_trip(batch):

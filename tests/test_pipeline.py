@@ -9,8 +9,8 @@ import torch
 
 from conftest import FAST, demo_workdir, run_cli
 
-VAE_ARGS = ("--preset=1", "--plot=1", "--lc_only=0", "--size=small", "--load_all=1", *FAST,
-            "--set", "Training_epochs=60", "--set", "n_epoch=150", "--set", "lc_patience=150")
+# The demo's own VAE recipe (300 epochs), the MLP conditioner for 300 epochs.
+VAE_ARGS = ("--preset=1", "--plot=1", "--lc_only=0", "--size=small", "--load_all=1", *FAST, "--set", "n_epoch=300")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_vae_validation_error_falls_to_half_and_outputs_are_complete(trained):
     assert latents["recon_error"].shape == (80,)
     assert np.isfinite(latents["main"]).all()
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["config"]["Training_epochs"] == 60 and config["preset"]["encoder_filters"] == [64, 32, 16, 8]
+    assert config["config"]["n_epoch"] == 300 and config["preset"]["encoder_filters"] == [64, 32, 16, 8]
     for name in ("vae_losses", "vae_reconstruction", "conditioner_losses", "conditioner_latents", "conditioner_prediction"):
         assert (run_dir / f"{name}.png").stat().st_size > 10_000
     assert list(run_dir.glob("events.out.tfevents.*"))
@@ -56,7 +56,7 @@ def test_mlp_conditioner_beats_the_mean_and_its_fields_beat_the_mean_field(train
     assert len(summary["lc_val_rel_l2_per_run"]) == 16
 
 
-@pytest.mark.parametrize("kind,epochs", [("image_vit", 40), ("image", 12)])
+@pytest.mark.parametrize("kind,epochs", [("image_vit", 60), ("image", 12)])
 def test_image_conditioners_train_from_the_saved_vae_and_beat_the_mean_latent(trained, tmp_path, kind, epochs):
     work = tmp_path / "copy"              # keep the MLP run intact for the prediction tests
     shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("runs"))
