@@ -26,7 +26,8 @@ def latent_data():
 
 
 def test_progressive_dropout_reaches_every_dropout_layer_each_epoch(tmp_path, latent_data):
-    ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + ["n_epoch=4", "use_progressive_dropout=1"])
+    ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + ["n_epoch=4", "use_progressive_dropout=1",
+                                                                     "dropout_start=0.3", "dropout_end=0.1"])
     data = ConditionerData.build(*latent_data, ctx.device)
     trainer = ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
     seen = []
