@@ -497,6 +497,14 @@ def build_conditioner(
     )
 
 
+def build_from_architecture(arch: dict, image_size: int = 256) -> nn.Module:
+    """The conditioner a checkpoint's `architecture` entry describes (RunContext.conditioner_architecture)."""
+    return build_conditioner(arch["input_type"], num_param=arch["num_param"], image_size=image_size,
+                             filters=arch["filters"], latent_dim_end=arch["latent_dim_end"],
+                             latent_dim=arch["latent_dim"], num_levels=arch["num_levels"],
+                             dropout_rate=arch["dropout_rate"], use_se=arch["use_se"])
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -508,6 +516,7 @@ __all__ = [
     "ScheduledDropout",
     "ViTConditioner",
     "build_conditioner",
+    "build_from_architecture",
     "count_parameters",
     "set_dropout_rate",
 ]

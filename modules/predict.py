@@ -104,7 +104,7 @@ class Surrogate:
 
     @classmethod
     def load(cls, paths: Paths, device: torch.device) -> "Surrogate":
-        from modules.conditioners import build_conditioner
+        from modules.conditioners import build_from_architecture
         from modules.train_vae import build_vae
 
         vae_state = load_torch(paths.vae, "VAE checkpoint", _TRAIN_HINT)
@@ -124,10 +124,7 @@ class Surrogate:
         vae = build_vae(vae_state["architecture"]).to(device)
         vae.load_state_dict(vae_state["export"])
         arch = cond_state["architecture"]
-        conditioner = build_conditioner(arch["input_type"], num_param=arch["num_param"], image_size=IMAGE_SIZE,
-                                        filters=arch["filters"], latent_dim_end=arch["latent_dim_end"],
-                                        latent_dim=arch["latent_dim"], num_levels=arch["num_levels"],
-                                        dropout_rate=arch["dropout_rate"], use_se=arch["use_se"]).to(device)
+        conditioner = build_from_architecture(arch).to(device)
         conditioner.load_state_dict(cond_state["export"])
         field = load_npz(paths.field_scaler, "field scaler", _TRAIN_HINT, ("data_min", "data_max"))
         scalers = load_npz(paths.conditioner_scalers, "conditioner scalers", _TRAIN_HINT,

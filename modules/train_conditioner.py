@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from modules.augment import ConditionerAugmentation
 from modules.checkpoint import clean_state_dict, save_npz
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
-from modules.conditioners import build_conditioner, set_dropout_rate
+from modules.conditioners import build_from_architecture, set_dropout_rate
 from modules.data import FieldStore
 from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
 from modules.predict import IMAGE_SIZE, LatentDecoder, Surrogate
@@ -69,12 +69,6 @@ class ConditionerData:
         if self.input_scaler is not None:
             arrays.update({f"input_{k}": v for k, v in self.input_scaler.state_dict().items()})
         save_npz(path, **arrays)
-
-
-def build_from_architecture(arch: dict):
-    return build_conditioner(arch["input_type"], num_param=arch["num_param"], image_size=IMAGE_SIZE,
-                             filters=arch["filters"], latent_dim_end=arch["latent_dim_end"], latent_dim=arch["latent_dim"],
-                             num_levels=arch["num_levels"], dropout_rate=arch["dropout_rate"], use_se=arch["use_se"])
 
 
 class ConditionerTrainer(StageTrainer):
