@@ -24,12 +24,15 @@ class SeriesAugmentation:
     mixup_alpha: float = 0.2
     cutout_prob: float = 0.0
     cutout_max: float = 0.1
+    mixup_lambda_min: float = 0.1       # λ (the weight of the run itself) is clipped to this range
+    mixup_lambda_max: float = 0.9
 
     @classmethod
     def from_config(cls, cfg) -> "SeriesAugmentation":
         return cls(cfg.aug_noise_prob, cfg.aug_noise_level, cfg.aug_scale_prob, cfg.aug_scale_min,
                    cfg.aug_scale_max, cfg.aug_shift_prob, cfg.aug_shift_max, cfg.aug_mixup_prob,
-                   cfg.aug_mixup_alpha, cfg.aug_cutout_prob, cfg.aug_cutout_max)
+                   cfg.aug_mixup_alpha, cfg.aug_cutout_prob, cfg.aug_cutout_max,
+                   cfg.aug_mixup_lambda_min, cfg.aug_mixup_lambda_max)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
@@ -113,7 +116,7 @@ class SeriesAugmentation:
     def _mixup_weights(self, B: int, dev, dt) -> torch.Tensor:
         beta = torch.distributions.Beta(torch.tensor(self.mixup_alpha, device=dev),
                                         torch.tensor(self.mixup_alpha, device=dev))
-        return beta.sample((B, 1, 1)).clamp_(0.1, 0.9).to(dt)          # (B, 1, 1)
+        return beta.sample((B, 1, 1)).clamp_(self.mixup_lambda_min, self.mixup_lambda_max).to(dt)   # (B, 1, 1)
 
     def _shifts(self, B: int, T: int, dev) -> torch.Tensor:
         largest = max(1, int(self.shift_max * T))          # at least one step when switched on
@@ -134,10 +137,11 @@ class SeriesAugmentation:
 
 def stretch_copy(x: torch.Tensor, generator: torch.Generator, noise_level: float = 0.03,
                  shift_max: float = 0.1) -> torch.Tensor:
-    """The `Stretch 1` copy of runs [B, N, T]: fixed noise and a fixed time shift per run."""
+    """The `Stretch 1` copy of runs [B, N, T]: fixed noise (std `noise_level`) and a fixed time
+    roll (up to `shift_max` of the steps) per run; keys stretch_noise_level / stretch_shift_max."""
     B, _, T = x.shape
     noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
-    largest = max(1, int(shift_max * T))
+    largest = max(1, int(shift_max * T)) if shift_max > 0 else 0     # shift_max 0: no shift at all
     shift = torch.randint(-largest, largest + 1, (B, 1, 1), generator=generator).to(x.device)
     steps = torch.arange(T, device=x.device).view(1, 1, T)
     return torch.gather(x, 2, ((steps - shift) % T).expand_as(x)) + noise_level * noise

@@ -24,21 +24,66 @@ from modules.errors import UserError
 
 
 def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -> Path:
-    """Write `path` through `write(fileobj)` so that it is either complete or untouched."""
+    """Write `path` through `write(fileobj)` so that it is either complete or untouched.
+
+    A failing write (no space, no permission, a file where a folder should be) is a one-line
+    UserError naming the path; the previous version of the file, if any, is kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"cannot write {path} ({_why_not_writable(path.parent, exc)}); make its folder "
+                        f"writable (or free disk space) and run again.") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path} ({exc.strerror or exc}); the previous version of the file, if "
+                            f"any, is unchanged: free disk space or make its folder writable, then run again.") from None
         raise
     return path
+
+
+def ensure_writable(folders: list[Path], what: str, fix: str) -> None:
+    """Check that every folder in `folders` exists or can be created and takes a new file;
+    otherwise a one-line UserError '<what>: cannot write to <folder> (<why>); <fix>.'
+
+    First, without creating anything, that no path on the way is a regular file; then each
+    folder is created (if missing) and a probe file written in it and removed again."""
+    for folder in folders:
+        blocker = _file_in_the_way(folder)
+        if blocker is not None:
+            raise UserError(f"{what}: cannot write to {folder} ({blocker} is a file, not a folder); {fix}.")
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise UserError(f"{what}: cannot write to {folder} ({_why_not_writable(folder, exc)}); {fix}.") from None
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The first existing path among `folder` and its parents, if it is not a folder."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+        if candidate.is_symlink():        # a dangling link cannot become a folder either
+            return candidate
+    return None
+
+
+def _why_not_writable(folder: Path, exc: OSError) -> str:
+    blocker = _file_in_the_way(folder)
+    return f"{blocker} is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
@@ -78,6 +123,112 @@ def load_torch(path: str | Path, what: str, how_to_make: str) -> dict:
     if not isinstance(obj, dict):
         raise UserError(f"{what} {path} does not hold a SimulGenVAE checkpoint; delete it and {how_to_make}.")
     return obj
+
+
+# What every stage checkpoint (StageTrainer._payload) holds, and the type of each entry.
+_NUMBER = (int, float)
+_STAGE_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "kind": str, "version": int, "epoch": int, "epochs": int, "finished": bool, "model": dict, "export": dict,
+    "engine": dict, "lr_scale": _NUMBER, "rollbacks": int, "rng": list, "history": dict, "architecture": dict,
+    "run": dict, "extra": dict}
+_KIND_NAMES = {"vae": "VAE", "conditioner": "conditioner", "conditioner_e2e": "end-to-end conditioner"}
+# Entries of `extra` each kind's trainer reads back on resume.
+_EXTRA_ENTRIES = {"vae": ("split",), "conditioner": ("split", "best_val", "bad_epochs", "vae_run_id"),
+                  "conditioner_e2e": ("split", "best_val", "bad_epochs", "vae_run_id")}
+
+
+def load_checkpoint(path: str | Path, kind: str, what: str, how_to_make: str) -> dict:
+    """Load a stage checkpoint of `kind` ("vae", "conditioner", "conditioner_e2e") and check that
+    it holds what the tool reads from it; a file that loads but is something else is a one-line
+    UserError naming the file, what is missing and how to fix it."""
+    path = Path(path)
+    state = load_torch(path, what, how_to_make)
+    problem = _schema_problem(state, kind)
+    if problem:
+        raise UserError(f"{what} {path} loads, but is not a SimulGenVAE {_KIND_NAMES.get(kind, kind)} checkpoint "
+                        f"({problem}); delete it and {how_to_make}{_previous_hint(path)}.")
+    return state
+
+
+def _schema_problem(state: dict, kind: str) -> str:
+    missing = [k for k in _STAGE_ENTRIES if k not in state]
+    if missing:
+        names = ", ".join(repr(k) for k in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        held = ", ".join(repr(k)[:40] for k in list(state)[:4]) + (", ..." if len(state) > 4 else "")
+        return f"missing {names}; it holds {held or 'nothing'}"
+    for key, types in _STAGE_ENTRIES.items():
+        if not isinstance(state[key], types) or (types is int and isinstance(state[key], bool)):
+            return f"entry {key!r} is a {type(state[key]).__name__}"
+    if state["kind"] != kind:
+        return f"it is a {state['kind']!r} checkpoint"
+    for part in ("model", "export"):
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state[part].items()):
+            return f"entry {part!r} is not a state dict of tensors"
+    run = state["run"]
+    if not isinstance(run.get("run_id"), str) or not isinstance(run.get("config"), dict):
+        return "entry 'run' lacks the run id or the config"
+    if not isinstance(state["engine"].get("applied_steps"), int):
+        return "entry 'engine' lacks 'applied_steps'"
+    missing = [k for k in _EXTRA_ENTRIES.get(kind, ()) if k not in state["extra"]]
+    if missing:
+        return f"entry 'extra' lacks {', '.join(repr(k) for k in missing)}"
+    split = state["extra"].get("split")
+    if "split" in _EXTRA_ENTRIES.get(kind, ()) and not (
+            isinstance(split, dict) and all(isinstance(split.get(k), torch.Tensor) for k in ("train", "val"))):
+        return "entry 'extra' holds no train/validation split"
+    return ""
+
+
+def _previous_hint(path: Path) -> str:
+    earlier = path.parent / "previous" / path.name
+    return f" (or restore the earlier run's copy: {earlier})" if earlier.is_file() else ""
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: str | Path,
+                     what: str, how_to_make: str) -> None:
+    """A saved state dict must have exactly the expected keys and shapes; otherwise a one-line UserError."""
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [f"{k} {tuple(saved[k].shape)} instead of {tuple(v.shape)}" for k, v in expected.items()
+              if k in saved and isinstance(v, torch.Tensor) and tuple(saved[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}")
+    raise UserError(f"{what} {path}: its weights do not fit the network its architecture entry describes "
+                    f"({'; '.join(parts)}); delete it and {how_to_make}{_previous_hint(Path(path))}.")
+
+
+def load_model_state(module: torch.nn.Module, saved: dict[str, torch.Tensor], path: str | Path, what: str,
+                     how_to_make: str) -> None:
+    """module.load_state_dict(saved), with any key or shape mismatch as a one-line UserError."""
+    check_state_dict(module.state_dict(), saved, path, what, how_to_make)
+    try:
+        module.load_state_dict(saved)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"{what} {path}: its weights do not load into the network ({reason}); delete it and "
+                        f"{how_to_make}{_previous_hint(Path(path))}.") from None
+
+
+def build_from_checkpoint(build: Callable[[dict], torch.nn.Module], state: dict, path: str | Path, what: str,
+                          how_to_make: str) -> torch.nn.Module:
+    """The network `state['architecture']` describes, with an unusable description as a one-line UserError."""
+    try:
+        return build(state["architecture"])
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, RuntimeError) as exc:
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:200]
+        raise UserError(f"{what} {path}: its architecture entry does not describe a network this tool builds "
+                        f"({reason}); delete it and {how_to_make}{_previous_hint(Path(path))}.") from None
+
+
+def check_same_split(saved_split: dict, val_idx, path: str | Path) -> None:
+    """A resumed stage must validate on the runs it was trained to validate on."""
+    if not torch.equal(saved_split["val"], torch.as_tensor(val_idx, dtype=torch.long)):
+        raise UserError(f"{path} used another train/validation split (seed, val_split or Dim1 changed); "
+                        "restore them, or start afresh without --resume.")
 
 
 def load_npz(path: str | Path, what: str, how_to_make: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

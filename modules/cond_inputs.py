@@ -53,6 +53,11 @@ def load_csv(path: str | Path, num_param: int, n_expected: int | None,
 
     `columns_fix` ends the wrong-column-count message (what to change, where)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(
+            f"param_dir points at the folder {path}, but input_type csvs reads one CSV file; set param_dir "
+            f"to the CSV (for the demo: --set param_dir=/input_data/params.csv) or use input_type image"
+        )
     if not path.is_file():
         raise UserError(
             f"parameter CSV not found: {path} (set param_dir in condition.txt to the CSV file; "
@@ -125,6 +130,11 @@ def list_images(folder: str | Path, ext: str, n_expected: int | None = None) -> 
     """Files of `folder` ending in `ext` (case-insensitive), in natural order."""
     folder = Path(folder)
     ext = ext.lower() if ext.startswith(".") else "." + ext.lower()
+    if folder.is_file():
+        raise UserError(
+            f"param_dir points at the file {folder}, but image inputs are read from a folder; set param_dir "
+            f"to the image folder (for the demo: --set param_dir=/input_data/images) or use input_type csvs"
+        )
     if not folder.is_dir():
         raise UserError(
             f"image folder not found: {folder} (set param_dir in condition.txt to the folder "

@@ -138,9 +138,17 @@ class Config:
                                 help="largest time shift (fraction of the steps)")
     aug_mixup_prob: float = _key(0.2, lo=0.0, hi=1.0, section=_AUG, help="mixup probability")
     aug_mixup_alpha: float = _key(0.2, lo=0.0, lo_open=True, section=_AUG, help="mixup Beta(a, a)")
+    aug_mixup_lambda_min: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG,
+                                       help="smallest mixup weight λ of the run itself (draws below are clipped)")
+    aug_mixup_lambda_max: float = _key(0.9, lo=0.0, hi=1.0, section=_AUG,
+                                       help="largest mixup weight λ of the run itself (draws above are clipped)")
     aug_cutout_prob: float = _key(0.0, lo=0.0, hi=1.0, section=_AUG, help="cutout probability")
     aug_cutout_max: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG,
                                  help="longest cutout (fraction of the steps)")
+    stretch_noise_level: float = _key(0.03, lo=0.0, section=_AUG,
+                                      help="Stretch copies: noise std (fraction of the range)")
+    stretch_shift_max: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG,
+                                    help="Stretch copies: largest time shift (fraction of the steps)")
 
     # --- conditioner recipe --------------------------------------------------------------
     lc_warmup_epochs: int = _key(10, lo=0, section=_LC, help="linear LR warm-up epochs")
@@ -358,6 +366,8 @@ def _check_consistency(cfg: Config, where) -> None:
         raise UserError(f"{where('beta_ramp_end')}, key 'beta_ramp_end': {cfg.beta_ramp_end} is before beta_ramp_start = {cfg.beta_ramp_start}.")
     if cfg.aug_scale_max < cfg.aug_scale_min:
         raise UserError(f"{where('aug_scale_max')}, key 'aug_scale_max': {cfg.aug_scale_max} is smaller than aug_scale_min = {cfg.aug_scale_min}.")
+    if cfg.aug_mixup_lambda_max < cfg.aug_mixup_lambda_min:
+        raise UserError(f"{where('aug_mixup_lambda_max')}, key 'aug_mixup_lambda_max': {cfg.aug_mixup_lambda_max} is smaller than aug_mixup_lambda_min = {cfg.aug_mixup_lambda_min}.")
 
 
 # --- preset.txt --------------------------------------------------------------------------

@@ -85,15 +85,47 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
 
 
 # (module, name) pairs numpy arrays pickle to; numpy 2 writes `numpy._core`, numpy 1 `numpy.core`.
-_PICKLE_ALLOWED = {
+# An array pickles as _reconstruct(ndarray, ...) + ndarray.__setstate__ (under protocol 5 as
+# _frombuffer(bytes, dtype, shape, order)), its dtype as dtype(...) + __setstate__, a numpy
+# scalar as scalar(dtype, bytes). Nothing here writes a file or runs code: `ndarray` and `memmap`
+# (a pickled memmap names its class) stand only for the array type handed to _reconstruct and are
+# never called (np.ndarray(shape, object, buffer) would turn raw bytes into object pointers, and
+# np.memmap(path, mode="w+") creates or truncates any file); _codecs.encode is limited to latin-1.
+_PICKLE_ALLOWED = frozenset({
     (core + module, name)
     for core in ("numpy.core.", "numpy._core.")
     for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
-} | {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy", "memmap"), ("_codecs", "encode")}
+} | {("numpy", "ndarray"), ("numpy", "memmap"), ("numpy", "dtype"), ("_codecs", "encode")})
+_ARRAY_TYPES = {"ndarray", "memmap"}
+
+
+class _ArrayType:
+    """What `numpy.ndarray` / `numpy.memmap` resolve to in a pickle: a token _reconstruct accepts
+    as the array type (building a plain ndarray); calling it is refused."""
+
+    def __init__(self, name: str, path: Path):
+        self.name, self.path = name, path
+
+    def __call__(self, *args, **kwargs):
+        raise UserError(
+            f"refusing to unpickle a call of numpy.{self.name} from {self.path}: only numpy arrays are allowed; "
+            f"convert it with np.save in a session you trust"
+        )
+
+
+def _numpy_global(module: str, name: str):
+    # Either spelling resolves under numpy 1 and 2 without the numpy.core deprecation shim.
+    tail = module.split(".", 2)[2]
+    for prefix in ("numpy._core.", "numpy.core."):
+        try:
+            return getattr(importlib.import_module(prefix + tail), name)
+        except (ImportError, AttributeError):
+            continue
+    raise pickle.UnpicklingError(f"numpy has no {module}.{name}")
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Builds numpy arrays and refuses every other global, so a pickle cannot run code."""
+    """Builds numpy arrays and refuses every other global, so a pickle cannot run code or write files."""
 
     def __init__(self, file, path: Path):
         super().__init__(file)
@@ -107,15 +139,20 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             )
         if module == "_codecs":
             return _latin1_encode
-        if module.startswith("numpy."):
-            # Either spelling resolves under numpy 1 and 2 without the numpy.core deprecation shim.
-            tail = module.split(".", 2)[2]
-            for prefix in ("numpy._core.", "numpy.core."):
-                try:
-                    return getattr(importlib.import_module(prefix + tail), name)
-                except (ImportError, AttributeError):
-                    continue
-        return getattr(importlib.import_module(module), name)
+        if module == "numpy":
+            return _ArrayType(name, self._path) if name in _ARRAY_TYPES else np.dtype
+        found = _numpy_global(module, name)
+        if name == "_reconstruct":
+            return _plain_reconstruct(found)
+        return found
+
+
+def _plain_reconstruct(reconstruct):
+    def _reconstruct(subtype, shape, dtype):
+        if not isinstance(subtype, _ArrayType):
+            raise pickle.UnpicklingError(f"_reconstruct of a {type(subtype).__name__}, not of a numpy array type")
+        return reconstruct(np.ndarray, shape, dtype)     # a plain array, even for a pickled memmap
+    return _reconstruct
 
 
 def _load_pickle(path: Path) -> np.ndarray:

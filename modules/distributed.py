@@ -1,6 +1,7 @@
 """Process-group set-up and rank-aware helpers (DDP started by torchrun)."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -60,7 +61,15 @@ def init_distributed(use_ddp: bool, device_choice: str) -> tuple[DistInfo, torch
 
 
 def shutdown() -> None:
+    """Leave the process group.
+
+    Trainers hold their engine (and its DDP wrapper, which holds the process group) in
+    reference cycles, so without a collection they would be freed only while the interpreter
+    shuts down; a Gloo rank then sometimes aborted at exit ("terminate called without an
+    active exception") after all its work was done. Collect them first, while Python is alive.
+    """
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -80,6 +89,17 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def union_of_names(names) -> list[str]:
+    """The sorted union of every rank's `names` (one object all-gather under DDP), so ranks
+    that saw different metrics, or none, can reduce vectors of the same length and order."""
+    mine = sorted(set(names))
+    if not dist.is_initialized():
+        return mine
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return sorted(set().union(*every))
 
 
 def broadcast_object(obj, src: int = 0):

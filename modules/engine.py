@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from modules.distributed import all_reduce_max, all_reduce_sum
+from modules.distributed import all_reduce_max, all_reduce_sum, union_of_names
+from modules.errors import UserError
 
 log = logging.getLogger("simulgen")
 
@@ -65,6 +66,24 @@ def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         log.warning(message)
+
+
+def graphs_in_use(settings: EngineSettings, device: torch.device, ddp: bool) -> bool:
+    """Whether training steps will be captured in CUDA graphs; refuses graphs under DDP.
+
+    Off CUDA the setting warns once and training runs eagerly. With DDP the gradients'
+    all-reduce would be captured into the graph; doing that safely needs DDP built and warmed
+    up on a side stream and NCCL's async error handling off, none of which can be tested
+    without several GPUs, so the combination is refused rather than half supported.
+    """
+    if not settings.cuda_graphs:
+        return False
+    if device.type != "cuda":
+        _warn_once("cuda_graphs 1 needs a CUDA device; training runs eagerly.")
+        return False
+    if ddp:
+        raise UserError("cuda_graphs 1 is not supported together with --use_ddp; set cuda_graphs 0.")
+    return True
 
 
 # glibc's mallopt parameter numbers and its default M_MMAP_MAX
@@ -150,6 +169,7 @@ def refresh_spectral_norm(module: nn.Module, source: nn.Module | None = None, it
 class TrainingEngine:
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, lr: float, weight_decay: float,
                  settings: EngineSettings, device: torch.device, ddp: bool = False):
+        self.use_graphs = graphs_in_use(settings, device, ddp)     # first: refuses before any work
         self.module = model                      # unwrapped: what EMA averages and checkpoints save
         self.loss_fn = loss_fn
         self.settings = settings
@@ -164,9 +184,6 @@ class TrainingEngine:
         if settings.use_ema:
             from torch.optim.swa_utils import AveragedModel
             self.ema = AveragedModel(model, multi_avg_fn=self._ema_average)
-        self.use_graphs = settings.cuda_graphs and device.type == "cuda"
-        if settings.cuda_graphs and not self.use_graphs:
-            _warn_once("cuda_graphs 1 needs a CUDA device; training runs eagerly.")
         net: nn.Module = model
         self.ddp = ddp
         if ddp:
@@ -181,7 +198,7 @@ class TrainingEngine:
         self._graph = None
         self._static_batch: Batch | None = None
         self._static_out = None
-        self._warmup_left = 11 if ddp else 3     # eager steps before capture (DDP needs ≥ 11)
+        self._warmup_left = 3                    # eager steps before capture (graphs never run under DDP)
 
     # --- pieces ------------------------------------------------------------------------
     def autocast(self):
@@ -301,7 +318,9 @@ class TrainingEngine:
     def _capture(self, batch: Batch):
         """Capture forward + backward (both SAM passes) of the fixed-shape step in a CUDA graph.
 
-        The optimizer, the scaler's unscale/step and the EMA update stay outside the graph.
+        The optimizer, the scaler's unscale/step and the EMA update stay outside the graph
+        (step() runs them after each replay), so the LR, a Python float in the optimizer's
+        param_groups, is read afresh at every step and needs no device tensor.
         """
         self._static_batch = tuple(t.clone() for t in batch)
         self._zero_grad()
@@ -325,7 +344,7 @@ class TrainingEngine:
                     batch = transform(batch)
                 metrics = self.step(batch)
                 for key, value in metrics.items():
-                    value = value.float()
+                    value = value.double()        # float64 sums: the epoch mean does not drift
                     sums[key] = sums[key] + value if key in sums else value.clone()
                 finite = torch.isfinite(metrics["loss"])
                 if self.scaler is None:       # fp16 overflow of gradients is the scaler's business
@@ -335,7 +354,7 @@ class TrainingEngine:
         if count == 0:
             raise RuntimeError("train_epoch got no batches")
         names = sorted(sums)
-        packed = torch.stack([sums[k] for k in names] + [torch.tensor(float(count), device=self.device)]).double()
+        packed = torch.stack([sums[k] for k in names] + [torch.tensor(float(count), dtype=torch.float64, device=self.device)])
         all_reduce_sum(packed)
         packed = torch.cat([packed, self.applied_steps.double().reshape(1)])
         # The earliest bad batch over ranks: max of its negation, with "none" as -inf.
@@ -383,24 +402,32 @@ class EpochResult:
 
 def evaluate(module: nn.Module, batches: Iterable[Batch], metric_fn: Callable[[nn.Module, Batch], dict[str, torch.Tensor]],
              device: torch.device, autocast_dtype=None) -> dict[str, float]:
-    """Mean of `metric_fn` over batches (weighted by batch size), reduced over ranks."""
+    """Mean of `metric_fn` over batches (weighted by batch size), reduced over ranks.
+
+    Any split of the validation runs over the ranks works, including ranks with no runs
+    (fewer validation runs than processes): every rank reduces the same fixed-length vector
+    of per-metric sums and the sample count, with zeros for what it did not see.
+    """
     was_training = module.training
     module.eval()
     sums: dict[str, torch.Tensor] = {}
-    count = torch.zeros((), device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     # cached(): the weights are fixed here, so each spectral-normalised W/σ is computed once,
     # not once per batch (eval mode runs no power iteration; the values are the same)
     with torch.no_grad(), ctx, parametrize.cached():
         for batch in batches:
             n = batch[0].shape[0]
+            if n == 0:            # a rank without validation runs gets an empty split
+                continue
             for key, value in metric_fn(module, batch).items():
-                value = value.float() * n
+                value = value.double() * n
                 sums[key] = sums[key] + value if key in sums else value
             count += n
     module.train(was_training)
-    names = sorted(sums)
-    packed = all_reduce_sum(torch.stack([sums[k] for k in names] + [count]))
+    names = union_of_names(sums)          # the same sorted list on every rank
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    packed = all_reduce_sum(torch.stack([sums.get(k, zero) for k in names] + [count]))
     values = packed.tolist()
     return {k: v / values[-1] for k, v in zip(names, values[:-1])} if values[-1] else {}
 

@@ -3,8 +3,10 @@ evaluation. Every input is checked before anything is written, so a bad config o
 never touches the outputs of an earlier run."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules.checkpoint import load_npz, load_torch, save_json, save_npz, seed_everything
+from modules.checkpoint import (build_from_checkpoint, check_same_split, check_state_dict, ensure_writable,
+                               load_checkpoint, load_model_state, load_npz, save_json, save_npz, seed_everything)
 from modules.config import Config, Preset
 from modules.data import FieldScaler, FieldStore, check_dataset, find_dataset, open_dataset, reduce, split_indices
 from modules.distributed import barrier, init_distributed
@@ -24,6 +27,9 @@ from modules.run import Paths, RunContext, new_run_id
 log = logging.getLogger("simulgen")
 
 _VAE_HINT = "train the VAE first: python SimulGen-VAE.py --preset=1 --lc_only=0"
+_COND_HINT = "train the conditioner again: python SimulGen-VAE.py --preset=1 --lc_only=1"
+_OUTPUT_FIX = ("make it a writable folder (move away a file of that name) or run in another working directory; "
+               "nothing was written")
 
 
 @dataclass(frozen=True)
@@ -38,8 +44,8 @@ class Flags:
     resume: bool
 
 
-def _peek(path: Path, what: str, hint: str) -> dict | None:
-    return load_torch(path, what, hint) if path.is_file() else None
+def _peek(path: Path, kind: str, what: str, hint: str) -> dict | None:
+    return load_checkpoint(path, kind, what, hint) if path.is_file() else None
 
 
 def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
@@ -49,22 +55,33 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
 
     # --- every input, before anything is written ------------------------------------------
     from modules.train_conditioner import read_conditioner_inputs
+    from modules.engine import EngineSettings, graphs_in_use
+    from modules.train_vae import per_rank_batch
     data_dir = (workdir / cfg.dataset_dir) if cfg.dataset_dir else workdir
     data_path = find_dataset(data_dir, preset.dataset_number)
     array = open_dataset(data_path)
     check_dataset(array, (cfg.Dim1, cfg.Dim2, cfg.Dim3), data_path)
     runs = reduce(array, cfg.Dim2_red, cfg.Dim3_red)                      # (P, T', N'), a view
     inputs = read_conditioner_inputs(cfg, workdir)
-    vae_state = _peek(paths.vae, "VAE checkpoint", _VAE_HINT)
+    if not flags.lc_only:       # the global batches must split evenly over the DDP processes
+        per_rank_batch(cfg.Batch_size, dist_info.world_size, "Batch_size")
+    per_rank_batch(cfg.latent_conditioner_batch, dist_info.world_size, "latent_conditioner_batch")
+    graphs_in_use(EngineSettings.from_config(cfg, device, grad_clip=0.0), device, dist_info.enabled)  # refuses graphs + DDP
+    train_idx, val_idx = split_indices(cfg.Dim1, cfg.val_split, cfg.seed)
+    vae_state = _peek(paths.vae, "vae", "VAE checkpoint", _VAE_HINT)
     if flags.lc_only:
         if vae_state is None or not vae_state.get("finished"):
             raise UserError(f"--lc_only=1 needs a finished VAE in {paths.vae}, but it is "
                             f"{'missing' if vae_state is None else 'unfinished'}; {_VAE_HINT} (or --resume it).")
         load_npz(paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
         load_npz(paths.field_scaler, "field scaler", _VAE_HINT, ("data_min", "data_max"))
-    cond_state = _peek(paths.conditioner, "conditioner checkpoint", "delete it")
-    if flags.resume and vae_state is None and cond_state is None:
-        raise UserError(f"--resume: no checkpoint in {paths.checkpoints} to continue from; start without --resume.")
+    cond_state = _peek(paths.conditioner, "conditioner", "conditioner checkpoint", _COND_HINT)
+    if flags.resume and flags.lc_only and cond_state is None:
+        raise UserError(f"--resume --lc_only=1: no conditioner checkpoint {paths.conditioner}, so there is nothing to "
+                        f"resume; run without --resume to train the conditioner afresh on the saved VAE.")
+    if flags.resume and not flags.lc_only and vae_state is None:
+        raise UserError(f"--resume: no checkpoint {paths.vae} in {paths.checkpoints} to continue from; "
+                        f"start without --resume.")
 
     small = flags.small
     run_id = _choose_run_id(flags, paths, vae_state, cond_state)
@@ -73,10 +90,19 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
         raise UserError(f"{paths.vae} was trained with another VAE architecture ({vae_state['architecture']}) than "
                         f"this config and preset give ({ctx.vae_architecture()}); {_VAE_HINT}.")
     fresh_vae = not flags.lc_only and not (flags.resume and vae_state is not None)
+    vae_run_id = run_id if fresh_vae else vae_state["run"]["run_id"]
+    _check_checkpoints_fit(ctx, flags, vae_state, cond_state, vae_run_id, val_idx)
+    ensure_writable([paths.checkpoints, ctx.run_dir.parent], "training outputs", _OUTPUT_FIX)
+
+    # --- the first writes -------------------------------------------------------------------
     if dist_info.is_main:
-        if fresh_vae:
-            _keep_previous(paths)
-        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if fresh_vae:
+                _keep_previous(paths)
+            ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot write to {exc.filename or paths.checkpoints} ({exc.strerror or exc}); "
+                            f"make it writable (or free disk space) and run again.") from None
         save_json(ctx.run_dir / "config.json", ctx.describe())
     barrier()
     ctx.monitor = Monitor(ctx.run_dir, dist_info.is_main, cfg.log_every)
@@ -89,13 +115,10 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     started = time.perf_counter()
     scaler = _field_scaler(ctx, runs, flags.lc_only)
     store = FieldStore(runs, scaler, preload=flags.load_all, device=device, pin_memory=device.type == "cuda")
-    train_idx, val_idx = split_indices(cfg.Dim1, cfg.val_split, cfg.seed)
 
     if flags.lc_only:
-        vae_run_id = vae_state["run"]["run_id"]
         latents = load_npz(paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
     else:
-        vae_run_id = run_id if fresh_vae else vae_state["run"]["run_id"]
         latents = _vae_stage(ctx, store, train_idx, val_idx, figures, summary)
     summary.update(_conditioner_stage(ctx, inputs, latents, store, train_idx, val_idx, vae_run_id, figures))
     summary["seconds_total"] = time.perf_counter() - started
@@ -118,6 +141,50 @@ def _choose_run_id(flags: Flags, paths: Paths, vae_state, cond_state) -> str:
             return vae_state["run"]["run_id"]
     from modules.distributed import broadcast_object
     return broadcast_object(new_run_id(paths))
+
+
+def _check_checkpoints_fit(ctx: RunContext, flags: Flags, vae_state: dict | None, cond_state: dict | None,
+                           vae_run_id: str, val_idx: np.ndarray) -> None:
+    """Every checkpoint this run will load must fit this config: the same architecture and
+    data split, weights that fit the network. Checked before anything is written, so a
+    mismatch never touches the earlier run's checkpoints or run folder."""
+    from modules.conditioners import build_from_architecture
+    from modules.train_vae import build_vae
+    paths = ctx.paths
+    if flags.lc_only:           # the VAE's exported weights decode the conditioner's latents
+        _check_weights(build_vae, vae_state, paths.vae, "VAE checkpoint", _VAE_HINT, ("export",))
+    elif flags.resume:
+        _check_resumable(vae_state, paths.vae, "VAE checkpoint", ctx.vae_architecture(), build_vae, val_idx, _VAE_HINT)
+    if not flags.resume:
+        return
+    stages = [(paths.conditioner, cond_state)]
+    if ctx.cfg.use_e2e_training:
+        stages.append((paths.conditioner_e2e, _peek(paths.conditioner_e2e, "conditioner_e2e", "conditioner checkpoint",
+                                                    _COND_HINT)))
+    for path, state in stages:
+        if state is not None and state["extra"]["vae_run_id"] == vae_run_id:      # it will be resumed
+            _check_resumable(state, path, "conditioner checkpoint", ctx.conditioner_architecture(),
+                             build_from_architecture, val_idx, _COND_HINT)
+
+
+def _check_resumable(state: dict, path: Path, what: str, architecture: dict, build, val_idx: np.ndarray,
+                     hint: str) -> None:
+    from modules.stage import _describe_difference
+    if state["architecture"] != architecture:
+        raise UserError(f"{path} was trained with a different architecture "
+                        f"({_describe_difference(state['architecture'], architecture)}); "
+                        f"restore the config it was made with, or start afresh without --resume.")
+    check_same_split(state["extra"]["split"], val_idx, path)
+    _check_weights(build, state, path, what, hint, ("model", "export"))
+
+
+def _check_weights(build, state: dict, path: Path, what: str, hint: str, parts: tuple[str, ...]) -> None:
+    """The saved weights fit the network the checkpoint's architecture describes (built on the
+    CPU, without drawing from the RNG streams the training uses)."""
+    with torch.random.fork_rng(devices=[]):
+        expected = build_from_checkpoint(build, state, path, what, hint).state_dict()
+    for part in parts:
+        check_state_dict(expected, state[part], path, what, hint)
 
 
 def _keep_previous(paths: Paths) -> None:
@@ -191,13 +258,13 @@ def _conditioner_stage(ctx: RunContext, inputs, latents: dict, store: FieldStore
     data = ConditionerData.build(inputs, latents["main"], latents["hierarchical"], ctx.device)
     if ctx.dist.is_main:
         data.save_scalers(paths.conditioner_scalers)
-    vae_state = load_torch(paths.vae, "VAE checkpoint", _VAE_HINT)
-    vae = build_vae(vae_state["architecture"]).to(ctx.device)
-    vae.load_state_dict(vae_state["export"])
+    vae_state = load_checkpoint(paths.vae, "vae", "VAE checkpoint", _VAE_HINT)
+    vae = build_from_checkpoint(build_vae, vae_state, paths.vae, "VAE checkpoint", _VAE_HINT).to(ctx.device)
+    load_model_state(vae, vae_state["export"], paths.vae, "VAE checkpoint", _VAE_HINT)
     vae.eval().requires_grad_(False)
     decoder = LatentDecoder(vae, data.main_scaler, data.hier_scaler, ctx.device)
 
-    resume = ctx.resume and _belongs_to(paths.conditioner, vae_run_id)
+    resume = ctx.resume and _belongs_to(paths.conditioner, "conditioner", vae_run_id)
     ctx_stage = _with_resume(ctx, resume)
     trainer = ConditionerTrainer(ctx_stage, data, train_idx, val_idx, vae_run_id=vae_run_id)
     if ctx.dist.enabled:
@@ -217,7 +284,7 @@ def _conditioner_stage(ctx: RunContext, inputs, latents: dict, store: FieldStore
     if cfg.use_e2e_training:
         if ctx.dist.is_main:
             out["lc_val_rel_l2_before_e2e"] = evaluation["lc_val_rel_l2"]
-        e2e_resume = ctx.resume and _belongs_to(paths.conditioner_e2e, vae_run_id)
+        e2e_resume = ctx.resume and _belongs_to(paths.conditioner_e2e, "conditioner_e2e", vae_run_id)
         e2e = ConditionerTrainer(_with_resume(ctx, e2e_resume), data, train_idx, val_idx, decoder=decoder, store=store,
                                  initial_state=trainer.export_state(), vae_run_id=vae_run_id)
         e2e.fit()
@@ -242,9 +309,9 @@ def _conditioner_stage(ctx: RunContext, inputs, latents: dict, store: FieldStore
     return out
 
 
-def _belongs_to(path: Path, vae_run_id: str) -> bool:
+def _belongs_to(path: Path, kind: str, vae_run_id: str) -> bool:
     """Resume a conditioner checkpoint only if it was trained on this VAE's latents."""
-    state = _peek(path, "conditioner checkpoint", "delete it")
+    state = _peek(path, kind, "conditioner checkpoint", _COND_HINT)
     if state is None:
         return False
     if state["extra"].get("vae_run_id") != vae_run_id:
@@ -271,7 +338,23 @@ def _print_config(ctx: RunContext, data_path: Path) -> None:
     print(f"  conditioner {cfg.conditioner_type}, filters {list(p.conditioner_filters)}; {cfg.n_epoch} epochs, "
           f"batch {cfg.latent_conditioner_batch}, lr {cfg.latent_conditioner_lr}")
     print(f"  device {ctx.device}, world size {ctx.dist.world_size}, precision {cfg.precision}; outputs in "
-          f"{ctx.paths.checkpoints} and {ctx.run_dir} (resolved config: {ctx.run_dir / 'config.json'})", flush=True)
+          f"{ctx.paths.checkpoints} and {ctx.run_dir} (resolved config: {ctx.run_dir / 'config.json'})")
+    print(resolved_config_text(cfg), flush=True)
+
+
+def resolved_config_text(cfg: Config, width: int = 100) -> str:
+    """Every resolved key=value once, in the Config field order, several per line."""
+    pairs = " ".join(f"{f.name}={_config_value(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg))
+    return "\n".join(textwrap.wrap(pairs, width=width, initial_indent="  config: ", subsequent_indent="    ",
+                                   break_long_words=False, break_on_hyphens=False))
+
+
+def _config_value(value) -> str:
+    if isinstance(value, bool):
+        return str(int(value))           # as the condition file writes it
+    if isinstance(value, str) and (not value or any(c.isspace() for c in value)):
+        return repr(value)
+    return str(value)
 
 
 def _print_summary(summary: dict, ctx: RunContext) -> None:

@@ -43,10 +43,13 @@ class Figures:
 
     def finish(self, fig, name: str) -> None:
         if self.mode == SAVE:
+            from modules.checkpoint import atomic_write
             path = self.run_dir / f"{name}.png"
-            fig.savefig(path, dpi=110, bbox_inches="tight")
+            try:      # a crash mid-save leaves the earlier figure (or none), never half a PNG
+                atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
+            finally:
+                self.plt.close(fig)
             self.saved.append(path)
-            self.plt.close(fig)
         else:
             self.plt.show()
 

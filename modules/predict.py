@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from modules.checkpoint import atomic_write, load_npz, load_torch, save_json
+from modules.checkpoint import (atomic_write, build_from_checkpoint, ensure_writable, load_checkpoint, load_model_state,
+                               load_npz, save_json)
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images
 from modules.data import FieldScaler
 from modules.errors import UserError
@@ -107,13 +108,14 @@ class Surrogate:
         from modules.conditioners import build_from_architecture
         from modules.train_vae import build_vae
 
-        vae_state = load_torch(paths.vae, "VAE checkpoint", _TRAIN_HINT)
+        vae_state = load_checkpoint(paths.vae, "vae", "VAE checkpoint", _TRAIN_HINT)
         cond_path, cond_state = paths.conditioner, None
         if paths.conditioner_e2e.is_file():     # an end-to-end fine-tuned conditioner wins once finished
-            cond_state = load_torch(paths.conditioner_e2e, "conditioner checkpoint", _TRAIN_HINT)
+            cond_state = load_checkpoint(paths.conditioner_e2e, "conditioner_e2e", "conditioner checkpoint",
+                                         _TRAIN_HINT)
             cond_path = paths.conditioner_e2e if cond_state.get("finished") else paths.conditioner
         if cond_path == paths.conditioner:
-            cond_state = load_torch(cond_path, "conditioner checkpoint", _TRAIN_HINT)
+            cond_state = load_checkpoint(cond_path, "conditioner", "conditioner checkpoint", _TRAIN_HINT)
         if not vae_state.get("finished") or not cond_state.get("finished"):
             unfinished = paths.vae if not vae_state.get("finished") else cond_path
             raise UserError(f"{unfinished} is from an unfinished training run; finish it with --resume first.")
@@ -121,11 +123,12 @@ class Surrogate:
         if cond_state["extra"].get("vae_run_id") != vae_run:
             raise UserError(f"{cond_path} was trained on the latents of another VAE (run {cond_state['extra'].get('vae_run_id')}) "
                             f"than {paths.vae} (run {vae_run}); retrain the conditioner with --lc_only=1.")
-        vae = build_vae(vae_state["architecture"]).to(device)
-        vae.load_state_dict(vae_state["export"])
+        vae = build_from_checkpoint(build_vae, vae_state, paths.vae, "VAE checkpoint", _TRAIN_HINT).to(device)
+        load_model_state(vae, vae_state["export"], paths.vae, "VAE checkpoint", _TRAIN_HINT)
         arch = cond_state["architecture"]
-        conditioner = build_from_architecture(arch).to(device)
-        conditioner.load_state_dict(cond_state["export"])
+        conditioner = build_from_checkpoint(build_from_architecture, cond_state, cond_path, "conditioner checkpoint",
+                                            _TRAIN_HINT).to(device)
+        load_model_state(conditioner, cond_state["export"], cond_path, "conditioner checkpoint", _TRAIN_HINT)
         field = load_npz(paths.field_scaler, "field scaler", _TRAIN_HINT, ("data_min", "data_max"))
         scalers = load_npz(paths.conditioner_scalers, "conditioner scalers", _TRAIN_HINT,
                            ("main_data_min", "hier_data_min"))
@@ -134,6 +137,8 @@ class Surrogate:
         input_scaler = (MinMaxScaler.from_state_dict(_prefixed(scalers, "input_"))
                         if "input_data_min" in scalers else None)
         config = cond_state["run"]["config"]
+        if "param_data_type" not in config:
+            raise UserError(f"{cond_path} lacks the config it was trained with (param_data_type); {_TRAIN_HINT}.")
         return cls(conditioner, LatentDecoder(vae, main_scaler, hier_scaler, device),
                    FieldScaler.from_state_dict(field), input_scaler, arch["input_type"], arch["num_param"],
                    config["param_data_type"], device,
@@ -165,13 +170,7 @@ def read_inputs(surrogate: Surrogate, source: Path) -> tuple[np.ndarray, list[st
 def check_writable(out: Path) -> None:
     if out.suffix != ".npy":
         raise UserError(f"--out {out}: the output must be a .npy file, e.g. --out predictions.npy.")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".{out.name}.probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot write to {out.parent} ({exc.strerror}); choose a writable folder.") from None
+    ensure_writable([out.parent], f"--out {out}", "choose a writable folder")
 
 
 def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: torch.device) -> dict:

@@ -155,8 +155,9 @@ class StageTrainer:
                 self.applied_steps = result.applied_steps
                 val = self.validate() if self.should_validate(epoch) else None
                 stop = self.after_validation(epoch, val) if val is not None else False
-                self.seconds += time.perf_counter() - started
-                self._record(epoch, result.metrics, val, sched)
+                elapsed = time.perf_counter() - started
+                self.seconds += elapsed
+                self._record(epoch, result.metrics, val, sched, elapsed)
                 progress.update(epoch, self.progress_values(result.metrics, val, sched))
                 epoch += 1
                 if stop:
@@ -170,15 +171,20 @@ class StageTrainer:
         self.save(epoch)
         monitor.flush()
 
-    def _record(self, epoch: int, train: dict[str, float], val: dict[str, float] | None, sched: dict[str, float]) -> None:
+    def _record(self, epoch: int, train: dict[str, float], val: dict[str, float] | None, sched: dict[str, float],
+                seconds: float) -> None:
+        """Append the epoch to the history and, every log_every epochs, at validations and at
+        the end, write it to TensorBoard as `<stage>/<key>`, with `<stage>/epoch_time_s`: the
+        epoch's wall time (training and validation). The history holds no timings, so runs
+        that must agree (resumed, DDP) have identical histories."""
         row = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, **sched,
                **{f"val_{k}": v for k, v in (val or {}).items()}}
         done = len(self.history.get("epoch", []))
         for key in self.history.keys() | row.keys():      # one column per key, NaN where absent
             self.history.setdefault(key, [math.nan] * done).append(row.get(key, math.nan))
         if (epoch + 1) % self.ctx.cfg.log_every == 0 or val is not None or epoch + 1 == self.epochs:
-            self.ctx.monitor.scalars(self.stage, epoch + 1, {k: v for k, v in row.items()
-                                                             if k != "epoch" and math.isfinite(v)})
+            scalars = {k: v for k, v in row.items() if k != "epoch" and math.isfinite(v)}
+            self.ctx.monitor.scalars(self.stage, epoch + 1, {**scalars, "epoch_time_s": seconds})
 
     def _roll_back(self, epoch: int, result: EpochResult) -> int:
         where = f"{self.title} training: non-finite loss or gradient at epoch {epoch + 1}, batch {result.first_bad_batch + 1}"

@@ -86,7 +86,8 @@ class VAETrainer(StageTrainer):
         x = self.store.get(indices % self.num_runs)
         for row in torch.nonzero(indices >= self.num_runs).flatten().tolist():
             gen = torch.Generator().manual_seed(self.ctx.cfg.seed * 1_000_003 + int(indices[row]))
-            x[row:row + 1] = stretch_copy(x[row:row + 1], gen)
+            x[row:row + 1] = stretch_copy(x[row:row + 1], gen, self.ctx.cfg.stretch_noise_level,
+                                          self.ctx.cfg.stretch_shift_max)
         return x
 
     def train_batches(self, epoch: int):

@@ -68,10 +68,14 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def snapshot(workdir: Path) -> dict[str, str]:
-    """sha256 of every file (and the name of every folder) under checkpoints/ and runs/."""
+    """sha256 of every file (and the name of every folder) under checkpoints/ and runs/; of
+    checkpoints or runs itself where a case made it a regular file."""
     out = {}
     for top in ("checkpoints", "runs"):
         root = workdir / top
+        if root.is_file():
+            out[top] = "<file> " + hashlib.sha256(root.read_bytes()).hexdigest()
+            continue
         if not root.exists():
             continue
         for p in sorted(root.rglob("*")):
@@ -216,6 +220,45 @@ def _truncate_checkpoint(ctx: Ctx, args: list[str]) -> list[str]:
     vae = ctx.wd / "checkpoints" / "vae.pt"
     data = vae.read_bytes()
     vae.write_bytes(data[: len(data) // 2])
+    return args
+
+
+def _replace_checkpoint(ctx: Ctx, args: list[str], name: str = "vae.pt", change=None) -> list[str]:
+    """Replace checkpoints/<name> (only ever in a copy of the trained workdir) by a valid torch
+    file: `change(state)` of the real one, or, without `change`, a dict that is no checkpoint."""
+    import torch
+    assert ctx.wd.name == "copy"
+    path = ctx.wd / "checkpoints" / name
+    if change is None:
+        state = {"w": torch.zeros(1)}
+    else:
+        state = torch.load(path, weights_only=True)
+        change(state)
+    torch.save(state, path)
+    return args
+
+
+def _misshape_first_weight(state: dict) -> None:
+    """The first tensor of both saved weight sets gets another shape; everything else is intact."""
+    import torch
+    key = next(iter(state["export"]))
+    for part in ("model", "export"):
+        state[part][key] = torch.zeros(3)
+
+
+def _remove(ctx: Ctx, relative: str, args: list[str]) -> list[str]:
+    """Delete <copy>/relative (a file or a folder); return `args`."""
+    assert ctx.wd.name == "copy"
+    target = ctx.wd / relative
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return args
+
+
+def _file_instead_of(ctx: Ctx, folder: str, args: list[str]) -> list[str]:
+    """Make <copy>/folder a regular file. For checkpoints/ the earlier run's checkpoints go
+    with it: what must stay unchanged is that file, and the earlier run's folder in runs/."""
+    _remove(ctx, folder, args)
+    (ctx.wd / folder).write_text("a regular file where the tool writes a folder\n")
     return args
 
 
@@ -404,6 +447,68 @@ CASES = [
          lambda c: _truncate_checkpoint(c, [*BASE, *QUICK_SETS, "--lc_only=1"]),
          ("VAE checkpoint", "vae.pt is truncated or corrupt", "delete it and train the VAE first"),
          where="copy"),
+
+    # --- checkpoints that load but hold the wrong thing ---------------------------------
+    Case("resume-checkpoint-wrong-content",
+         lambda c: _replace_checkpoint(c, [*BASE, *QUICK_SETS, "--resume"]),
+         ("VAE checkpoint", "vae.pt loads, but is not a SimulGenVAE VAE checkpoint", "missing 'kind'",
+          "it holds 'w'", "delete it and train the VAE first"),
+         where="copy"),
+    Case("predict-checkpoint-wrong-content",
+         lambda c: _replace_checkpoint(c, ["--predict", "input_data/params.csv", "--out", c.rel(c.case / "pred.npy")]),
+         ("VAE checkpoint", "vae.pt loads, but is not a SimulGenVAE VAE checkpoint", "missing 'kind'",
+          "delete it and train first"),
+         where="copy"),
+    Case("lc-only-checkpoint-wrong-content",
+         lambda c: _replace_checkpoint(c, [*BASE, *QUICK_SETS, "--lc_only=1"]),
+         ("VAE checkpoint", "vae.pt loads, but is not a SimulGenVAE VAE checkpoint", "missing 'kind'",
+          "delete it and train the VAE first"),
+         where="copy"),
+    Case("predict-conditioner-checkpoint-wrong-content",
+         lambda c: _replace_checkpoint(c, ["--predict", "input_data/params.csv", "--out", c.rel(c.case / "pred.npy")],
+                                       "conditioner.pt"),
+         ("conditioner checkpoint", "conditioner.pt loads, but is not a SimulGenVAE conditioner checkpoint"),
+         where="copy"),
+    Case("resume-checkpoint-weights-do-not-fit",
+         lambda c: _replace_checkpoint(c, [*BASE, *QUICK_SETS, "--resume"], change=_misshape_first_weight),
+         ("vae.pt: its weights do not fit", "wrong shape", "(3,) instead of", "delete it and train the VAE first"),
+         where="copy"),
+    Case("predict-checkpoint-weights-do-not-fit",
+         lambda c: _replace_checkpoint(c, ["--predict", "input_data/params.csv", "--out", c.rel(c.case / "pred.npy")],
+                                       change=_misshape_first_weight),
+         ("vae.pt: its weights do not fit", "wrong shape", "(3,) instead of"),
+         where="copy"),
+    Case("lc-only-checkpoint-weights-do-not-fit",
+         lambda c: _replace_checkpoint(c, [*BASE, *QUICK_SETS, "--lc_only=1"], change=_misshape_first_weight),
+         ("vae.pt: its weights do not fit", "wrong shape", "(3,) instead of"),
+         where="copy"),
+
+    # --- resuming what cannot be resumed ------------------------------------------------
+    Case("resume-lc-only-without-conditioner-checkpoint",
+         lambda c: _remove(c, "checkpoints/conditioner.pt", [*BASE, *QUICK_SETS, "--lc_only=1", "--resume"]),
+         ("--resume --lc_only=1", "no conditioner checkpoint", "conditioner.pt", "nothing to resume",
+          "run without --resume"),
+         where="copy"),
+    Case("resume-without-vae-checkpoint",
+         lambda c: _remove(c, "checkpoints/vae.pt", [*BASE, *QUICK_SETS, "--resume"]),
+         ("--resume: no checkpoint", "vae.pt", "start without --resume"),
+         where="copy"),
+    Case("resume-conditioner-with-another-split",
+         lambda c: [*BASE, *QUICK_SETS, "--lc_only=1", "--resume", "--seed", "7"],
+         ("conditioner.pt used another train/validation split", "seed", "start afresh without --resume")),
+    Case("resume-vae-with-another-split",
+         lambda c: [*BASE, *QUICK_SETS, "--resume", "--set", "val_split=0.25"],
+         ("vae.pt used another train/validation split", "val_split", "start afresh without --resume")),
+
+    # --- outputs that cannot be written -------------------------------------------------
+    Case("output-runs-is-a-file",
+         lambda c: _file_instead_of(c, "runs", [*BASE, *QUICK_SETS]),
+         ("training outputs: cannot write to", "runs is a file, not a folder", "nothing was written"),
+         where="copy"),
+    Case("output-checkpoints-is-a-file",
+         lambda c: _file_instead_of(c, "checkpoints", [*BASE, *QUICK_SETS]),
+         ("training outputs: cannot write to", "checkpoints is a file, not a folder", "nothing was written"),
+         where="copy"),
 ]
 
 
@@ -522,3 +627,21 @@ def test_bad_input(case: Case, outcomes: dict[str, Outcome]):
     trained = outcomes["<trained>"]
     assert trained.after == trained.before, (
         f"the trained workdir changed: {_diff(trained.before, trained.after)}; cases that exited 0: {culprits}")
+
+
+def test_ddp_batch_that_does_not_split_over_the_processes_fails_before_anything_is_written(trained, tmp_path):
+    """Under torchrun with 2 processes a global Batch_size of 3 cannot be split: refused with
+    one error line (rank 0's) before the earlier run's checkpoints move or a run folder appears."""
+    wd = tmp_path / "copy"
+    shutil.copytree(trained, wd, ignore=shutil.ignore_patterns("bad"))
+    before = snapshot(wd)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+           "--use_ddp", *BASE, *QUICK_SETS, "--set", "Batch_size=3"]
+    res = subprocess.run(cmd, cwd=wd, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=TIMEOUT)
+    assert res.returncode != 0, res.stdout[-2000:] + res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert "Batch_size = 3 is not divisible by the 2 DDP processes" in errors[0] and "multiple of 2" in errors[0]
+    assert "SimulGenVAE run " not in res.stdout, "training started"
+    assert snapshot(wd) == before, _diff(before, snapshot(wd))

@@ -38,6 +38,12 @@ def test_csv_missing_file(tmp_path):
         load_csv(tmp_path / "nope.csv", 3, 2)
 
 
+def test_csv_path_that_is_a_folder_says_how_to_switch(tmp_path):
+    """`--set input_type=csvs` on the demo without changing param_dir (an image folder)."""
+    with pytest.raises(UserError, match=r"param_dir points at the folder .* reads one CSV file.*param_dir=/input_data/params\.csv"):
+        load_csv(tmp_path, 3, 2)
+
+
 def test_csv_wrong_column_count_names_found_expected_and_key(tmp_path):
     f = write(tmp_path / "p.csv", "1,2,3,4\n5,6,7,8\n")
     with pytest.raises(UserError) as e:
@@ -115,6 +121,12 @@ def test_sixteen_bit_greyscale_is_rescaled_not_clipped(tmp_path):
 def test_image_folder_missing(tmp_path):
     with pytest.raises(UserError, match=r"image folder not found: .*nowhere.*param_dir"):
         list_images(tmp_path / "nowhere", ".png")
+
+
+def test_image_folder_that_is_a_file_says_how_to_switch(tmp_path):
+    (tmp_path / "params.csv").write_text("1,2\n")
+    with pytest.raises(UserError, match=r"param_dir points at the file .*params\.csv.*read from a folder.*param_dir=/input_data/images"):
+        list_images(tmp_path / "params.csv", ".png")
 
 
 def test_image_folder_without_matching_files(tmp_path):

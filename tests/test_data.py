@@ -140,6 +140,72 @@ def test_pickle_codecs_encode_is_limited_to_latin1(tmp_path):
         open_dataset(path)
 
 
+class _CallsMemmap:
+    """Unpickling this would run numpy.memmap(target, 'uint8', 'w+', 0, (16,)): create or truncate target."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (np.memmap, (self.target, "uint8", "w+", 0, (16,)))
+
+
+class _ArrayFromRawPointers:
+    """Unpickling this would run numpy.ndarray((1,), object, buffer): an object array over raw bytes."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((1,), np.dtype(object), b"\x41" * 8))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_pickle_cannot_call_memmap_to_write_a_file(tmp_path, protocol):
+    existing = tmp_path / "precious.bin"
+    existing.write_bytes(b"keep me" * 100)
+    before = existing.read_bytes()
+    absent = tmp_path / "never_created.bin"
+    for i, target in enumerate([existing, absent]):
+        blob = pickle.dumps(_CallsMemmap(target), protocol=protocol)
+        assert b"memmap" in blob                    # the payload really names numpy.memmap
+        path = tmp_path / f"memmap{i}.pickle"
+        path.write_bytes(blob)
+        with pytest.raises(UserError) as exc:
+            open_dataset(path)
+        msg = one_line(exc)
+        assert msg.startswith("refusing to unpickle") and "numpy.memmap" in msg and str(path) in msg
+    assert existing.read_bytes() == before
+    assert not absent.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memmap0.pickle", "memmap1.pickle", "precious.bin"]
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_pickle_cannot_build_an_array_over_raw_bytes(tmp_path, protocol):
+    path = tmp_path / "raw.pickle"
+    path.write_bytes(pickle.dumps(_ArrayFromRawPointers(), protocol=protocol))
+    with pytest.raises(UserError, match="refusing to unpickle a call of numpy.ndarray"):
+        open_dataset(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_pickled_memmap_loads_as_a_plain_array(tmp_path, protocol):
+    np.save(tmp_path / "d.npy", runs())
+    mapped = np.load(tmp_path / "d.npy", mmap_mode="r")
+    path = tmp_path / "d.pickle"
+    path.write_bytes(pickle.dumps(mapped, protocol=protocol))
+    assert b"memmap" in path.read_bytes()
+    loaded = open_dataset(path)
+    assert type(loaded) is np.ndarray
+    np.testing.assert_array_equal(loaded, runs())
+
+
+def test_pickle_allow_list_is_only_what_plain_arrays_need():
+    from modules.data import _PICKLE_ALLOWED
+    numpy_core = {(core + module, name) for core in ("numpy.core.", "numpy._core.")
+                  for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                                       ("numeric", "_frombuffer"))}
+    assert _PICKLE_ALLOWED == numpy_core | {("numpy", "ndarray"), ("numpy", "memmap"), ("numpy", "dtype"),
+                                            ("_codecs", "encode")}
+
+
 @pytest.mark.parametrize("obj, kind", [({"a": 1}, "dict"), ([runs(), runs()], "list"),
                                         (np.float32(1.0), "float32"), ("text", "str")])
 def test_pickle_of_something_else_than_an_array(tmp_path, obj, kind):

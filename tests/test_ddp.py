@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,14 +25,32 @@ def _run(cmd, cwd, timeout=300):
     return result
 
 
-def test_two_ranks_at_half_batch_match_one_process_at_full_batch(tmp_path):
+@pytest.fixture(scope="module")
+def harness_runs(tmp_path_factory):
+    """The harness (tests/helpers/ddp_harness.py) run once as one process and once as two
+    Gloo ranks at half the per-rank batch: (single-process results, DDP results)."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
     harness = str(ROOT / "tests/helpers/ddp_harness.py")
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     _run([sys.executable, harness, str(tmp_path / "one"), str(tmp_path / "one.pt")], ROOT)
     _run(TORCHRUN + [harness, str(tmp_path / "two"), str(tmp_path / "two.pt"), "ddp"], ROOT)
-    one = torch.load(tmp_path / "one.pt", weights_only=True)
-    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    return torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
+
+
+def _assert_same_metrics(one: dict, two: dict, what: str, tol: float = 1e-6) -> None:
+    """Equal keys, and values equal to `tol` (relative to values above 1)."""
+    assert one.keys() == two.keys(), f"{what}: {sorted(one)} != {sorted(two)}"
+    for key in one:
+        a, b = torch.as_tensor(one[key], dtype=torch.float64), torch.as_tensor(two[key], dtype=torch.float64)
+        assert a.shape == b.shape, f"{what} {key}: {a.shape} != {b.shape}"
+        assert torch.isnan(a).equal(torch.isnan(b)), f"{what} {key}: NaN in different places"
+        gap = ((a - b).abs() / a.abs().clamp_min(1.0)).nan_to_num(0.0).max().item()
+        assert gap <= tol, f"{what} {key}: the DDP run logged {b.tolist()}, the single process {a.tolist()}"
+
+
+def test_two_ranks_at_half_batch_match_one_process_at_full_batch(harness_runs):
+    one, two = harness_runs
     for stage in ("vae", "conditioner"):
         assert one[stage].keys() == two[stage].keys()
         worst = max((one[stage][k] - two[stage][k]).abs().max().item() for k in one[stage])
@@ -40,6 +59,34 @@ def test_two_ranks_at_half_batch_match_one_process_at_full_batch(tmp_path):
     for stage in ("vae", "conditioner"):
         losses = one[f"{stage}_history"]["train_loss"]
         assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_the_logged_history_of_two_ranks_is_the_single_process_history(harness_runs):
+    """Logged metrics are all-reduced: a rank's local loss over its half batch would differ."""
+    one, two = harness_runs
+    for stage in ("vae", "conditioner"):
+        history = one[f"{stage}_history"]
+        assert {"train_loss", "train_grad_norm", "lr"} <= history.keys()
+        assert any(k.startswith("val_") for k in history) and all(len(v) == 3 for v in history.values())
+        _assert_same_metrics(history, two[f"{stage}_history"], f"{stage} history")
+
+
+def test_validation_with_fewer_runs_than_ranks_matches_the_single_process(harness_runs):
+    """One validation run for two ranks: rank 1 validates nothing, yet the reduction is the
+    single-process value (and does not hang or fail on vectors of different lengths)."""
+    one, two = harness_runs
+    assert one["val_runs"] >= 2          # the full validation set would give both ranks runs
+    for stage in ("vae", "conditioner"):
+        metrics = one[f"{stage}_val_one_run"]
+        assert metrics and all(v > 0 for v in metrics.values())
+        _assert_same_metrics(metrics, two[f"{stage}_val_one_run"], f"{stage} validation on one run")
+
+
+def test_sam_synchronises_gradients_once_per_step_under_ddp(harness_runs):
+    """SAM's first forward and backward run inside no_sync: 3 steps, 3 all-reduces (of the
+    one gradient bucket). Without no_sync the first pass would all-reduce too: 6."""
+    _, two = harness_runs
+    assert two["syncs"] == {"sam": 3, "sam_without_no_sync": 6}
 
 
 def test_a_whole_ddp_demo_run_with_sam_and_ema_completes(tmp_path):

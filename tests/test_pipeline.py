@@ -68,6 +68,12 @@ def test_image_conditioners_train_from_the_saved_vae_and_beat_the_mean_latent(tr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["conditioner"] == kind and "vae_recon_rel_l2" not in summary
     assert summary["lc_val_latent_mse"] < summary["baseline_mean_latent_mse"]
+    out = tmp_path / "pred.npy"          # prediction from a folder of images, in natural order
+    predicted = run_cli(work, "--predict", "input_data/images", "--out", str(out))
+    assert predicted.returncode == 0, predicted.stderr
+    assert np.load(out).shape == (80, 32, 256)
+    inputs = json.loads(out.with_suffix(".json").read_text())["inputs"]
+    assert [p.rsplit("/", 1)[-1] for p in inputs[:11]] == [f"{i}.png" for i in range(1, 12)]
 
 
 def test_predicted_fields_are_in_physical_units_deterministic_and_documented(trained, tmp_path):
@@ -97,3 +103,102 @@ def test_predicted_fields_are_in_physical_units_deterministic_and_documented(tra
     samples = np.load(spread)
     assert samples.shape == (5, 4, 32, 256)
     assert samples.std(axis=1).mean() > 0
+
+
+def test_vae_summary_numbers_match_decoding_the_saved_latents(trained):
+    """`vae_recon_mse` is in scaled units and `vae_recon_rel_l2` in physical units: recompute
+    both from the saved VAE, latents and scaler against the raw dataset."""
+    from modules.train_vae import build_vae
+
+    work, _, summary, _ = trained
+    state = torch.load(work / "checkpoints/vae.pt", weights_only=True)
+    vae = build_vae(state["architecture"])
+    vae.load_state_dict(state["export"])
+    vae.eval()
+    latents = np.load(work / "checkpoints/latents.npz")
+    scaler = np.load(work / "checkpoints/field_scaler.npz")
+    lo, hi = scaler["data_min"], scaler["data_max"]                        # per node
+    assert (hi > lo).all()
+    data = np.load(work / "input_data/dataset1.npy").astype(np.float64)     # (P, T, N), °C
+    with torch.no_grad():
+        decoded, _ = vae.decode(torch.from_numpy(latents["main"]), torch.from_numpy(latents["hierarchical"]), mode="fix")
+    scaled = decoded.double().numpy().transpose(0, 2, 1)                    # (P, T, N)
+    true_scaled = (data - lo) / (hi - lo) * 1.8 - 0.9
+    physical = (scaled + 0.9) / 1.8 * (hi - lo) + lo
+    mse = ((scaled - true_scaled) ** 2).mean(axis=(1, 2))
+    rel = np.linalg.norm(physical - data, axis=(1, 2)) / np.linalg.norm(data, axis=(1, 2))
+    np.testing.assert_allclose(latents["recon_error"], mse, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(latents["rel_l2"], rel, rtol=1e-3)
+    assert summary["vae_recon_mse"] == pytest.approx(mse.mean(), rel=1e-3)
+    assert summary["vae_recon_rel_l2"] == pytest.approx(rel.mean(), rel=1e-3)
+
+
+def test_tensorboard_holds_both_stages_scalars_and_the_config(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = trained[1]
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    expected = {"vae/train_loss", "vae/val_recon_mse", "vae/beta", "vae/lr", "vae/epoch_time_s",
+                "conditioner/train_loss", "conditioner/val_loss", "conditioner/lr", "conditioner/epoch_time_s"}
+    assert expected <= scalars, sorted(scalars)
+    beta = [e.value for e in events.Scalars("vae/beta")]
+    assert len(beta) > 10 and max(beta) > min(beta)                        # the β schedule is logged as it moves
+    val = events.Scalars("vae/val_recon_mse")
+    assert val[-1].value < val[0].value
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "n_epoch: 300" in config_text and "input_type: csvs" in config_text
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """Two short runs with another seed: data preloaded, and streamed from the memory-mapped file."""
+    out = {}
+    for load_all in (1, 0):
+        work = demo_workdir(tmp_path_factory.mktemp(f"load_all_{load_all}"))
+        result = run_cli(work, "--preset=1", "--plot=2", "--lc_only=0", "--size=small", f"--load_all={load_all}",
+                         "--seed", "7", *FAST, "--set", "Training_epochs=3", "--set", "n_epoch=3")
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[load_all] = work
+    return out
+
+
+def test_streamed_data_trains_the_same_model_as_preloaded_data(short_runs):
+    states = [torch.load(short_runs[a] / "checkpoints/vae.pt", weights_only=True) for a in (1, 0)]
+    describe = [json.loads(next((short_runs[a] / "runs").iterdir()).joinpath("config.json").read_text()) for a in (1, 0)]
+    assert [d["load_all"] for d in describe] == [True, False]
+    for key, value in states[0]["model"].items():
+        torch.testing.assert_close(states[1]["model"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_seed_flag_changes_the_split_and_is_recorded(trained, short_runs):
+    default = torch.load(trained[0] / "checkpoints/vae.pt", weights_only=True)["extra"]["split"]["val"]
+    seven = torch.load(short_runs[1] / "checkpoints/vae.pt", weights_only=True)["extra"]["split"]["val"]
+    assert not torch.equal(torch.sort(default).values, torch.sort(seven).values)
+    config = json.loads(next((short_runs[1] / "runs").iterdir()).joinpath("config.json").read_text())
+    assert config["config"]["seed"] == 7
+
+
+def test_end_to_end_fine_tuning_through_the_cli_is_what_prediction_uses(trained, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("runs"))
+    result = run_cli(work, "--preset=1", "--plot=2", "--lc_only=1", *FAST, "--set", "n_epoch=30",
+                     "--set", "use_e2e_training=1", "--set", "e2e_epochs=5", "--set", "use_ema=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((sorted((work / "runs").iterdir())[-1] / "summary.json").read_text())
+    assert {"lc_val_rel_l2_before_e2e", "lc_val_rel_l2", "baseline_mean_field_rel_l2"} <= set(summary)
+    assert "end-to-end fine-tuning" in result.stdout
+    e2e = torch.load(work / "checkpoints/conditioner_e2e.pt", weights_only=True)
+    first = torch.load(work / "checkpoints/conditioner.pt", weights_only=True)
+    assert e2e["finished"] and e2e["epoch"] == 5
+    assert any(not torch.equal(e2e["export"][k], first["export"][k]) for k in first["export"])   # it trained on
+    assert any(not torch.equal(e2e["export"][k], e2e["model"][k]) for k in e2e["model"])         # EMA, not raw weights
+    new = tmp_path / "new.csv"
+    np.savetxt(new, np.loadtxt(work / "input_data/params.csv", delimiter=",")[:3], delimiter=",")
+    out = tmp_path / "pred.npy"
+    predicted = run_cli(work, "--predict", str(new), "--out", str(out))
+    assert predicted.returncode == 0, predicted.stderr
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["checkpoints"]["conditioner"].endswith("conditioner_e2e.pt") and meta["checkpoints"]["weights"] == "EMA"
+    assert np.load(out).shape == (3, 32, 256)

@@ -1,4 +1,5 @@
 """Nothing is lost on a crash: SIGKILL a real run, --resume it, get the same weights."""
+import hashlib
 import signal
 import subprocess
 import sys
@@ -15,19 +16,46 @@ ARGS = ("--preset=1", "--plot=2", "--lc_only=0", "--size=small", "--load_all=1",
         "--set", "checkpoint_every=2", "--set", "use_ema=1", "--set", "val_every=2")
 
 
-def kill_when(workdir, marker: str, delay: float = 0.0) -> int:
-    """Start a run, SIGKILL it `delay` seconds after `marker` appears on its stdout."""
+def kill_when(workdir, marker: str, delay: float = 0.0, saved_epoch: int | None = None) -> tuple[int, str]:
+    """Start a run, SIGKILL it `delay` seconds after `marker` appears on its stdout (with
+    `saved_epoch`: after checkpoints/vae.pt also holds that epoch); return the exit status
+    and everything the run printed before it died."""
     proc = subprocess.Popen([sys.executable, str(ENTRY), *ARGS], cwd=workdir, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    printed = []
     try:
         for line in proc.stdout:
+            printed.append(line)
             if marker in line:
+                if saved_epoch is not None:
+                    wait_for_checkpoint(workdir / "checkpoints/vae.pt", saved_epoch)
                 time.sleep(delay)
                 proc.send_signal(signal.SIGKILL)
                 break
-        return proc.wait(timeout=300)
+        code = proc.wait(timeout=300)
+        printed.append(proc.stdout.read())
+        return code, "".join(printed)
     finally:
         proc.kill()
+
+
+def wait_for_checkpoint(path, epoch: int, timeout: float = 120) -> None:
+    """Until `path` (replaced atomically by each save) holds `epoch`; read only when it changed."""
+    deadline, seen = time.time() + timeout, None
+    while time.time() < deadline:
+        stat = path.stat()
+        if (stat.st_ino, stat.st_mtime_ns) != seen:
+            seen = (stat.st_ino, stat.st_mtime_ns)
+            if torch.load(path, weights_only=True)["epoch"] == epoch:
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"{path} never held epoch {epoch}")
+
+
+def tree(workdir) -> dict[str, str]:
+    """sha256 of every file (and the name of every folder) under checkpoints/ and runs/."""
+    return {p.relative_to(workdir).as_posix(): "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for top in ("checkpoints", "runs") for p in sorted((workdir / top).rglob("*"))}
 
 
 def final_state(workdir):
@@ -56,21 +84,47 @@ def reference(tmp_path_factory):
     work = demo_workdir(tmp_path_factory.mktemp("reference"))
     result = run_cli(work, *ARGS)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert_config_printed_once(result.stdout)
     return final_state(work)
 
 
-@pytest.mark.parametrize("marker,delay", [
-    ("[VAE] epoch 3/6", 0.0),                 # at an epoch boundary (just after epoch 3)
-    ("[VAE] epoch 4/6", 0.25),                # inside epoch 5, after the epoch-4 checkpoint
-    ("[conditioner] epoch 3/5", 0.0),         # during the conditioner stage
+def assert_config_printed_once(stdout: str) -> None:
+    """The fully resolved configuration is printed once: every key, once, in the Config order,
+    with the values of this run (its --set overrides included)."""
+    import dataclasses
+
+    from modules.config import Config
+    lines = stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("  config: ")]
+    assert len(starts) == 1, stdout[:3000]
+    block = [lines[starts[0]][len("  config: "):]]
+    for line in lines[starts[0] + 1:]:
+        if not line.startswith("    "):
+            break
+        block.append(line[4:])
+    assert all(len(line) <= 100 for line in lines[starts[0]:starts[0] + len(block)])
+    pairs = [item.split("=", 1) for line in block for item in line.split()]
+    assert [k for k, _ in pairs] == [f.name for f in dataclasses.fields(Config)]
+    values = dict(pairs)
+    assert values["Training_epochs"] == "6" and values["Batch_size"] == "2" and values["use_ema"] == "1"
+    assert values["input_type"] == "csvs" and values["param_dir"] == "/input_data/params.csv"
+
+
+@pytest.mark.parametrize("marker,delay,saved_epoch", [
+    ("[VAE] epoch 3/6", 0.0, None),           # at an epoch boundary (just after epoch 3)
+    ("[VAE] epoch 4/6", 0.05, 4),             # inside epoch 5, after the epoch-4 checkpoint
+    ("[conditioner] epoch 3/5", 0.0, None),   # during the conditioner stage
 ], ids=["vae-epoch-boundary", "vae-mid-epoch", "conditioner"])
-def test_killed_run_resumes_to_the_same_weights_bitwise(tmp_path, reference, marker, delay):
+def test_killed_run_resumes_to_the_same_weights_bitwise(tmp_path, reference, marker, delay, saved_epoch):
     work = demo_workdir(tmp_path / "work")
-    code = kill_when(work, marker, delay)
+    code, printed = kill_when(work, marker, delay, saved_epoch)
     assert code == -signal.SIGKILL, "the run finished before it could be killed"
     interrupted = torch.load(work / "checkpoints/vae.pt", weights_only=True)
     if marker.startswith("[VAE]"):
         assert not interrupted["finished"]
+    if saved_epoch is not None:     # killed inside epoch 5: after the epoch-4 checkpoint, before epoch 5 ended
+        assert interrupted["epoch"] == saved_epoch
+        assert f"[VAE] epoch {saved_epoch + 1}/6" not in printed, "the kill came after epoch 5 had finished"
     result = run_cli(work, *ARGS, "--resume")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming at epoch" in result.stderr
@@ -80,39 +134,104 @@ def test_killed_run_resumes_to_the_same_weights_bitwise(tmp_path, reference, mar
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(workdir):
-    code = kill_when(workdir, "[VAE] epoch 3/6")
+    code, _ = kill_when(workdir, "[VAE] epoch 1/6")
     assert code == -signal.SIGKILL
-    before = (workdir / "checkpoints/vae.pt").read_bytes()
+    before = tree(workdir)
+    assert "checkpoints/vae.pt" in before and any(k.endswith("/config.json") for k in before)
     result = run_cli(workdir, *ARGS, "--set", "Latent_dim_end=16", "--resume")
     assert result.returncode == 2
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("error:") and "different architecture" in lines[-1] and "latent_dim_end" in lines[-1]
     assert "Traceback" not in result.stderr
-    assert (workdir / "checkpoints/vae.pt").read_bytes() == before
+    # Nothing of the interrupted run changed: not its checkpoints, not its run folder (config.json, events).
+    assert tree(workdir) == before
+
+
+def test_conditioner_resume_refuses_a_checkpoint_of_another_split(tmp_path):
+    """ConditionerTrainer itself checks the saved split on resume (as the VAE trainer does)."""
+    from dataclasses import replace
+
+    from helpers.context import ROOT, demo_context
+    from modules.errors import UserError
+    from modules.train_conditioner import ConditionerData, ConditionerInputs, ConditionerTrainer
+    keys = ["input_type=csvs", "param_dir=/input_data/params.csv", "n_epoch=2"]
+    ctx, _, train_idx, val_idx = demo_context(tmp_path, keys)
+    params = np.loadtxt(ROOT / "input_data/params.csv", delimiter=",", dtype=np.float32)
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(80, 32)).astype(np.float32), rng.normal(size=(80, 3, 8)).astype(np.float32)
+    data = ConditionerData.build(ConditionerInputs(params, []), *latents, ctx.device)
+    ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="v").fit()
+    saved = ctx.paths.conditioner.read_bytes()
+    same = ConditionerTrainer(replace(ctx, resume=True), data, train_idx, val_idx, vae_run_id="v")
+    same.fit()                                         # the same split: restored (finished, nothing to do)
+    assert same.finished and same.best_val < float("inf")
+    other_ctx, _, other_train, other_val = demo_context(tmp_path, [*keys, "seed=7"])
+    assert not np.array_equal(other_val, val_idx)
+    other = ConditionerTrainer(replace(other_ctx, resume=True), data, other_train, other_val, vae_run_id="v")
+    with pytest.raises(UserError, match="conditioner.pt used another train/validation split"):
+        other.fit()
+    assert ctx.paths.conditioner.read_bytes() == saved
+
+
+# The child's second save goes through the real atomic_write and torch.save into the real
+# temporary file, on a slow disk: 1 MiB pieces with a pause after each (about 2 s for 32 MB),
+# so the kill lands while the checkpoint is being written, not before or after.
+_SLOW_SAVE = """
+import io, sys, time, torch
+sys.path.insert(0, {root!r})
+from modules.checkpoint import atomic_write, save_torch
+
+class SlowDisk(io.RawIOBase):
+    def __init__(self, f):
+        self.f, self.pieces = f, 0
+    def writable(self):
+        return True
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), 1 << 20):
+            self.f.write(view[start:start + (1 << 20)])
+            self.f.flush()
+            self.pieces += 1
+            if self.pieces == 2:
+                print("writing", flush=True)
+            time.sleep(0.05)
+        return len(view)
+
+save_torch({{"version": 1, "w": torch.arange(10.)}}, {target!r})
+print("saved", flush=True)
+atomic_write({target!r}, lambda f: torch.save({{"version": 2, "w": torch.zeros({n})}}, SlowDisk(f)))
+print("replaced", flush=True)
+"""
 
 
 def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
     target = tmp_path / "state.pt"
-    script = (
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(ENTRY.parent)!r})\n"
-        "from modules.checkpoint import save_torch\n"
-        f"save_torch({{'version': 1, 'w': torch.arange(10.)}}, {str(target)!r})\n"
-        "print('saved', flush=True)\n"
-        f"save_torch({{'version': 2, 'w': torch.zeros(400_000_000)}}, {str(target)!r})\n"
-    )
+    n = 8_000_000                                    # 32 MB of float32
+    script = _SLOW_SAVE.format(root=str(ENTRY.parent), target=str(target), n=n)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "saved"
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".state.pt.*.tmp")) and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)
+    assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list(tmp_path.glob(".state.pt.*.tmp")), "the second save should have been under way"
+    assert proc.wait() == -signal.SIGKILL
+    assert "replaced" not in proc.stdout.read()
+    partial = list(tmp_path.glob(".state.pt.*.tmp"))
+    assert len(partial) == 1, "the second save should have been under way"
+    assert 0 < partial[0].stat().st_size < 4 * n, "the kill should have come in the middle of the write"
     from modules.checkpoint import load_torch
     state = load_torch(target, "checkpoint", "retrain")
     assert state["version"] == 1 and torch.equal(state["w"], torch.arange(10.))
+
+
+def test_a_write_that_cannot_happen_is_a_clear_error_naming_the_path(tmp_path):
+    from modules.checkpoint import save_torch
+    from modules.errors import UserError
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(UserError) as exc:
+        save_torch({"w": torch.zeros(3)}, tmp_path / "a_file" / "sub" / "c.pt")
+    message = str(exc.value)
+    assert "\n" not in message and f"cannot write {tmp_path / 'a_file' / 'sub' / 'c.pt'}" in message
+    assert f"{tmp_path / 'a_file'} is a file, not a folder" in message
+    assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
 def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):

@@ -1,4 +1,5 @@
-"""Schedules are pure functions of the epoch; they must match the original's torch schedulers."""
+"""Schedules are pure functions of the epoch; they must match the original's torch schedulers.
+At stage level, the scheduled values and each logged epoch's wall time reach TensorBoard."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
+from helpers.stages import conditioner_stage
 from modules.config import Preset, parse_condition
 from modules.distributed import DistInfo
+from modules.monitor import Monitor
 from modules.run import Paths, RunContext
 from modules.schedules import cosine_warm_restarts, kl_weight, progressive_dropout, warmup_cosine
 
@@ -177,3 +180,28 @@ def test_progressive_dropout_linear_from_point_three_to_point_one():
 
 def test_progressive_dropout_single_epoch():
     assert 0.1 <= progressive_dropout(0, 1) <= 0.3
+
+
+# -----------------------------------------------------------------------------
+# what a stage logs
+
+
+def test_each_logged_epoch_writes_its_schedule_and_wall_time_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ctx, trainer = conditioner_stage(tmp_path, ["n_epoch=3", "log_every=1"])
+    ctx.monitor = Monitor(tmp_path / "tb", True)
+    trainer.fit()
+    ctx.monitor.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"conditioner/lr", "conditioner/train_loss", "conditioner/val_loss", "conditioner/epoch_time_s"} <= tags
+    lrs = events.Scalars("conditioner/lr")
+    assert [e.value for e in lrs] == pytest.approx(trainer.history["lr"], rel=1e-6)
+    times = events.Scalars("conditioner/epoch_time_s")
+    assert [e.step for e in times] == [1, 2, 3]
+    assert all(e.value > 0 for e in times)
+    # The epochs' times add up to the stage's recorded training time.
+    assert sum(e.value for e in times) == pytest.approx(trainer.seconds, rel=1e-5)
+    assert "epoch_time_s" not in trainer.history        # the history stays free of timings

@@ -379,6 +379,68 @@ def test_level_kl_only_counts_when_vectors_are_given(small_vae, x):
     assert kl_post.item() > 0 and kl_prior.item() == 0.0
 
 
+def _capture_level_parameters(model):
+    """Forward hooks on the nets that produce each level's prior and posterior shift, the
+    residual blocks (h) and the up blocks (whose input is h + z of the previous level)."""
+    dec, seen = model.decoder, {"prior": {}, "delta": {}, "h": {}, "up_in": {}, "head": []}
+    hooks = [model.encoder.head.register_forward_hook(lambda m, a, out: seen["head"].append(out.chunk(2, dim=1)))]
+    for i in range(dec.num_levels):
+        hooks += [
+            dec.condition_z[i].register_forward_hook(lambda m, a, out, i=i: seen["prior"].__setitem__(i, out.chunk(2, dim=1))),
+            dec.condition_xz[i].register_forward_hook(lambda m, a, out, i=i: seen["delta"].__setitem__(i, out.chunk(2, dim=1))),
+            dec.res_blocks[i].register_forward_hook(lambda m, a, out, i=i: seen["h"].__setitem__(i, out)),
+            dec.up_blocks[i].register_forward_pre_hook(lambda m, a, i=i: seen["up_in"].__setitem__(i, a[0])),
+        ]
+    return seen, hooks
+
+
+@pytest.fixture(scope="module")
+def wide_prior_vae():
+    # At initialisation the prior log-variances are all near 0, so a posterior that forgot the
+    # prior's variance would look the same; offsets make them clearly differ (prior σ² ≈ e^1.5,
+    # posterior shift Δlog σ² ≈ -1).
+    torch.manual_seed(0)
+    model = HierarchicalVAE(N, T, F, LEND, LD, small=True).eval()
+    with torch.no_grad():
+        for prior_net, posterior_net in zip(model.decoder.condition_z, model.decoder.condition_xz):
+            c = prior_net[-1].bias.shape[0] // 2
+            prior_net[-1].bias[c:] += 1.5
+            posterior_net[-1].bias[c:] -= 1.0
+    return model
+
+
+@pytest.mark.parametrize("mode", ["random", "fix"])
+def test_decoder_kl_is_the_kl_of_the_distributions_it_samples_from(wide_prior_vae, x, mode):
+    model = wide_prior_vae
+    seen, hooks = _capture_level_parameters(model)
+    try:
+        torch.manual_seed(3)
+        out = model(x * 3, mode=mode)
+    finally:
+        for h in hooks:
+            h.remove()
+    consumed = model.num_levels - 1                      # L-2 levels draw a posterior z
+    assert sorted(seen["prior"]) == sorted(seen["delta"]) == list(range(consumed))
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(consumed):
+        (mu_p, lv_p), (d_mu, d_lv) = seen["prior"][i], seen["delta"][i]
+        prior = Normal(mu_p.double(), torch.exp(0.5 * lv_p.double()))
+        posterior = Normal((mu_p + d_mu).double(), torch.exp(0.5 * (lv_p + d_lv).double()))
+        total += kl_divergence(posterior, prior).flatten(1).sum(1).mean()
+        # the next level's input is h + z, z drawn from that same posterior
+        z = (seen["up_in"][i + 1] - seen["h"][i]).double()
+        if mode == "fix":
+            torch.testing.assert_close(z, posterior.mean, rtol=0, atol=1e-5)
+        else:
+            eps = (z - posterior.mean) / posterior.stddev
+            assert abs(eps.mean().item()) < 0.1 and eps.std().item() == pytest.approx(1.0, abs=0.1)
+    assert out.kl_levels.item() > 1.0
+    assert out.kl_levels.item() == pytest.approx(total.item(), rel=1e-4)
+    mu, log_var = seen["head"][0]
+    main = kl_divergence(Normal(mu.double(), torch.exp(0.5 * log_var.double())), Normal(0.0, 1.0))
+    assert out.kl_main.item() == pytest.approx(main.sum(1).mean().item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("filters", [(64, 32, 16, 8), (16, 8), (32, 16, 8)])
 def test_unused_parameters_are_exactly_those_without_gradient(filters):
     torch.manual_seed(0)
