@@ -224,6 +224,16 @@ def build_from_checkpoint(build: Callable[[dict], torch.nn.Module], state: dict,
                         f"({reason}); delete it and {how_to_make}{_previous_hint(Path(path))}.") from None
 
 
+def check_architecture(saved: dict, current: dict, path: str | Path) -> None:
+    """A resumed stage must build the network its checkpoint was trained with."""
+    if saved != current:
+        keys = sorted(set(saved) | set(current))
+        diff = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+                         for k in keys if saved.get(k) != current.get(k))
+        raise UserError(f"{path} was trained with a different architecture ({diff}); "
+                        f"restore the config it was made with, or start afresh without --resume.")
+
+
 def check_same_split(saved_split: dict, val_idx, path: str | Path) -> None:
     """A resumed stage must validate on the runs it was trained to validate on."""
     if not torch.equal(saved_split["val"], torch.as_tensor(val_idx, dtype=torch.long)):

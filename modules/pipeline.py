@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules.checkpoint import (build_from_checkpoint, check_same_split, check_state_dict, ensure_writable,
-                               load_checkpoint, load_model_state, load_npz, save_json, save_npz, seed_everything)
+from modules.checkpoint import (build_from_checkpoint, check_architecture, check_same_split, check_state_dict,
+                               ensure_writable, load_checkpoint, load_model_state, load_npz, save_json, save_npz,
+                               seed_everything)
 from modules.config import Config, Preset
 from modules.data import FieldScaler, FieldStore, check_dataset, find_dataset, open_dataset, reduce, split_indices
 from modules.distributed import barrier, init_distributed
@@ -169,11 +170,7 @@ def _check_checkpoints_fit(ctx: RunContext, flags: Flags, vae_state: dict | None
 
 def _check_resumable(state: dict, path: Path, what: str, architecture: dict, build, val_idx: np.ndarray,
                      hint: str) -> None:
-    from modules.stage import _describe_difference
-    if state["architecture"] != architecture:
-        raise UserError(f"{path} was trained with a different architecture "
-                        f"({_describe_difference(state['architecture'], architecture)}); "
-                        f"restore the config it was made with, or start afresh without --resume.")
+    check_architecture(state["architecture"], architecture, path)
     check_same_split(state["extra"]["split"], val_idx, path)
     _check_weights(build, state, path, what, hint, ("model", "export"))
 

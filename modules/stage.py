@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from modules.checkpoint import clean_state_dict, load_torch, rng_state, save_torch, set_rng_state
+from modules.checkpoint import (check_architecture, clean_state_dict, load_checkpoint, rng_state, save_torch,
+                               set_rng_state)
 from modules.distributed import barrier
 from modules.engine import Batch, EpochResult, TrainingEngine
 from modules.errors import UserError
@@ -77,7 +78,7 @@ class StageTrainer:
     def progress_values(self, train: dict[str, float], val: dict[str, float] | None, sched: dict[str, float]) -> dict:
         values = {"loss": train["loss"]}
         if val:
-            values["val"] = next(iter(val.values()))
+            values["val"] = val["loss"] if "loss" in val else next(iter(val.values()))
         values.update(sched)
         return values
 
@@ -101,13 +102,8 @@ class StageTrainer:
         barrier()
 
     def load(self) -> dict:
-        state = load_torch(self.checkpoint, f"{self.title} checkpoint", self.how_to_make)
-        if state.get("kind") != self.stage or "model" not in state:
-            raise UserError(f"{self.checkpoint} is not a {self.title} checkpoint; delete it and {self.how_to_make}.")
-        if state.get("architecture") != self.architecture:
-            diff = _describe_difference(state.get("architecture") or {}, self.architecture)
-            raise UserError(f"{self.checkpoint} was trained with a different architecture ({diff}); "
-                            f"restore the config it was made with, or start afresh without --resume.")
+        state = load_checkpoint(self.checkpoint, self.stage, f"{self.title} checkpoint", self.how_to_make)
+        check_architecture(state["architecture"], self.architecture, self.checkpoint)
         return state
 
     def restore(self, state: dict) -> int:
@@ -197,9 +193,3 @@ class StageTrainer:
         self.lr_scale *= 0.5
         log.warning("%s; rolled back to the checkpoint of epoch %d with the learning rate halved", where, restored)
         return restored
-
-
-def _describe_difference(saved: dict, current: dict) -> str:
-    keys = sorted(set(saved) | set(current))
-    parts = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
-    return "; ".join(parts) or "unknown difference"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.augment import ConditionerAugmentation
-from modules.checkpoint import clean_state_dict, save_npz
+from modules.checkpoint import check_same_split, clean_state_dict, save_npz
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
 from modules.conditioners import build_from_architecture, set_dropout_rate
 from modules.data import FieldStore
@@ -188,15 +188,6 @@ class ConditionerTrainer(StageTrainer):
             self.bad_epochs += 1
         return self.bad_epochs >= self.ctx.cfg.lc_patience
 
-    def progress_values(self, train, val, sched):
-        # The base class shows the first validation metric, which (sorted) is `hier` here, or
-        # `field_mse` in the e2e phase: show the loss that early stopping and best weights use.
-        values = {"loss": train["loss"]}
-        if val:
-            values["val"] = val["loss"]
-        values.update(sched)
-        return values
-
     def export_state(self) -> dict[str, torch.Tensor]:
         return self.best_state if self.best_state is not None else super().export_state()
 
@@ -205,7 +196,6 @@ class ConditionerTrainer(StageTrainer):
                 "split": {"train": self.train_idx.clone(), "val": self.val_idx.clone()}}
 
     def load_extra_state(self, state: dict) -> None:
-        from modules.checkpoint import check_same_split
         check_same_split(state["split"], self.val_idx, self.checkpoint)
         self.best_val, self.bad_epochs = state["best_val"], state["bad_epochs"]
 

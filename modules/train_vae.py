@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.augment import SeriesAugmentation, stretch_copy
-from modules.checkpoint import save_npz
+from modules.checkpoint import check_same_split, save_npz
 from modules.config import LOSS_TYPES
 from modules.data import FieldStore
 from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
@@ -138,9 +138,7 @@ class VAETrainer(StageTrainer):
                 "initial_val": self.initial_val}
 
     def load_extra_state(self, state: dict) -> None:
-        if not torch.equal(state["split"]["val"], self.val_idx):
-            raise UserError(f"{self.checkpoint} used another train/validation split (seed, val_split or Dim1 changed); "
-                            "restore them, or start afresh without --resume.")
+        check_same_split(state["split"], self.val_idx, self.checkpoint)
         self.initial_val = state.get("initial_val")
 
     def fit(self) -> None:

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ROOT / "SimulGen-VAE.py"
@@ -35,3 +36,13 @@ def run_cli(workdir: Path, *args: str, timeout: float = 600) -> subprocess.Compl
 @pytest.fixture
 def workdir(tmp_path):
     return demo_workdir(tmp_path / "work")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads buy nothing, and on a busy 2-core machine OpenMP barriers
+    waiting for a preempted thread made each forward up to ~200x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

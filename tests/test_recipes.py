@@ -24,13 +24,7 @@ CSV_INPUTS = ["input_type=csvs", "param_dir=/input_data/params.csv"]
 AUG_PROBS = ("noise", "scale", "shift", "mixup", "cutout")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # small tensors on a shared 2-core machine: extra intra-op threads only wait on each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def csv_params() -> np.ndarray:
@@ -233,14 +227,19 @@ def test_conditioner_progress_line_shows_the_validation_loss(tmp_path):
     assert shown["val"] == val["loss"]              # not one part of it (`hier` sorts first)
 
 
+def random_latent_trainer(ctx, train_idx, val_idx) -> ConditionerTrainer:
+    """An MLP conditioner trainer on the demo's parameters with random latent targets."""
+    rng = np.random.default_rng(1)
+    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, 32)).astype(np.float32),
+                                 rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
+    return ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
+
+
 @pytest.mark.parametrize("smoothing", [0.2, 0.0])
 def test_conditioner_label_smoothing_shrinks_the_targets_towards_zero(tmp_path, smoothing):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + [
         f"lc_label_smoothing={smoothing}", "lc_label_noise=0", "lc_mixup_prob=0", "lc_input_noise_prob=0"])
-    rng = np.random.default_rng(1)
-    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, 32)).astype(np.float32),
-                                 rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
-    trainer = ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
+    trainer = random_latent_trainer(ctx, train_idx, val_idx)
     batch = trainer._batch(trainer.train_idx)
     x, y_main, y_hier = trainer.transform(batch)
     assert torch.equal(x, batch[0])
@@ -253,10 +252,7 @@ def test_conditioner_label_smoothing_shrinks_the_targets_towards_zero(tmp_path, 
 def test_conditioner_label_noise_has_the_configured_std(tmp_path):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + [
         "lc_label_smoothing=0.2", "lc_label_noise=0.05", "lc_mixup_prob=0", "lc_input_noise_prob=0"])
-    rng = np.random.default_rng(1)
-    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, 32)).astype(np.float32),
-                                 rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
-    trainer = ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
+    trainer = random_latent_trainer(ctx, train_idx, val_idx)
     batch = trainer._batch(trainer.train_idx)
     _, y_main, y_hier = trainer.transform(batch)
     noise = torch.cat([(y_main - 0.8 * batch[1]).flatten(), (y_hier - 0.8 * batch[2]).flatten()])

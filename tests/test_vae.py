@@ -49,14 +49,7 @@ def n_convs(m: nn.Module) -> int:
     return sum(isinstance(s, (nn.Conv1d, nn.ConvTranspose1d)) for s in m.modules())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tensors here are tiny: intra-op threads buy nothing, and on a busy 2-core
-    # machine OpenMP barriers waiting for a preempted thread made each forward ~200x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["small", "large"])
