@@ -57,6 +57,7 @@ class Progress:
         self.first_epoch = first_epoch
         self.started = time.perf_counter()
         self.bar = None
+        self.shown: dict[str, str] = {}     # the latest value of every field (validation runs only now and then)
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=epochs, initial=first_epoch, desc=stage, unit="epoch",
@@ -66,7 +67,8 @@ class Progress:
         """`epoch` is 0-based and just finished."""
         if not self.enabled:
             return
-        text = {k: _fmt(v) for k, v in values.items()}
+        self.shown.update({k: _fmt(v) for k, v in values.items()})
+        text = self.shown
         if self.bar is not None:
             self.bar.set_postfix(text, refresh=False)
             self.bar.update(1)

@@ -205,3 +205,44 @@ def test_each_logged_epoch_writes_its_schedule_and_wall_time_to_tensorboard(tmp_
     # The epochs' times add up to the stage's recorded training time.
     assert sum(e.value for e in times) == pytest.approx(trainer.seconds, rel=1e-5)
     assert "epoch_time_s" not in trainer.history        # the history stays free of timings
+
+
+def test_plain_progress_lines_keep_the_latest_validation_value(capsys):
+    """In a log (not a terminal) a line every log_every epochs; validation values, which come
+    only every few epochs, stay on the lines in between with their latest value."""
+    from modules.monitor import Progress
+
+    progress = Progress("vae", 0, 20, True, 5)
+    progress.update(0, {"loss": 2.0, "val": 1.5})
+    for epoch in range(1, 10):
+        progress.update(epoch, {"loss": 1.0 - epoch / 100})
+    progress.update(10, {"loss": 0.5, "val": 0.25})
+    for epoch in range(11, 20):
+        progress.update(epoch, {"loss": 0.4})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines] == ["1/20", "5/20", "10/20", "15/20", "20/20"]
+    assert "loss=2.0000 val=1.5000" in lines[0]
+    assert "loss=0.9600 val=1.5000" in lines[1] and "loss=0.9100 val=1.5000" in lines[2]
+    assert "val=0.2500" in lines[3] and "val=0.2500" in lines[4] and "loss=0.4000" in lines[4]
+
+
+def test_terminal_progress_bar_shows_epoch_losses_beta_lr_and_eta(monkeypatch):
+    import io
+    import sys
+
+    from modules.monitor import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    progress = Progress("vae", 0, 50, True, 10)
+    for epoch in range(3):
+        progress.update(epoch, {"loss": 1.25, "val_recon": 0.5, "beta": 1e-4, "lr": 1e-3})
+    progress.close()
+    final = screen.getvalue().split("\r")[-1]
+    assert "vae" in final and "3/50" in final and "epoch" in final
+    assert "loss=1.2500" in final and "val_recon=0.5000" in final and "beta=1.000e-04" in final and "lr=1.000e-03" in final
+    assert "<" in final               # tqdm's elapsed<remaining: the ETA
