@@ -202,6 +202,14 @@ def run_worker(script: Path, spec: dict, timeout: float = 1800, env: dict | None
     return json.loads(result_path.read_text())
 
 
+def write_report(path: str | Path, report: dict) -> None:
+    """Write a benchmark's JSON report (creating its folder) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(f"wrote {path}")
+
+
 def median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None

@@ -186,10 +186,7 @@ def main(argv=None) -> int:
     print(f"peak RSS {peak / 2**30:.2f} GiB (anonymous ≤ {res['peak_sampled'].get('RssAnon', 0) / 2**30:.2f} GiB, "
           f"mapped file pages ≤ {res['peak_sampled'].get('RssFile', 0) / 2**30:.2f} GiB); scaled copy held: "
           f"{'yes' if res['store_preloaded'] or res['store_tensor_bytes'] else 'no'}")
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path}")
+    C.write_report(args.json, report)
     return 0
 
 

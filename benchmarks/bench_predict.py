@@ -12,7 +12,6 @@ Surrogate exactly as `--predict` does, and times Surrogate.fields, which include
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -100,10 +99,7 @@ def main(argv=None) -> int:
               f"batch 64: {row['batch64_runs_per_s']:8.1f} runs/s", flush=True)
     report = {"machine": C.machine(), "load_average_before": C.load_average(), "code_root": args.code_root,
               "precision": "fp32", "rows": rows, "warning": warning}
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-    print(f"wrote {path}")
+    C.write_report(args.json, report)
     return 0
 
 

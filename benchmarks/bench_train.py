@@ -261,10 +261,7 @@ def main(argv=None) -> int:
     report = measure(args)
     text = table(report)
     print(text)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(report, table=text), indent=1))
-    print(f"wrote {path}")
+    C.write_report(args.json, dict(report, table=text))
     return 0
 
 

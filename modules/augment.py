@@ -58,7 +58,7 @@ class SeriesAugmentation:
         if self.shift_prob > 0 and self.shift_max > 0:
             shift = self._shifts(B, T, dev)
             shift = torch.where(chosen(self.shift_prob), shift, torch.zeros_like(shift))
-            x = torch.gather(x, 2, self._rolled_steps(shift, T).expand_as(x))    # per-sample roll in time
+            x = _roll(x, shift)
         if self.cutout_prob > 0 and self.cutout_max > 0:
             window = self._cutout_windows(B, T, dev) & chosen(self.cutout_prob)
             x = x.masked_fill(window, 0.0)
@@ -98,8 +98,7 @@ class SeriesAugmentation:
             shift = self._shifts(B, T, x.device)
             r = rows(self.shift_prob)
             if len(r):
-                sub = out[r]
-                out[r] = torch.gather(sub, 2, self._rolled_steps(shift[r], T).expand_as(sub))
+                out[r] = _roll(out[r], shift[r])
         if self.cutout_prob > 0 and self.cutout_max > 0:
             window = self._cutout_windows(B, T, x.device)
             r = rows(self.cutout_prob)
@@ -122,11 +121,6 @@ class SeriesAugmentation:
         largest = max(1, int(self.shift_max * T))          # at least one step when switched on
         return torch.randint(-largest, largest + 1, (B, 1, 1), device=dev)
 
-    @staticmethod
-    def _rolled_steps(shift: torch.Tensor, T: int) -> torch.Tensor:
-        steps = torch.arange(T, device=shift.device).view(1, 1, T)
-        return (steps - shift) % T                          # (b, 1, T)
-
     def _cutout_windows(self, B: int, T: int, dev) -> torch.Tensor:
         longest = max(1, int(self.cutout_max * T))
         length = torch.randint(1, longest + 1, (B, 1, 1), device=dev)
@@ -143,8 +137,14 @@ def stretch_copy(x: torch.Tensor, generator: torch.Generator, noise_level: float
     noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x)
     largest = max(1, int(shift_max * T)) if shift_max > 0 else 0     # shift_max 0: no shift at all
     shift = torch.randint(-largest, largest + 1, (B, 1, 1), generator=generator).to(x.device)
+    return _roll(x, shift) + noise_level * noise
+
+
+def _roll(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Roll each run of x (B, N, T) in time by its own number of steps, shift (B, 1, 1)."""
+    T = x.shape[-1]
     steps = torch.arange(T, device=x.device).view(1, 1, T)
-    return torch.gather(x, 2, ((steps - shift) % T).expand_as(x)) + noise_level * noise
+    return torch.gather(x, 2, ((steps - shift) % T).expand_as(x))
 
 
 @dataclass(frozen=True)

@@ -215,7 +215,6 @@ IGNORED_KEYS = {"RESERVED"}
 ALIASES = {"pinn_lr": "latent_conditioner_lr", "pinn_batch": "latent_conditioner_batch",
            "pinn_weight_decay": "latent_conditioner_weight_decay",
            "pinn_dropout_rate": "latent_conditioner_dropout_rate"}
-# Keys that decide the shape of the saved networks; a checkpoint must agree on them.
 
 
 def _convert(name: str, raw: str, where: str) -> Any:

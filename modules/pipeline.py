@@ -112,10 +112,10 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     if dist_info.is_main:
         _print_config(ctx, data_path)
 
-    summary: dict = {"run_id": run_id}
     started = time.perf_counter()
     scaler = _field_scaler(ctx, runs, flags.lc_only)
     store = FieldStore(runs, scaler, preload=flags.load_all, device=device, pin_memory=device.type == "cuda")
+    summary: dict = {"run_id": run_id, "dataset_preloaded": store.preloaded}
 
     if flags.lc_only:
         latents = load_npz(paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))

@@ -79,12 +79,13 @@ def main(workdir: str, out: str) -> None:
     store._data = store._data.double()          # float64 batches for the float64 models
 
     vae = VAETrainer(ctx, store, train_idx, val_idx)
+    beta = vae.beta                             # a tensor the trainer fills in place each epoch
 
     def posterior_mean_loss(net, batch):
         x = batch[0]
         o = net(x, mode="fix")
         recon = F.mse_loss(o.x_hat, x)
-        return cfg.alpha * recon + vae.beta * (o.kl_main + o.kl_levels), {"recon": recon.detach()}
+        return cfg.alpha * recon + beta * (o.kl_main + o.kl_levels), {"recon": recon.detach()}
 
     vae.engine.loss_fn = posterior_mean_loss
     vae.fit()
