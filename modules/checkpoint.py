@@ -133,8 +133,7 @@ _STAGE_ENTRIES: dict[str, type | tuple[type, ...]] = {
     "run": dict, "extra": dict}
 _KIND_NAMES = {"vae": "VAE", "conditioner": "conditioner", "conditioner_e2e": "end-to-end conditioner"}
 # Entries of `extra` each kind's trainer reads back on resume.
-_EXTRA_ENTRIES = {"vae": ("split",), "conditioner": ("split", "best_val", "bad_epochs", "vae_run_id"),
-                  "conditioner_e2e": ("split", "best_val", "bad_epochs", "vae_run_id")}
+_EXTRA_ENTRIES = {"vae": ("split",), "conditioner": ("split", "vae_run_id"), "conditioner_e2e": ("split", "vae_run_id")}
 
 
 def load_checkpoint(path: str | Path, kind: str, what: str, how_to_make: str) -> dict:

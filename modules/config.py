@@ -97,6 +97,12 @@ class Config:
     # --- data and run --------------------------------------------------------------------
     dataset_dir: str = _key("", section=_RUN,
                             help="folder of dataset<d>.npy / .pickle (default: the working directory)")
+    recipe: str = _key("default", choices=("default", "original"), section=_RUN,
+                       help="original: every optional key the file does not set takes the original v1.4.3's value "
+                            "instead of the port's default (README, 'Recipes')")
+    baseline: bool = _key(True, section=_RUN,
+                          help="fit the classical POD + GPR baseline on the training runs and report it beside the "
+                               "surrogate (skipped when the training fields exceed 2 GiB)")
     seed: int = _key(42, lo=0, section=_RUN, help="seed of every RNG and of the data split")
     val_split: float = _key(0.2, lo=0.0, hi=0.9, lo_open=True, section=_RUN,
                             help="fraction of runs held out for validation")
@@ -120,7 +126,33 @@ class Config:
     lr_restart_mult: int = _key(2, lo=1, section=_VAE, help="cosine-restart period multiplier")
     lr_min_factor: float = _key(1e-4, lo=0.0, hi=1.0, section=_VAE,
                                 help="minimum LR as a fraction of LearningR")
-    output_norm: bool = _key(True, section=_VAE,
+    field_scaling: str = _key("centered", choices=("centered", "minmax"), section=_VAE,
+                              help="centered: subtract the training runs' mean field, one scale for the whole field; "
+                                   "minmax: the original's per-node min-max to [-0.9, 0.9]")
+    kl_normalize: str = _key("values", choices=("values", "none"), section=_VAE,
+                             help="values: divide the KL term by the N·T field values of a run, so the balance of "
+                                  "alpha·recon (a mean over values) and beta·KL does not depend on the mesh size; "
+                                  "none: the original's per-run KL, under which large meshes collapse the posterior")
+    latent_target: str = _key("mu", choices=("mu", "draw"), section=_VAE,
+                              help="conditioner targets: the encoder's mean mu, or the original's best of Recon_iter "
+                                   "random draws")
+    vae_keep_best: bool = _key(True, section=_VAE,
+                               help="export the VAE weights of the best validation reconstruction (0: the last epoch's)")
+    lr_schedule: str = _key("cosine", choices=("cosine", "restarts"), section=_VAE,
+                            help="VAE LR: one cosine decay to LearningR*lr_min_factor, or the original's warm restarts")
+    logvar_init: float = _key(-8.0, section=_VAE,
+                              help="initial log-variance of the posterior and the level priors (0: the original's "
+                                   "unit variance)")
+    linear_modes: int = _key(64, lo=0, section=_VAE,
+                             help="a linear POD encoder/decoder beside the networks through this many frame modes, "
+                                  "started as the POD of the training runs (0: the original network alone)")
+    pod_init: bool = _key(True, section=_VAE,
+                          help="start the encoder's first and the decoder's last 1×1 convolution from the leading "
+                               "POD modes of the training snapshots (0: the original's random He initialisation)")
+    vae_norm: str = _key("group", choices=("group", "none"), section=_VAE,
+                         help="normalisation inside the VAE's blocks: the original's GroupNorm, or none")
+    spectral_norm: bool = _key(True, section=_VAE, help="spectral normalisation of every VAE Conv/Linear (the original's)")
+    output_norm: bool = _key(False, section=_VAE,
                              help="GroupNorm on the decoder's output (the original's); 0 removes it, which "
                                   "fields whose runs differ mainly in amplitude need")
     val_every: int = _key(10, lo=1, section=_VAE,
@@ -156,7 +188,7 @@ class Config:
                                   help="warm-up starts at this fraction of the LR")
     lc_lr_min: float = _key(1e-8, lo=0.0, section=_LC, help="LR at the end of the cosine decay")
     lc_grad_clip: float = _key(1.0, lo=0.0, section=_LC, help="gradient-norm clip (0 = off)")
-    lc_label_smoothing: float = _key(0.2, lo=0.0, hi=1.0, section=_LC,
+    lc_label_smoothing: float = _key(0.0, lo=0.0, hi=1.0, section=_LC,
                                      help="shrink latent targets towards 0 by this fraction")
     lc_label_noise: float = _key(0.01, lo=0.0, section=_LC, help="std of noise added to the targets")
     lc_mixup_prob: float = _key(0.15, lo=0.0, hi=1.0, section=_LC, help="mixup probability")
@@ -165,7 +197,7 @@ class Config:
     lc_input_noise: float = _key(0.01, lo=0.0, section=_LC, help="input-noise std")
     lc_image_aug_prob: float = _key(0.8, lo=0.0, hi=1.0, section=_LC,
                                     help="probability of outline-safe image augmentation (flip, ±1-px shift)")
-    lc_flip_prob: float = _key(0.5, lo=0.0, hi=1.0, section=_LC,
+    lc_flip_prob: float = _key(0.0, lo=0.0, hi=1.0, section=_LC,
                                help="horizontal-flip probability within image augmentation "
                                     "(set 0 when a mirrored geometry gives a different field)")
     lc_patience: int = _key(20000, lo=1, section=_LC,
@@ -209,6 +241,14 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# `recipe original`: the original v1.4.3's values of the optional keys whose port default differs
+# (measured on benchmarks/accuracy/; README, "Recipes").
+ORIGINAL_RECIPE: dict[str, Any] = {
+    "field_scaling": "minmax", "kl_normalize": "none", "latent_target": "draw", "vae_keep_best": False, "lr_schedule": "restarts",
+    "spectral_norm": True, "output_norm": True, "pod_init": False, "logvar_init": 0.0, "linear_modes": 0, "lc_label_smoothing": 0.2,
+    "lc_flip_prob": 0.5,
+}
+assert set(ORIGINAL_RECIPE) <= set(FIELDS)
 # Keys the original's files carry that have no meaning here.
 IGNORED_KEYS = {"RESERVED"}
 # The original's conditioner keys had earlier names ("pinn_*"); accept them.
@@ -324,9 +364,12 @@ def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         raw[key] = (value, f"--set {key}={value}")
 
     values: dict[str, Any] = {}
+    original = "recipe" in raw and _convert("recipe", *raw["recipe"]) == "original"
     for name, f in FIELDS.items():
         if name in raw:
             values[name] = _convert(name, raw[name][0], raw[name][1])
+        elif original and name in ORIGINAL_RECIPE:
+            values[name] = ORIGINAL_RECIPE[name]
         elif f.metadata["required"]:
             raise UserError(f"{path}: required key '{name}' is missing; add a line '{name} <value>' ({f.metadata['help']}).")
     cfg = Config(**values)

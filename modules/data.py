@@ -281,78 +281,151 @@ def split_indices(num_runs: int, val_fraction: float, seed: int) -> tuple[np.nda
 # ----------------------------------------------------------------------------- scaling
 
 class FieldScaler:
-    """Per-node min-max scaling of the field to [-0.9, 0.9], over all runs and time steps.
+    """Affine scaling of the field, x_scaled = (x − offset) / scale, in one of two kinds.
+
+    minmax    the original's: per node, min-max over all runs and time steps to [-0.9, 0.9]
+              (offset (1, N'), scale (1, N')). Nodes whose value never changes map to 0
+              and back to their constant exactly.
+    centered  the port's default: the training runs' mean field is subtracted (offset
+              (T', N')) and one scale for the whole field maps the largest training
+              deviation to 0.9 (scale (1, 1)). The network then models only how runs
+              differ from each other, in units where its loss is the physical MSE; with
+              minmax the shared transient fills the range and a few-% difference between
+              runs is near the noise floor (benchmarks/accuracy/NOTES.md).
 
     `transform` / `inverse_transform` accept numpy arrays and torch tensors. The node axis
-    is `node_axis` (default -2, the model layout (..., N, T)); pass node_axis=-1 for the
-    disk layout (..., T, N). Nodes whose value never changes map to 0 and back to their
-    constant exactly.
+    is `node_axis` (default -2, the model layout (..., N, T), time last); pass
+    node_axis=-1 for the disk layout (..., T, N).
     """
 
     LOW, HIGH = -0.9, 0.9
+    KINDS = ("centered", "minmax")
 
-    def __init__(self, data_min: np.ndarray, data_max: np.ndarray):
-        self.data_min = np.asarray(data_min, dtype=np.float64)   # (N',)
-        self.data_max = np.asarray(data_max, dtype=np.float64)   # (N',)
-        if self.data_min.shape != self.data_max.shape or self.data_min.ndim != 1:
-            raise ValueError(f"data_min {self.data_min.shape} and data_max {self.data_max.shape} "
-                             f"must be equal 1-D shapes")
-        self._mid = (self.data_max + self.data_min) / 2
-        self._half = (self.data_max - self.data_min) / (self.HIGH - self.LOW)
-        self._inv_half = 1.0 / np.where(self._half > 0, self._half, 1.0)
+    def __init__(self, offset: np.ndarray, scale: np.ndarray, kind: str = "minmax"):
+        self.offset = np.atleast_2d(np.asarray(offset, dtype=np.float64))  # (T' or 1, N')
+        scale = np.atleast_2d(np.asarray(scale, dtype=np.float64))         # (1, N') or (1, 1)
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        if self.offset.ndim != 2 or scale.ndim != 2 or scale.shape[0] != 1 \
+                or scale.shape[1] not in (1, self.offset.shape[1]):
+            raise ValueError(f"offset {self.offset.shape} must be (T, N) or (1, N), scale {scale.shape} (1, N) or (1, 1)")
+        self.kind = kind
+        self.scale = scale                     # 0 where a node never changes: every output maps back to it
+        self._inv_scale = 1.0 / np.where(scale > 0, scale, 1.0)
         self._torch_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
     @classmethod
+    def from_min_max(cls, data_min: np.ndarray, data_max: np.ndarray) -> FieldScaler:
+        data_min, data_max = np.asarray(data_min, np.float64), np.asarray(data_max, np.float64)
+        if data_min.shape != data_max.shape or data_min.ndim != 1:
+            raise ValueError(f"data_min {data_min.shape} and data_max {data_max.shape} must be equal 1-D shapes")
+        return cls(((data_max + data_min) / 2)[None], ((data_max - data_min) / (cls.HIGH - cls.LOW))[None], "minmax")
+
+    @classmethod
+    def fit(cls, array: np.ndarray, kind: str, train_idx=None, runs_chunk: int | None = None) -> FieldScaler:
+        """Fit on (P, T', N') in streaming passes over chunks of runs (a memmap is never read
+        whole): `minmax` over every run, as the original; `centered` over `train_idx` only, so
+        the validation runs stay unseen."""
+        if kind == "minmax":
+            return cls.fit_streaming(array, runs_chunk)
+        runs = np.arange(array.shape[0]) if train_idx is None else np.sort(np.asarray(train_idx, dtype=np.int64))
+        step = runs_chunk or _runs_per_chunk(array)
+        total = np.zeros(array.shape[1:], dtype=np.float64)
+        for chunk in _chunks(array, runs, step):
+            total += chunk.sum(axis=0, dtype=np.float64)
+        mean = total / len(runs)                                              # (T', N')
+        largest = 0.0
+        for chunk in _chunks(array, runs, step):
+            largest = max(largest, float(np.abs(chunk - mean).max()))
+        return cls(mean, np.full((1, 1), largest / cls.HIGH), "centered")
+
+    @classmethod
     def fit_streaming(cls, array: np.ndarray, runs_chunk: int | None = None) -> FieldScaler:
-        """Fit on (P, T, N') in one pass over chunks of runs; a memmap is never read whole."""
+        """The original's per-node min-max over every run, in one pass over chunks of runs."""
         step = runs_chunk or _runs_per_chunk(array)
         data_min = data_max = None
-        for start in range(0, array.shape[0], step):
-            chunk = np.asarray(array[start:start + step])                 # (chunk, T, N')
+        for chunk in _chunks(array, np.arange(array.shape[0]), step):
             low, high = chunk.min(axis=(0, 1)), chunk.max(axis=(0, 1))    # (N',)
-            release_pages(array, slice(start, start + step))
             data_min = low if data_min is None else np.minimum(data_min, low)
             data_max = high if data_max is None else np.maximum(data_max, high)
-        return cls(data_min, data_max)
+        return cls.from_min_max(data_min, data_max)
 
     @property
     def num_nodes(self) -> int:
-        return self.data_min.shape[0]
+        return self.offset.shape[1]
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {"data_min": self.data_min.copy(), "data_max": self.data_max.copy()}
+        return {"offset": self.offset.copy(), "scale": self.scale.copy(), "kind": np.array(self.kind)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> FieldScaler:
-        return cls(np.asarray(state["data_min"]), np.asarray(state["data_max"]))
+        if "offset" not in state:                                 # files written before the `kind`s
+            return cls.from_min_max(np.asarray(state["data_min"]), np.asarray(state["data_max"]))
+        return cls(np.asarray(state["offset"]), np.asarray(state["scale"]), str(np.asarray(state["kind"])))
 
     def transform(self, x, node_axis: int = -2):
-        """Physical values -> [-0.9, 0.9]."""
-        mid, _, inv_half = self._params_like(x, node_axis)
-        return (x - mid) * inv_half
+        """Physical values -> scaled values."""
+        offset, _, inv_scale = self._params_like(x, node_axis)
+        return (x - offset) * inv_scale
 
     def inverse_transform(self, x, node_axis: int = -2):
-        """[-0.9, 0.9] -> physical values."""
-        mid, half, _ = self._params_like(x, node_axis)
-        return x * half + mid
+        """Scaled values -> physical values."""
+        offset, scale, _ = self._params_like(x, node_axis)
+        return x * scale + offset
 
     def _params_like(self, x, node_axis: int):
-        """(mid, half, 1/half) in x's kind, dtype and device, shaped to broadcast along node_axis."""
+        """(offset, scale, 1/scale) in x's kind, dtype and device, shaped to broadcast over x."""
         axis = node_axis % x.ndim
         if x.shape[axis] != self.num_nodes:
             raise ValueError(f"axis {node_axis} of shape {tuple(x.shape)} has {x.shape[axis]} nodes, "
                              f"the scaler {self.num_nodes}")
-        shape = (self.num_nodes,) + (1,) * (x.ndim - 1 - axis)
+        params = (self.offset, self.scale, self._inv_scale)                  # (T|1, N|1)
+        if axis == x.ndim - 2:                                               # (..., N, T)
+            params = tuple(p.T for p in params)
+        elif axis != x.ndim - 1:                                             # nodes last, nothing after
+            raise ValueError(f"node_axis {node_axis} must be -1 (..., T, N) or -2 (..., N, T)")
+        time_axis = x.ndim - 1 if axis == x.ndim - 2 else x.ndim - 2
+        if x.ndim >= 2 and self.offset.shape[0] > 1 and x.shape[time_axis] != self.offset.shape[0]:
+            raise ValueError(f"shape {tuple(x.shape)} has {x.shape[time_axis]} time steps, the scaler "
+                             f"{self.offset.shape[0]}")
+        if x.ndim == 1:                                                      # one snapshot (N,)
+            if self.offset.shape[0] > 1:
+                raise ValueError("a time-dependent offset needs the time axis: pass (..., T, N) or (..., N, T)")
+            params = tuple(p.reshape(-1) for p in params)
         if isinstance(x, torch.Tensor):
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            key = (x.device, dtype)
+            key = (x.device, dtype, axis == x.ndim - 2, x.ndim == 1)
             if key not in self._torch_cache:
-                self._torch_cache[key] = tuple(
-                    torch.as_tensor(p, dtype=dtype).to(x.device) for p in (self._mid, self._half, self._inv_half)
-                )
-            return tuple(p.reshape(shape) for p in self._torch_cache[key])
+                self._torch_cache[key] = tuple(torch.as_tensor(np.ascontiguousarray(p), dtype=dtype).to(x.device)
+                                               for p in params)
+            return self._torch_cache[key]
         dtype = np.float64 if x.dtype == np.float64 else np.float32
-        return tuple(p.astype(dtype).reshape(shape) for p in (self._mid, self._half, self._inv_half))
+        return tuple(p.astype(dtype) for p in params)
+
+
+def load_field_scaler(path: Path, how_to_make: str) -> FieldScaler:
+    """checkpoints/field_scaler.npz, either kind (files from before the kinds are min-max)."""
+    from modules.checkpoint import load_npz
+    state = load_npz(path, "field scaler", how_to_make, ())
+    if not ({"offset", "scale", "kind"} <= state.keys() or {"data_min", "data_max"} <= state.keys()):
+        raise UserError(f"field scaler {path} lacks offset/scale (or data_min/data_max); delete it and {how_to_make}.")
+    try:
+        return FieldScaler.from_state_dict(state)
+    except ValueError as exc:
+        raise UserError(f"field scaler {path} is inconsistent ({exc}); delete it and {how_to_make}.") from None
+
+
+def _chunks(array: np.ndarray, runs: np.ndarray, step: int):
+    """Float64 copies of array[runs] in chunks of `step` runs, releasing each chunk's pages."""
+    for start in range(0, len(runs), step):
+        idx = runs[start:start + step]
+        if len(idx) and idx[-1] - idx[0] + 1 == len(idx):                    # contiguous: a slice
+            chunk = np.asarray(array[idx[0]:idx[-1] + 1], dtype=np.float64)
+            release_pages(array, slice(int(idx[0]), int(idx[-1]) + 1))
+        else:
+            chunk = np.asarray(array[idx], dtype=np.float64)
+            release_pages(array, idx)
+        yield chunk
 
 
 # ----------------------------------------------------------------------------- batches
@@ -396,8 +469,8 @@ class FieldStore:
             np.copyto(raw, array[start:stop], casting="unsafe")
             release_pages(array, slice(start, stop))
             chunk = torch.from_numpy(raw).to(self.device)                            # the buffer itself on the CPU
-            mid, _, inv_half = self.scaler._params_like(chunk, node_axis=-1)
-            chunk.sub_(mid).mul_(inv_half)             # = scaler.transform: the same two ops, in place
+            offset, _, inv_scale = self.scaler._params_like(chunk, node_axis=-1)
+            chunk.sub_(offset).mul_(inv_scale)         # = scaler.transform: the same two ops, in place
             data[start:stop].copy_(chunk.transpose(1, 2))                           # (c, N', T')
         return data
 

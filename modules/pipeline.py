@@ -18,7 +18,8 @@ from modules.checkpoint import (build_from_checkpoint, check_architecture, check
                                ensure_writable, load_checkpoint, load_model_state, load_npz, save_json, save_npz,
                                seed_everything)
 from modules.config import Config, Preset
-from modules.data import FieldScaler, FieldStore, check_dataset, find_dataset, open_dataset, reduce, split_indices
+from modules.data import (FieldScaler, FieldStore, check_dataset, find_dataset, load_field_scaler, open_dataset, reduce,
+                          split_indices)
 from modules.distributed import barrier, init_distributed
 from modules.errors import UserError
 from modules.monitor import Monitor
@@ -75,7 +76,7 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
             raise UserError(f"--lc_only=1 needs a finished VAE in {paths.vae}, but it is "
                             f"{'missing' if vae_state is None else 'unfinished'}; {_VAE_HINT} (or --resume it).")
         load_npz(paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
-        load_npz(paths.field_scaler, "field scaler", _VAE_HINT, ("data_min", "data_max"))
+        load_field_scaler(paths.field_scaler, _VAE_HINT)
     cond_state = _peek(paths.conditioner, "conditioner", "conditioner checkpoint", _COND_HINT)
     if flags.resume and flags.lc_only and cond_state is None:
         raise UserError(f"--resume --lc_only=1: no conditioner checkpoint {paths.conditioner}, so there is nothing to "
@@ -113,7 +114,7 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
         _print_config(ctx, data_path)
 
     started = time.perf_counter()
-    scaler = _field_scaler(ctx, runs, flags.lc_only)
+    scaler = _field_scaler(ctx, runs, flags.lc_only, train_idx)
     store = FieldStore(runs, scaler, preload=flags.load_all, device=device, pin_memory=device.type == "cuda")
     summary: dict = {"run_id": run_id, "dataset_preloaded": store.preloaded}
 
@@ -122,6 +123,8 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     else:
         latents = _vae_stage(ctx, store, train_idx, val_idx, figures, summary)
     summary.update(_conditioner_stage(ctx, inputs, latents, store, train_idx, val_idx, vae_run_id, figures))
+    if dist_info.is_main and cfg.baseline:
+        summary.update(classical_baseline(runs, inputs.raw, train_idx, val_idx, cfg.seed))
     summary["seconds_total"] = time.perf_counter() - started
     summary["figures"] = [str(p) for p in figures.saved]
     if dist_info.is_main:
@@ -198,14 +201,13 @@ def _keep_previous(paths: Paths) -> None:
     log.info("moved the previous run's checkpoints to %s", previous)
 
 
-def _field_scaler(ctx: RunContext, runs: np.ndarray, lc_only: bool) -> FieldScaler:
+def _field_scaler(ctx: RunContext, runs: np.ndarray, lc_only: bool, train_idx: np.ndarray) -> FieldScaler:
     if lc_only:
-        state = load_npz(ctx.paths.field_scaler, "field scaler", _VAE_HINT, ("data_min", "data_max"))
-        scaler = FieldScaler.from_state_dict(state)
+        scaler = load_field_scaler(ctx.paths.field_scaler, _VAE_HINT)
         if scaler.num_nodes != runs.shape[2]:
             raise UserError(f"{ctx.paths.field_scaler} covers {scaler.num_nodes} nodes, the data {runs.shape[2]}; {_VAE_HINT}.")
         return scaler
-    scaler = FieldScaler.fit_streaming(runs)          # one pass; a memmap is never read whole
+    scaler = FieldScaler.fit(runs, ctx.cfg.field_scaling, train_idx)   # streamed: a memmap is never read whole
     if ctx.dist.is_main:
         save_npz(ctx.paths.field_scaler, **scaler.state_dict())
     return scaler
@@ -218,9 +220,10 @@ def _vae_stage(ctx: RunContext, store: FieldStore, train_idx, val_idx, figures: 
     if ctx.dist.enabled:
         seed_everything(cfg.seed + ctx.dist.rank)    # same initial weights, different augmentation streams
     trainer.fit()
-    model = trainer.engine.eval_module()
+    model = trainer.best_module()
     if ctx.dist.is_main:
-        latents = extract_latents(model, store, cfg.Recon_iter, max(cfg.Batch_size, 1))
+        recon_iter = 0 if cfg.latent_target == "mu" else cfg.Recon_iter
+        latents = extract_latents(model, store, recon_iter, max(cfg.Batch_size, 1))
         save_latents(ctx.paths.latents, latents)
         history = trainer.history
         summary.update({
@@ -306,6 +309,32 @@ def _conditioner_stage(ctx: RunContext, inputs, latents: dict, store: FieldStore
     return out
 
 
+BASELINE_MAX_BYTES = 2 * 2**30      # the training fields are held in float64 for the SVD
+
+
+def classical_baseline(runs: np.ndarray, raw_inputs: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+                       seed: int) -> dict:
+    """POD + GPR fitted on the training runs, scored on the validation runs (modules/baseline.py):
+    on the CSV parameters, or on simple features of the pictures."""
+    from modules.baseline import classical_baselines, image_features
+    need = len(train_idx) * runs.shape[1] * runs.shape[2] * 8
+    if need > BASELINE_MAX_BYTES:
+        log.info("classical baseline skipped: the training fields need %.1f GiB (limit %.0f GiB)",
+                 need / 2**30, BASELINE_MAX_BYTES / 2**30)
+        return {"baseline_skipped": f"training fields of {need / 2**30:.1f} GiB"}
+    started = time.perf_counter()
+    features = raw_inputs if raw_inputs.ndim == 2 else image_features(raw_inputs, train_idx)
+    train = np.asarray(runs[np.sort(train_idx)], dtype=np.float64)
+    val = np.asarray(runs[np.sort(val_idx)], dtype=np.float64)
+    result = classical_baselines(train, val, features[np.sort(train_idx)], features[np.sort(val_idx)], seed,
+                                 methods=("pod_gpr",))
+    rel = result.rel_l2["pod_gpr"]
+    return {"baseline_pod_gpr_rel_l2": float(rel.mean()), "baseline_pod_gpr_rel_l2_per_run": rel.tolist(),
+            "baseline_pod_modes": result.modes,
+            "baseline_inputs": "parameters" if raw_inputs.ndim == 2 else "picture features",
+            "baseline_seconds": time.perf_counter() - started}
+
+
 def _belongs_to(path: Path, kind: str, vae_run_id: str) -> bool:
     """Resume a conditioner checkpoint only if it was trained on this VAE's latents."""
     state = _peek(path, kind, "conditioner checkpoint", _COND_HINT)
@@ -368,5 +397,22 @@ def _print_summary(summary: dict, ctx: RunContext) -> None:
           f"{f('lc_val_rel_l2_median')}, max {f('lc_val_rel_l2_max')}; mean-field baseline {f('baseline_mean_field_rel_l2')}")
     if "lc_val_rel_l2_before_e2e" in summary:
         print(f"  end-to-end fine-tuning: {f('lc_val_rel_l2_before_e2e')} → {f('lc_val_rel_l2')}")
-    print(f"  total {summary['seconds_total']:.1f} s; summary in {ctx.run_dir / 'summary.json'}", flush=True)
+    print(f"  total {summary['seconds_total']:.1f} s; summary in {ctx.run_dir / 'summary.json'}")
+    print(verdict(summary), flush=True)
+
+
+def verdict(summary: dict) -> str:
+    """The run's last line: did the surrogate beat the classical baseline on the validation runs?"""
+    ours, mean = summary.get("lc_val_rel_l2"), summary.get("baseline_mean_field_rel_l2")
+    base = summary.get("baseline_pod_gpr_rel_l2")
+    if base is None:
+        return (f"Surrogate validation relative L2 {ours:.4g} against the mean field's {mean:.4g} "
+                f"(classical baseline not fitted: {summary.get('baseline_skipped', 'baseline 0')}).")
+    name = f"POD + GPR on the {summary['baseline_inputs']}"
+    if ours < base:
+        return (f"The surrogate beats the classical baseline: validation relative L2 {ours:.4g} against {name} "
+                f"{base:.4g} ({ours / base:.2f}×) and the mean field {mean:.4g}.")
+    return (f"The surrogate does NOT beat the classical baseline: validation relative L2 {ours:.4g} against {name} "
+            f"{base:.4g} ({ours / base:.2f}×; mean field {mean:.4g}). Train longer or adjust the recipe "
+            f"(README, 'Accuracy'); until then the classical model is the better surrogate.")
 

@@ -17,7 +17,7 @@ from torch import nn
 from modules.checkpoint import (atomic_write, build_from_checkpoint, ensure_writable, load_checkpoint, load_model_state,
                                load_npz, save_json)
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images
-from modules.data import FieldScaler
+from modules.data import FieldScaler, load_field_scaler
 from modules.errors import UserError
 from modules.run import Paths
 
@@ -129,7 +129,7 @@ class Surrogate:
         conditioner = build_from_checkpoint(build_from_architecture, cond_state, cond_path, "conditioner checkpoint",
                                             _TRAIN_HINT).to(device)
         load_model_state(conditioner, cond_state["export"], cond_path, "conditioner checkpoint", _TRAIN_HINT)
-        field = load_npz(paths.field_scaler, "field scaler", _TRAIN_HINT, ("data_min", "data_max"))
+        field = load_field_scaler(paths.field_scaler, _TRAIN_HINT)
         scalers = load_npz(paths.conditioner_scalers, "conditioner scalers", _TRAIN_HINT,
                            ("main_data_min", "hier_data_min"))
         main_scaler = MinMaxScaler.from_state_dict(_prefixed(scalers, "main_"))
@@ -140,7 +140,7 @@ class Surrogate:
         if "param_data_type" not in config:
             raise UserError(f"{cond_path} lacks the config it was trained with (param_data_type); {_TRAIN_HINT}.")
         return cls(conditioner, LatentDecoder(vae, main_scaler, hier_scaler, device),
-                   FieldScaler.from_state_dict(field), input_scaler, arch["input_type"], arch["num_param"],
+                   field, input_scaler, arch["input_type"], arch["num_param"],
                    config["param_data_type"], device,
                    {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
                     "conditioner_scalers": str(paths.conditioner_scalers),

@@ -91,7 +91,9 @@ class RunContext:
         """What fixes the VAE's shapes; a checkpoint must agree on all of it."""
         return {"num_nodes": self.cfg.Dim3_red, "num_time": self.cfg.Dim2_red,
                 "filters": list(self.preset.encoder_filters), "latent_dim_end": self.cfg.Latent_dim_end,
-                "latent_dim": self.cfg.Latent_dim, "small": self.small, "output_norm": self.cfg.output_norm}
+                "latent_dim": self.cfg.Latent_dim, "small": self.small, "output_norm": self.cfg.output_norm,
+                "spectral_norm": self.cfg.spectral_norm, "norm": self.cfg.vae_norm, "logvar_init": self.cfg.logvar_init,
+                "linear_modes": self.cfg.linear_modes}
 
     def conditioner_architecture(self) -> dict:
         cfg = self.cfg

@@ -33,6 +33,13 @@ def cosine_warm_restarts(epoch: int, epochs: int, base_lr: float, t0: int = 0, t
     return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * t / period)) / 2
 
 
+def cosine_decay(epoch: int, epochs: int, base_lr: float, min_factor: float = 1e-4) -> float:
+    """One cosine from base_lr at the first epoch to base_lr·min_factor at the last."""
+    progress = min(1.0, epoch / max(1, epochs - 1))
+    eta_min = base_lr * min_factor
+    return eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * progress)) / 2
+
+
 def warmup_cosine(epoch: int, epochs: int, base_lr: float, warmup: int = 10,
                   warmup_start: float = 0.01, lr_min: float = 1e-8) -> float:
     """Linear warm-up from warmup_start·lr over `warmup` epochs, then cosine down to lr_min."""

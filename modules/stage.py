@@ -26,6 +26,8 @@ CHECKPOINT_VERSION = 1
 class StageTrainer:
     stage = "stage"           # "vae" or "conditioner": TensorBoard prefix and checkpoint kind
     title = "stage"           # human name for messages
+    best_metric: str | None = None   # validation metric whose best weights are exported; None: the last
+    patience: int | None = None      # early stopping: validations without improvement of best_metric
 
     def __init__(self, ctx: RunContext, engine: TrainingEngine, epochs: int, checkpoint: Path,
                  architecture: dict, how_to_make: str):
@@ -42,6 +44,9 @@ class StageTrainer:
         self.seconds = 0.0
         self.applied_steps = 0
         self.steps_per_epoch = 1       # set by the stage: training batches per epoch
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_val = math.inf
+        self.bad_epochs = 0
 
     # --- hooks -------------------------------------------------------------------------
     def schedule(self, epoch: int, lr_epoch: int) -> dict[str, float]:
@@ -62,12 +67,30 @@ class StageTrainer:
         raise NotImplementedError
 
     def after_validation(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Return True to stop early."""
-        return False
+        """Keep the weights of the best validation so far; return True to stop early."""
+        if self.best_metric is None:
+            return False
+        if metrics[self.best_metric] < self.best_val:
+            self.best_val = metrics[self.best_metric]
+            self.best_state = {k: v.detach().clone()
+                               for k, v in clean_state_dict(self.engine.eval_module().state_dict()).items()}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        return self.patience is not None and self.bad_epochs >= self.patience
 
     def export_state(self) -> dict[str, torch.Tensor]:
-        """The weights prediction should use."""
+        """The weights prediction should use: the best validation's (EMA weights when EMA is
+        on) with a `best_metric`, else the last."""
+        if self.best_state is not None:
+            return self.best_state
         return clean_state_dict(self.engine.eval_module().state_dict())
+
+    def best_module(self):
+        """The evaluation module (EMA when on) holding the exported weights, in eval mode."""
+        module = self.engine.eval_module()
+        module.load_state_dict(self.export_state())
+        return module.eval()
 
     def extra_state(self) -> dict:
         return {}
@@ -93,6 +116,7 @@ class StageTrainer:
                 "export": self.export_state(), "engine": self.engine.state_dict(),
                 "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "rng": rngs,
                 "history": self.history, "seconds": self.seconds, "architecture": self.architecture,
+                "best": {"val": self.best_val, "bad_epochs": self.bad_epochs, "saved": self.best_state is not None},
                 "run": self.ctx.describe(), "extra": self.extra_state()}
 
     def save(self, epoch: int) -> None:
@@ -115,6 +139,9 @@ class StageTrainer:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.seconds = state.get("seconds", 0.0)
         self.finished = state["finished"]
+        best = state.get("best", {})
+        self.best_val, self.bad_epochs = best.get("val", math.inf), best.get("bad_epochs", 0)
+        self.best_state = state["export"] if best.get("saved") else None
         rngs = state["rng"]
         rank = self.ctx.dist.rank
         if len(rngs) == self.ctx.dist.world_size:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.augment import ConditionerAugmentation
-from modules.checkpoint import check_same_split, clean_state_dict, save_npz
+from modules.checkpoint import check_same_split, save_npz
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
 from modules.conditioners import build_from_architecture, set_dropout_rate
 from modules.data import FieldStore
@@ -117,9 +117,7 @@ class ConditionerTrainer(StageTrainer):
                          "train the conditioner first (--lc_only=1)")
         self.batch = per_rank_batch(cfg.latent_conditioner_batch, ctx.dist.world_size, "latent_conditioner_batch")
         self.augment = ConditionerAugmentation.from_config(cfg)
-        self.best_state: dict | None = None
-        self.best_val = float("inf")
-        self.bad_epochs = 0
+        self.best_metric, self.patience = "loss", cfg.lc_patience
         self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.seed,
                                                  rank=ctx.dist.rank, world_size=ctx.dist.world_size))
 
@@ -179,36 +177,11 @@ class ConditionerTrainer(StageTrainer):
                 return {"loss": lm + lh, "main": lm, "hier": lh}
         return evaluate(self.engine.eval_module(), self.val_batches(), metrics, self.ctx.device)
 
-    def after_validation(self, epoch: int, metrics: dict[str, float]) -> bool:
-        if metrics["loss"] < self.best_val:
-            self.best_val = metrics["loss"]
-            self.best_state = {k: v.detach().clone() for k, v in clean_state_dict(self.engine.eval_module().state_dict()).items()}
-            self.bad_epochs = 0
-        else:
-            self.bad_epochs += 1
-        return self.bad_epochs >= self.ctx.cfg.lc_patience
-
-    def export_state(self) -> dict[str, torch.Tensor]:
-        return self.best_state if self.best_state is not None else super().export_state()
-
     def extra_state(self) -> dict:
-        return {"best_val": self.best_val, "bad_epochs": self.bad_epochs, "vae_run_id": self.vae_run_id,
-                "split": {"train": self.train_idx.clone(), "val": self.val_idx.clone()}}
+        return {"vae_run_id": self.vae_run_id, "split": {"train": self.train_idx.clone(), "val": self.val_idx.clone()}}
 
     def load_extra_state(self, state: dict) -> None:
         check_same_split(state["split"], self.val_idx, self.checkpoint)
-        self.best_val, self.bad_epochs = state["best_val"], state["bad_epochs"]
-
-    def restore(self, state: dict) -> int:
-        epoch = super().restore(state)
-        self.best_state = state["export"]
-        return epoch
-
-    def best_module(self):
-        """The conditioner with its best-validation weights (EMA weights when EMA is on)."""
-        module = self.engine.eval_module()
-        module.load_state_dict(self.export_state())
-        return module.eval()
 
 
 def relative_l2(pred: np.ndarray, true: np.ndarray) -> np.ndarray:

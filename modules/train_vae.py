@@ -15,7 +15,7 @@ from modules.data import FieldStore
 from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
 from modules.errors import UserError
 from modules.run import RunContext
-from modules.schedules import cosine_warm_restarts, kl_weight
+from modules.schedules import cosine_decay, cosine_warm_restarts, kl_weight
 from modules.stage import StageTrainer
 from modules.vae import HierarchicalVAE
 
@@ -27,12 +27,53 @@ assert set(RECON_LOSSES) == set(LOSS_TYPES.values())
 
 def build_vae(arch: dict) -> HierarchicalVAE:
     model = HierarchicalVAE(arch["num_nodes"], arch["num_time"], arch["filters"],
-                            arch["latent_dim_end"], arch["latent_dim"], arch["small"], arch["output_norm"])
+                            arch["latent_dim_end"], arch["latent_dim"], arch["small"], arch["output_norm"],
+                            arch.get("spectral_norm", True), arch.get("norm", "group"), arch.get("logvar_init", 0.0),
+                            arch.get("linear_modes", 0))
     # The last hierarchical branch is built (for fidelity) but never used: freeze it, so
     # neither AdamW nor DDP waits for gradients that never come.
     for p in model.unused_parameters():
         p.requires_grad_(False)
     return model
+
+
+def frame_basis(store: FieldStore, runs: torch.Tensor, k: int, seed: int, max_frames: int = 2048) -> torch.Tensor:
+    """The k leading POD modes (N, k) of the scaled snapshots (one per run and time step) of
+    `runs`, from at most `max_frames` of them (a seeded sample)."""
+    gen = torch.Generator().manual_seed(seed)
+    frames = []
+    for idx in runs.split(64):
+        x = store.get(idx).float().cpu()                                  # (B, N, T)
+        frames.append(x.transpose(1, 2).reshape(-1, x.shape[1]))          # (B·T, N)
+    x = torch.cat(frames)
+    if len(x) > max_frames:
+        x = x[torch.randperm(len(x), generator=gen)[:max_frames]]
+    return frame_basis_of(x.T.unsqueeze(0), k)
+
+
+def frame_basis_of(runs: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading POD modes (N, k) of the snapshots of `runs` (P, N, T), via the snapshots'
+    Gram matrix (cheap: snapshots ≪ nodes on large meshes)."""
+    x = runs.transpose(1, 2).reshape(-1, runs.shape[1]).cpu()             # (P·T, N)
+    gram = (x.double() @ x.double().T)                                    # (F, F)
+    values, vectors = torch.linalg.eigh(gram)                             # ascending
+    order = values.flip(0)[:k].clamp_min(1e-30)
+    basis = (x.double().T @ vectors.flip(1)[:, :k]) / order.sqrt()        # (N, k), orthonormal columns
+    return basis[:, order > order[0] * 1e-12].float()
+
+
+def init_from_training_runs(model: HierarchicalVAE, store: FieldStore, runs: torch.Tensor, pod_init: bool,
+                            seed: int) -> None:
+    """Data-driven initialisation, before the engine copies the model (EMA); a resume loads
+    over it: the linear POD path, and with `pod_init` the first and last 1×1 convolutions."""
+    if not pod_init and model.linear is None:
+        return
+    k = max(model.encoder.levels[0][0][0].out_channels, model.linear.modes if model.linear is not None else 0)
+    basis = frame_basis(store, runs, k, seed).to(next(model.parameters()).device)
+    if pod_init:
+        model.init_from_frame_basis(basis)
+    if model.linear is not None:
+        model.init_from_data(basis, torch.cat([store.get(i) for i in runs.split(64)]))
 
 
 def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
@@ -56,15 +97,19 @@ class VAETrainer(StageTrainer):
             # Stretch: a second, fixed noisy/time-shifted copy of every training run (index + P).
             self.train_idx = torch.cat([self.train_idx, self.train_idx + self.num_runs])
         model = build_vae(ctx.vae_architecture()).to(ctx.device)
+        init_from_training_runs(model, store, torch.as_tensor(train_idx), cfg.pod_init, cfg.seed)
         self.beta = torch.tensor(0.0, device=ctx.device)     # a tensor: compile/graphs see updates
         recon_loss = RECON_LOSSES[cfg.loss_name]
         alpha = cfg.alpha
+        # the KL is a sum over a run's latents, the reconstruction a mean over its N·T values
+        kl_unit = 1.0 / (store.num_nodes * store.num_time) if cfg.kl_normalize == "values" else 1.0
+        self.kl_unit = kl_unit
 
         def loss_fn(net, batch: Batch):
             (x,) = batch
             out = net(x)
             recon = recon_loss(out.x_hat.float(), x)
-            kl = out.kl_main + out.kl_levels
+            kl = (out.kl_main + out.kl_levels) * kl_unit
             return alpha * recon + self.beta * kl, {"recon": recon.detach(), "kl": kl.detach()}
 
         settings = EngineSettings.from_config(cfg, ctx.device, cfg.grad_clip)
@@ -74,6 +119,7 @@ class VAETrainer(StageTrainer):
                          "train the VAE first (--lc_only=0)")
         self.batch = per_rank_batch(cfg.Batch_size, ctx.dist.world_size, "Batch_size")
         self.augment = SeriesAugmentation.from_config(cfg) if cfg.use_augmentation else None
+        self.best_metric = "recon_mse" if cfg.vae_keep_best else None
         self.initial_val: dict[str, float] | None = None
         self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.seed,
                                                  rank=ctx.dist.rank, world_size=ctx.dist.world_size))
@@ -109,8 +155,12 @@ class VAETrainer(StageTrainer):
     def schedule(self, epoch: int, lr_epoch: int) -> dict[str, float]:
         cfg = self.ctx.cfg
         beta = kl_weight(epoch, self.epochs, self.ctx.beta_start, cfg.beta_end, cfg.beta_ramp_start, cfg.beta_ramp_end)
-        lr = self.lr_scale * cosine_warm_restarts(lr_epoch, self.epochs, cfg.LearningR, cfg.lr_restart_epochs,
-                                                  cfg.lr_restart_mult, cfg.lr_min_factor)
+        if cfg.lr_schedule == "cosine":
+            lr = cosine_decay(lr_epoch, self.epochs, cfg.LearningR, cfg.lr_min_factor)
+        else:
+            lr = cosine_warm_restarts(lr_epoch, self.epochs, cfg.LearningR, cfg.lr_restart_epochs,
+                                      cfg.lr_restart_mult, cfg.lr_min_factor)
+        lr *= self.lr_scale
         self.beta.fill_(beta)
         self.engine.set_lr(lr)
         return {"beta": beta, "lr": lr}
@@ -122,7 +172,8 @@ class VAETrainer(StageTrainer):
         """Deterministic (`fix`) reconstruction of the validation runs, no augmentation."""
         def metrics(module, batch: Batch):
             out = module(batch[0], mode="fix")
-            return {"recon_mse": F.mse_loss(out.x_hat.float(), batch[0]), "kl": out.kl_main + out.kl_levels}
+            return {"recon_mse": F.mse_loss(out.x_hat.float(), batch[0]),
+                    "kl": (out.kl_main + out.kl_levels) * self.kl_unit}
 
         return evaluate(self.engine.eval_module(), self.val_batches(), metrics, self.ctx.device)
 
@@ -157,7 +208,8 @@ class Latents:
 
 @torch.no_grad()
 def extract_latents(model: HierarchicalVAE, store: FieldStore, recon_iter: int, batch_size: int) -> Latents:
-    """Encode every run, draw `recon_iter` main latents, keep the best-reconstructing draw.
+    """Encode every run; the main latent is μ (recon_iter = 0) or the best-reconstructing of
+    `recon_iter` random draws around it (the original's).
 
     The hierarchical latents are the encoder's (deterministic) vectors. Candidates are
     decoded in `fix` mode, the way predictions are decoded, so the choice is not noise.
@@ -172,8 +224,8 @@ def extract_latents(model: HierarchicalVAE, store: FieldStore, recon_iter: int, 
         best_z = mu.clone()
         best_x = torch.zeros_like(x)
         std = torch.exp(0.5 * log_var.float()).clamp(1e-8, 10.0)
-        for _ in range(recon_iter):
-            z = mu + torch.randn_like(std) * std
+        for _ in range(max(recon_iter, 1)):
+            z = mu if recon_iter == 0 else mu + torch.randn_like(std) * std
             x_hat, _ = model.decode(z, xs, mode="fix")
             err = (x_hat.float() - x).square().mean(dim=(1, 2))  # (B,)
             better = err < best_err

@@ -6,6 +6,7 @@ kept at every layer. `small` selects the lighter block variants of the original.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -16,6 +17,8 @@ from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 
 from modules.gaussian import Gaussian, kl_residual
 
+# the networks' gains beside a freshly initialised linear POD path
+NET_GAIN_INIT = 0.01
 # residual branches are added with this weight (original value)
 RESIDUAL_SCALE = 0.1
 # channel expansion inside the decoder residual block
@@ -143,7 +146,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     return module
 
 
-def he_init_and_spectral_norm(root: nn.Module) -> None:
+def he_init_and_spectral_norm(root: nn.Module, spectral: bool = True) -> None:
     """He (Kaiming-uniform) weights, zero biases, then spectral norm, on every Conv/Linear.
 
     Init comes first so the power-iteration vectors are seeded from the final weights.
@@ -156,7 +159,8 @@ def he_init_and_spectral_norm(root: nn.Module) -> None:
             nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-            spectral_norm(m)
+            if spectral:
+                spectral_norm(m)
 
 
 # -----------------------------------------------------------------------------
@@ -275,6 +279,7 @@ class Encoder(nn.Module):
         latent_dim_end: int,
         latent_dim: int,
         small: bool,
+        spectral: bool = True,
     ) -> None:
         super().__init__()
         channels = [num_nodes, *filters]
@@ -288,7 +293,7 @@ class Encoder(nn.Module):
         # layer stays so the parameter count and state dict match the original network.
         self.xs_linear = nn.ModuleList(nn.Linear(f * num_time, latent_dim) for f in filters)
         self.head = nn.Linear(filters[-1] * num_time, 2 * latent_dim_end)
-        he_init_and_spectral_norm(self)
+        he_init_and_spectral_norm(self, spectral)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """x (B, N, T) -> mu, log_var (B, Lend) and L-1 vectors (B, Ld), deepest first."""
@@ -327,6 +332,7 @@ class Decoder(nn.Module):
         latent_dim: int,
         small: bool,
         output_norm: bool = True,
+        spectral: bool = True,
     ) -> None:
         super().__init__()
         d = list(reversed(filters))
@@ -343,7 +349,7 @@ class Decoder(nn.Module):
         # all come out alike; output_norm=False drops it (see the `output_norm` key).
         norm = group_norm(num_nodes) if output_norm else nn.Identity()
         self.recon = nn.Sequential(nn.Conv1d(d[-1], num_nodes, 1), norm, OutputTanh())
-        he_init_and_spectral_norm(self)
+        he_init_and_spectral_norm(self, spectral)
 
     def forward(
         self, z: Tensor, xs: Sequence[Tensor] | Tensor | None = None, mode: str = "random"
@@ -378,8 +384,65 @@ class Decoder(nn.Module):
         return self.recon(h), kl  # (B, N, T)
 
 
+class LinearPath(nn.Module):
+    """A linear encoder/decoder pair beside the networks: x (B, N, T) → frame coefficients
+    c = Bᵀx (B, k, T) → μ_lin = E·vec(c), and back z → vec(c) = D·z → x_lin = B·c.
+
+    Started (`init_from_data`) as the proper orthogonal decomposition of the training runs,
+    factored through the k leading frame modes B (N, k) so its size stays N·k + 2·k·T·L at
+    any mesh size, the VAE begins as a POD of `latent` modes and its networks learn what
+    a linear model misses. Without it, gradient descent spends thousands of steps finding
+    the dominant linear structure that a POD gets exactly (benchmarks/accuracy/NOTES.md).
+    Fixed (buffers) and not spectral-normalised: its scale is the data's.
+    """
+
+    def __init__(self, num_nodes: int, num_time: int, modes: int, latent: int) -> None:
+        super().__init__()
+        self.modes, self.num_time = modes, num_time
+        # Buffers, not parameters: trained at the networks' learning rate the POD is lost within
+        # a few epochs (0.0057 → 0.0175 test error on heat_inclusion); the networks learn the rest.
+        self.register_buffer("frame", torch.zeros(num_nodes, modes))            # B (N, k)
+        self.register_buffer("enc", torch.zeros(latent, modes * num_time))      # E (L, k·T)
+        self.register_buffer("dec", torch.zeros(modes * num_time, latent))      # D (k·T, L)
+
+    def encode(self, x: Tensor) -> Tensor:
+        c = torch.einsum("bnt,nk->bkt", x, self.frame.to(x.dtype))              # (B, k, T)
+        return c.flatten(1) @ self.enc.to(c.dtype).T                            # (B, L)
+
+    def decode(self, z: Tensor) -> Tensor:
+        c = (z @ self.dec.to(z.dtype).T).view(z.shape[0], self.modes, self.num_time)   # (B, k, T)
+        return torch.einsum("bkt,nk->bnt", c, self.frame.to(c.dtype))           # (B, N, T)
+
+    @torch.no_grad()
+    def init_from_data(self, frame_basis: Tensor, runs: Tensor) -> None:
+        """frame_basis (N, k') orthonormal columns; runs (P, N, T) scaled training runs.
+        The run-level POD of the frame coefficients gives E = (V/std)ᵀ and D = V·std, so the
+        latents start as unit-variance POD coefficients."""
+        k = min(frame_basis.shape[1], self.modes)
+        self.frame.zero_()
+        self.frame[:, :k] = frame_basis[:, :k]
+        coeff = torch.einsum("pnt,nk->pkt", runs.double(), self.frame.double()).flatten(1)   # (P, k·T)
+        _, s, vt = torch.linalg.svd(coeff, full_matrices=False)
+        r = min(self.enc.shape[0], len(s))
+        std = (s[:r] / max(len(runs) - 1, 1) ** 0.5).clamp_min(1e-12)                         # (r,)
+        self.enc.zero_()
+        self.dec.zero_()
+        self.enc[:r] = (vt[:r] / std[:, None]).float()
+        self.dec[:, :r] = (vt[:r].T * std[None]).float()
+
+
 # -----------------------------------------------------------------------------
 # the model
+
+def _drop_inner_norms(model: nn.Module) -> None:
+    """Replace every GroupNorm inside the blocks by the identity (the output norm follows
+    `output_norm`). GroupNorm standardises each run on its own, so a run's amplitude
+    reaches the next layer only through ratios between groups."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.GroupNorm) and not (isinstance(parent, nn.Sequential) and parent is model.decoder.recon):
+                setattr(parent, name, nn.Identity())
+
 
 class VAEOutput(NamedTuple):
     x_hat: Tensor  # (B, N, T)
@@ -399,25 +462,93 @@ class HierarchicalVAE(nn.Module):
         latent_dim: int,
         small: bool = True,
         output_norm: bool = True,
+        spectral: bool = True,
+        norm: str = "group",
+        logvar_init: float = 0.0,
+        linear_modes: int = 0,
     ) -> None:
         super().__init__()
         filters = [int(f) for f in filters]
         if len(filters) < 2:
             raise ValueError(f"need at least 2 encoder filters, got {filters}")
         args = (num_nodes, num_time, filters, latent_dim_end, latent_dim, small)
-        self.encoder = Encoder(*args)
-        self.decoder = Decoder(*args, output_norm=output_norm)
+        self.encoder = Encoder(*args, spectral=spectral)
+        self.decoder = Decoder(*args, output_norm=output_norm, spectral=spectral)
+        if norm == "none":
+            _drop_inner_norms(self)
+        if logvar_init:
+            self._init_log_variances(logvar_init)
+        # the linear POD path (0: the original network alone); see LinearPath
+        self.linear = LinearPath(num_nodes, num_time, linear_modes, latent_dim_end) if linear_modes else None
+        # log-gains of the networks' μ and output beside the linear path (learned; gains 1 until
+        # init_from_data). Logarithmic: a gain learned directly collapsed to 0 within a few Adam
+        # steps, before the networks had learned anything it could pass on.
+        self.net_log_gain = nn.Parameter(torch.zeros(2)) if linear_modes else None
         self.num_levels = self.decoder.num_levels  # L-1 hierarchical vectors per run
+
+    @torch.no_grad()
+    def _init_log_variances(self, value: float) -> None:
+        """Start the posterior and the level priors at variance e^value instead of 1. With unit
+        variance the sampled noise drowns the few-% differences between runs early on, and the
+        decoder first learns to ignore its latents (benchmarks/accuracy/NOTES.md)."""
+        heads = [self.encoder.head] + [net[-1] for net in self.decoder.condition_z]
+        for layer in heads:
+            half = layer.bias.shape[0] // 2
+            layer.bias[half:] = value                     # [mu, log var]: the second half
+
+    @torch.no_grad()
+    def init_from_frame_basis(self, basis: Tensor) -> None:
+        """Start the encoder's first 1×1 convolution as the projection onto `basis` (N, k),
+        orthonormal columns (the leading POD modes of the training snapshots), and the
+        decoder's last one as the expansion back. Orthonormal: σ = 1, so spectral norm leaves
+        them unchanged. Only the first min(k, channels) channels are set."""
+        first = self.encoder.levels[0][0][0]          # Conv1d(N -> F0, 1)
+        last = self.decoder.recon[0]                  # Conv1d(D_last -> N, 1)
+        k = min(basis.shape[1], first.out_channels, last.in_channels)
+        for layer, weight in ((first, basis[:, :k].T), (last, basis[:, :k])):
+            target = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") \
+                else layer.weight
+            rows, cols = weight.shape
+            target[:rows, :cols, 0] = weight.to(target.dtype)
+            if layer is first:
+                target[k:] *= 1e-3            # the rest stays random but small: the basis dominates
+            else:
+                target[:, k:] *= 1e-3
+            layer.bias.zero_()
+        if parametrize.is_parametrized(first, "weight"):
+            for layer in (first, last):       # re-estimate σ for the new weights
+                was = layer.training
+                layer.train()
+                for _ in range(20):
+                    layer.weight  # noqa: B018  (in train mode each read runs one power iteration)
+                layer.train(was)
+
+    @torch.no_grad()
+    def init_from_data(self, frame_basis: Tensor, runs: Tensor) -> None:
+        """Start the linear path as the POD of `runs` (P, N, T), with the networks' own
+        contributions to μ and to the output scaled down (their gains; spectral norm would undo
+        a scaling of the weights), so training starts from the POD."""
+        self.linear.init_from_data(frame_basis, runs)
+        self.net_log_gain.fill_(math.log(NET_GAIN_INIT))
+
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        mu, log_var, xs = self.encoder(x)
+        if self.linear is not None:
+            mu = self.net_log_gain[0].exp() * mu + self.linear.encode(x)
+        return mu, log_var, xs
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, N, T) -> mu, clamped log_var (B, Lend), xs (B, L-1, Ld)."""
-        mu, log_var, xs = self.encoder(x)
+        mu, log_var, xs = self._encode(x)
         return mu, Gaussian(mu, log_var).log_var, torch.stack(xs, dim=1)  # (B, L-1, Ld)
 
     def decode(
         self, z: Tensor, xs: Sequence[Tensor] | Tensor | None = None, mode: str = "random"
     ) -> tuple[Tensor, Tensor]:
-        return self.decoder(z, xs, mode)
+        x_hat, kl = self.decoder(z, xs, mode)
+        if self.linear is not None:
+            x_hat = self.net_log_gain[1].exp() * x_hat + self.linear.decode(z)
+        return x_hat, kl
 
     def unused_parameters(self) -> list[nn.Parameter]:
         """Parameters no forward pass reaches, kept so the network matches the original:
@@ -429,8 +560,8 @@ class HierarchicalVAE(nn.Module):
         return [p for m in modules for p in m.parameters()]
 
     def forward(self, x: Tensor, mode: str = "random") -> VAEOutput:
-        mu, log_var, xs = self.encoder(x)
+        mu, log_var, xs = self._encode(x)
         posterior = Gaussian(mu, log_var)
         z = posterior.draw(mode)  # (B, Lend)
-        x_hat, kl_levels = self.decoder(z, xs, mode)
+        x_hat, kl_levels = self.decode(z, xs, mode)
         return VAEOutput(x_hat, mu, posterior.log_var, posterior.kl_standard(), kl_levels)

@@ -106,8 +106,24 @@ def test_original_title_line_only_warns_and_reserved_lines_are_accepted(caplog):
     assert all("line 1:" in w and "Common params" in w for w in warnings), warnings
 
 
+def test_recipe_original_gives_every_optional_key_the_original_value_and_the_default_differs_only_in_its_list():
+    from modules.config import ORIGINAL_RECIPE
+    cfg = parse_condition(ORIGINAL_CONDITION, ["recipe=original"])
+    default = parse_condition(ORIGINAL_CONDITION)
+    expected = dict(
+        field_scaling="minmax", kl_normalize="none", latent_target="draw", vae_keep_best=False,
+        lr_schedule="restarts", spectral_norm=True, output_norm=True, pod_init=False, logvar_init=0.0,
+        linear_modes=0, vae_norm="group", lc_label_smoothing=0.2, lc_flip_prob=0.5)
+    for key, value in expected.items():
+        assert getattr(cfg, key) == value, (key, getattr(cfg, key), value)
+    differ = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
+    assert differ == set(ORIGINAL_RECIPE) - {k for k, v in ORIGINAL_RECIPE.items() if getattr(default, k) == v} | {"recipe"}
+    # a key the file sets wins over the recipe
+    assert parse_condition(ORIGINAL_CONDITION, ["recipe=original", "latent_target=mu"]).latent_target == "mu"
+
+
 def test_defaults_of_optional_keys_are_the_original_values():
-    cfg = parse_condition(ORIGINAL_CONDITION)
+    cfg = parse_condition(ORIGINAL_CONDITION, ["recipe=original"])
     expected = dict(
         weight_decay=5e-4, grad_clip=10.0, beta_start=1e-4, beta_end=1e-2, beta_ramp_start=0.3,
         beta_ramp_end=0.8, lr_restart_epochs=0, lr_restart_mult=2, lr_min_factor=1e-4,

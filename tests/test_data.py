@@ -319,17 +319,52 @@ def test_scaler_range_and_round_trip_numpy_and_torch():
     np.testing.assert_allclose(scaler.transform(x[3]), y[3], atol=1e-12)
 
 
+def _min_max_of(scaler: FieldScaler) -> tuple[np.ndarray, np.ndarray]:
+    """The per-node (min, max) a min-max scaler maps to (-0.9, 0.9)."""
+    return (scaler.inverse_transform(np.full((1, scaler.num_nodes), -0.9), node_axis=-1)[0],
+            scaler.inverse_transform(np.full((1, scaler.num_nodes), 0.9), node_axis=-1)[0])
+
+
 def test_streaming_fit_equals_one_shot_fit(tmp_path):
     data = runs(23, 5, 7)
     np.save(tmp_path / "d.npy", data)
     arr = open_dataset(tmp_path / "d.npy")
     for chunk in (1, 4, 23, 100, None):
-        s = FieldScaler.fit_streaming(arr, runs_chunk=chunk)
-        np.testing.assert_array_equal(s.data_min, data.min(axis=(0, 1)))
-        np.testing.assert_array_equal(s.data_max, data.max(axis=(0, 1)))
+        low, high = _min_max_of(FieldScaler.fit_streaming(arr, runs_chunk=chunk))
+        np.testing.assert_allclose(low, data.min(axis=(0, 1)), rtol=1e-12)
+        np.testing.assert_allclose(high, data.max(axis=(0, 1)), rtol=1e-12)
     view = reduce(arr, 3, 4)
-    s = FieldScaler.fit_streaming(view, runs_chunk=6)
-    np.testing.assert_array_equal(s.data_max, data[:, :3, :4].max(axis=(0, 1)))
+    _, high = _min_max_of(FieldScaler.fit_streaming(view, runs_chunk=6))
+    np.testing.assert_allclose(high, data[:, :3, :4].max(axis=(0, 1)), rtol=1e-12)
+
+
+def test_centered_scaler_subtracts_the_training_mean_field_and_uses_one_scale(tmp_path):
+    data = runs(20, 5, 7, dtype=np.float64)
+    data[:, :, 3] *= 50.0                                          # one node with a much larger range
+    np.save(tmp_path / "d.npy", data)
+    arr = open_dataset(tmp_path / "d.npy")
+    train = np.array([0, 2, 3, 4, 9, 10, 11, 15, 19])             # non-contiguous: several chunks
+    for chunk in (1, 3, 100):
+        scaler = FieldScaler.fit(arr, "centered", train, runs_chunk=chunk)
+        y = scaler.transform(data, node_axis=-1)
+        np.testing.assert_allclose(y[train].mean(axis=0), 0.0, atol=1e-12)       # (T, N) mean field removed
+        assert np.abs(y[train]).max() == pytest.approx(0.9, rel=1e-12)          # largest deviation at 0.9
+        assert scaler.scale.shape == (1, 1)                                      # one scale: loss ∝ physical MSE
+        np.testing.assert_allclose(scaler.inverse_transform(y, node_axis=-1), data, rtol=1e-12)
+        # model layout (P, N, T) gives the same numbers, torch too
+        t = torch.from_numpy(data.transpose(0, 2, 1).copy())
+        np.testing.assert_allclose(scaler.transform(t).numpy(), y.transpose(0, 2, 1), atol=1e-12)
+    changed = data.copy()
+    changed[1] += 100.0                                            # a validation run does not move the fit
+    again = FieldScaler.fit(changed, "centered", train)
+    np.testing.assert_array_equal(again.offset, scaler.offset)
+    np.testing.assert_array_equal(again.scale, scaler.scale)
+
+
+def test_centered_scaler_checks_the_time_axis():
+    scaler = FieldScaler.fit(runs(6, 5, 7), "centered", np.arange(4))
+    with pytest.raises(ValueError, match="time steps"):
+        scaler.transform(np.zeros((2, 4, 7)), node_axis=-1)
 
 
 def test_constant_node_does_not_divide_by_zero():
@@ -345,17 +380,26 @@ def test_constant_node_does_not_divide_by_zero():
     assert torch.isfinite(scaler.transform(t)).all()
 
 
-def test_scaler_state_dict_round_trip():
-    scaler = FieldScaler.fit_streaming(runs())
-    state = scaler.state_dict()
-    assert set(state) == {"data_min", "data_max"}
-    assert all(isinstance(v, np.ndarray) for v in state.values())
-    again = FieldScaler.from_state_dict(state)
+def test_scaler_state_dict_round_trip(tmp_path):
+    from modules.checkpoint import save_npz
+    from modules.data import load_field_scaler
     x = runs(seed=1).transpose(0, 2, 1)
-    np.testing.assert_array_equal(again.transform(x), scaler.transform(x))
-    # storable with torch's weights_only loader
-    state_t = {k: torch.from_numpy(v) for k, v in state.items()}
-    np.testing.assert_array_equal(FieldScaler.from_state_dict(state_t).data_min, scaler.data_min)
+    for scaler in (FieldScaler.fit_streaming(runs()), FieldScaler.fit(runs(), "centered", np.arange(8))):
+        state = scaler.state_dict()
+        assert set(state) == {"offset", "scale", "kind"}
+        assert all(isinstance(v, np.ndarray) for v in state.values())
+        save_npz(tmp_path / "s.npz", **state)                      # stored as plain arrays, no pickle
+        again = load_field_scaler(tmp_path / "s.npz", "train again")
+        assert again.kind == scaler.kind
+        np.testing.assert_array_equal(again.transform(x), scaler.transform(x))
+    # files written before the kinds existed hold data_min/data_max and load as min-max
+    old = FieldScaler.fit_streaming(runs())
+    low, high = _min_max_of(old)
+    save_npz(tmp_path / "old.npz", data_min=low, data_max=high)
+    np.testing.assert_allclose(load_field_scaler(tmp_path / "old.npz", "").transform(x), old.transform(x), atol=1e-12)
+    save_npz(tmp_path / "bad.npz", something=low)
+    with pytest.raises(UserError, match="lacks offset/scale"):
+        load_field_scaler(tmp_path / "bad.npz", "train again")
 
 
 def test_scaler_rejects_wrong_node_count():

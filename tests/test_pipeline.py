@@ -57,6 +57,26 @@ def test_mlp_conditioner_beats_the_mean_and_its_fields_beat_the_mean_field(train
     assert len(summary["lc_val_rel_l2_per_run"]) == 16
 
 
+def test_the_classical_baseline_is_fitted_on_the_training_runs_and_reported(trained):
+    """summary.json holds POD + GPR's validation error beside the surrogate's and the mean
+    field's, equal to fitting it here on the same split; the last line gives the verdict."""
+    from modules.baseline import classical_baselines
+    from modules.data import split_indices
+    work, _, summary, result = trained
+    data = np.load(work / "input_data/dataset1.npy").astype(np.float64)
+    params = np.loadtxt(work / "input_data/params.csv", delimiter=",")
+    train, val = split_indices(80, 0.2, 42)
+    again = classical_baselines(data[train], data[val], params[train], params[val], 42, methods=("pod_gpr", "mean"))
+    np.testing.assert_allclose(summary["baseline_pod_gpr_rel_l2_per_run"], again.rel_l2["pod_gpr"], rtol=1e-6)
+    np.testing.assert_allclose(summary["baseline_mean_field_rel_l2_per_run"], again.rel_l2["mean"], rtol=1e-4)
+    assert summary["baseline_inputs"] == "parameters" and summary["baseline_pod_modes"] >= 1
+    assert summary["baseline_pod_gpr_rel_l2"] < summary["baseline_mean_field_rel_l2"]
+    last = result.stdout.strip().splitlines()[-1]
+    beat = summary["lc_val_rel_l2"] < summary["baseline_pod_gpr_rel_l2"]
+    assert last.startswith("The surrogate beats" if beat else "The surrogate does NOT beat")
+    assert f"{summary['baseline_pod_gpr_rel_l2']:.4g}" in last
+
+
 @pytest.mark.parametrize("kind,epochs", [("image_vit", 60), ("image", 12)])
 def test_image_conditioners_train_from_the_saved_vae_and_beat_the_mean_latent(trained, tmp_path, kind, epochs):
     work = tmp_path / "copy"              # keep the MLP run intact for the prediction tests
@@ -117,14 +137,14 @@ def test_vae_summary_numbers_match_decoding_the_saved_latents(trained):
     vae.eval()
     latents = np.load(work / "checkpoints/latents.npz")
     scaler = np.load(work / "checkpoints/field_scaler.npz")
-    lo, hi = scaler["data_min"], scaler["data_max"]                        # per node
-    assert (hi > lo).all()
+    assert str(scaler["kind"]) == "centered"
+    offset, scale = scaler["offset"], scaler["scale"]                      # (T, N) mean field, (1, 1)
     data = np.load(work / "input_data/dataset1.npy").astype(np.float64)     # (P, T, N), °C
     with torch.no_grad():
         decoded, _ = vae.decode(torch.from_numpy(latents["main"]), torch.from_numpy(latents["hierarchical"]), mode="fix")
     scaled = decoded.double().numpy().transpose(0, 2, 1)                    # (P, T, N)
-    true_scaled = (data - lo) / (hi - lo) * 1.8 - 0.9
-    physical = (scaled + 0.9) / 1.8 * (hi - lo) + lo
+    true_scaled = (data - offset) / scale
+    physical = scaled * scale + offset
     mse = ((scaled - true_scaled) ** 2).mean(axis=(1, 2))
     rel = np.linalg.norm(physical - data, axis=(1, 2)) / np.linalg.norm(data, axis=(1, 2))
     np.testing.assert_allclose(latents["recon_error"], mse, rtol=1e-3, atol=1e-7)

@@ -44,7 +44,7 @@ def test_progressive_dropout_reaches_every_dropout_layer_each_epoch(tmp_path, la
 
 def test_with_ema_validation_and_export_use_the_averaged_weights(tmp_path):
     ctx, store, train_idx, val_idx = demo_context(tmp_path, ["Training_epochs=3", "use_ema=1", "ema_decay=0.9",
-                                                             "val_every=1"])
+                                                             "val_every=1", "vae_keep_best=0"])
     trainer = VAETrainer(ctx, store, train_idx, val_idx)
     trainer.fit()
     state = torch.load(ctx.paths.vae, weights_only=True)
@@ -54,6 +54,34 @@ def test_with_ema_validation_and_export_use_the_averaged_weights(tmp_path):
     live = trainer.engine.module.state_dict()
     assert any(not torch.equal(state["export"][k], live[k]) for k in state["export"] if k.endswith("original"))
     assert trainer.engine.eval_module() is trainer.engine.ema.module
+
+
+def test_vae_exports_the_weights_of_its_best_validation(tmp_path):
+    """vae_keep_best: the checkpoint's export (what latents and prediction use) is the state at
+    the best validation reconstruction, not the last epoch's; with vae_keep_best=0, the last."""
+    for keep in (1, 0):
+        ctx, store, train_idx, val_idx = demo_context(tmp_path / str(keep), [
+            "Training_epochs=8", "val_every=1", "LearningR=0.05", "lr_min_factor=1", "linear_modes=0", "pod_init=0",
+            f"vae_keep_best={keep}"])
+        trainer = VAETrainer(ctx, store, train_idx, val_idx)
+        snapshots = []
+        validate = trainer.validate
+
+        def recording_validate():
+            snapshots.append({k: v.clone() for k, v in trainer.engine.eval_module().state_dict().items()})
+            return validate()
+
+        trainer.validate = recording_validate
+        trainer.fit()
+        val = trainer.history["val_recon_mse"]
+        best = int(np.nanargmin(val))
+        assert best != len(val) - 1, "this recipe must make the last validation worse than the best"
+        exported = torch.load(ctx.paths.vae, weights_only=True)["export"]
+        chosen = snapshots[1 + best] if keep else snapshots[-1]   # snapshots[0]: the initial validation
+        for key, value in exported.items():
+            assert torch.equal(value, chosen[key]), key
+        if keep:
+            assert trainer.best_val == pytest.approx(val[best])
 
 
 def test_e2e_fine_tuning_trains_through_the_frozen_decoder(tmp_path, latent_data):

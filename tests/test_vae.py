@@ -464,3 +464,71 @@ def test_without_output_norm_the_amplitude_of_a_run_reaches_the_output():
             a = rest(conv(h))
             b = rest(2 * conv(h) - conv.bias.view(1, -1, 1))   # twice the amplitude around the bias
         assert (not torch.allclose(a, b, atol=1e-4)) == should_change
+
+
+# -----------------------------------------------------------------------------
+# the linear POD path and the data-driven initialisation (benchmarks/accuracy/NOTES.md)
+
+def _low_rank_runs(p=24, n=40, t=10, rank=4, seed=0):
+    """Runs (P, N, T) spanning `rank` fixed space-time patterns built on 3 spatial shapes: a
+    POD of `rank` modes through 3 or more frame modes is exact."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.einsum("nj,rjt->rnt", torch.randn(n, 3, generator=g), torch.randn(rank, 3, t, generator=g))
+    return torch.einsum("pr,rnt->pnt", torch.randn(p, rank, generator=g), patterns) * 0.05
+
+
+def _linear_vae(n=40, t=10, modes=16, **kw):
+    torch.manual_seed(0)
+    return HierarchicalVAE(n, t, (16, 8, 4), 8, 4, small=True, output_norm=False, linear_modes=modes, **kw)
+
+
+@pytest.mark.parametrize("spectral", [True, False])
+def test_linear_path_starts_the_vae_as_the_pod_of_the_training_runs(spectral):
+    from modules.train_vae import frame_basis_of
+    runs = _low_rank_runs()
+    vae = _linear_vae(spectral=spectral)
+    before = vae.decode(*vae.encode(runs)[::2], mode="fix")[0]
+    vae.init_from_data(frame_basis_of(runs, 16), runs)
+    vae.eval()
+    with torch.no_grad():
+        mu, _, xs = vae.encode(runs)
+        after = vae.decode(mu, xs, mode="fix")[0]
+        linear = vae.linear.decode(vae.linear.encode(runs))
+    rel = lambda a: ((a - runs).norm() / runs.norm()).item()       # noqa: E731
+    assert rel(linear) < 1e-5                        # rank-4 data: the POD path alone is exact
+    assert rel(after) < 0.05 < 0.5 < rel(before)     # the networks enter with a small gain only
+    assert mu[:, :4].std(0).mean() == pytest.approx(1.0, abs=0.1)   # latents start as unit-variance POD coefficients
+
+
+def test_linear_path_is_fixed_saved_and_restored():
+    from modules.train_vae import frame_basis_of
+    runs = _low_rank_runs()
+    vae = _linear_vae()
+    vae.init_from_data(frame_basis_of(runs, 16), runs)
+    fixed = {k: v.clone() for k, v in vae.linear.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        out = vae(runs)
+        opt.zero_grad()
+        (out.x_hat - runs).square().mean().backward()
+        opt.step()
+    for key, value in vae.linear.state_dict().items():
+        assert torch.equal(value, fixed[key]), key               # buffers: no optimizer moves them
+    assert vae.net_log_gain.grad is not None                     # the networks' gains do learn
+    again = _linear_vae()
+    again.load_state_dict(vae.state_dict())
+    assert torch.equal(again.linear.frame, vae.linear.frame)
+    assert _linear_vae(modes=0).linear is None and "linear.frame" not in _linear_vae(modes=0).state_dict()
+
+
+def test_log_variance_init_sets_the_posterior_and_level_prior_variances(x):
+    vae = HierarchicalVAE(N, T, F, LEND, LD, logvar_init=-8.0)
+    vae.eval()
+    with torch.no_grad():
+        mu, log_var, xs = vae.encode(x)
+        h = vae.decoder.start(mu)
+        prior_log_var = vae.decoder.condition_z[0](vae.decoder.res_blocks[0](vae.decoder.up_blocks[0](h))).chunk(2, 1)[1]
+    assert log_var.mean().item() == pytest.approx(-8.0, abs=1.5)
+    assert prior_log_var.mean().item() == pytest.approx(-8.0, abs=1.5)
+    default = HierarchicalVAE(N, T, F, LEND, LD)
+    assert default.encode(x)[1].mean().abs().item() < 1.5        # the original's: around 0

@@ -1,0 +1,210 @@
+"""The accuracy suite: the tool's default recipe against classical reduced-order models.
+
+For every problem of `problems.py` (generated on first use, deterministic), in one run:
+  1. the training runs (the fixed split's train part) become a working directory with the
+     shipped input_data/condition.txt, of which only the data keys are changed (Dim1-3,
+     num_param, n_sample, param_dir, input_type), exactly what a new user would do;
+  2. the tool trains through its command line (VAE + MLP conditioner, then the picture
+     conditioners with --lc_only=1 on the same VAE), and predicts the held-out test runs
+     with --predict;
+  3. beside it, on the same split: the training-mean field, POD + GPR and POD + RBF on the
+     parameters (and POD + GPR on simple picture features), and the POD projection floor;
+     and the VAE's own reconstruction of the test fields (encode → μ → decode).
+
+    python benchmarks/accuracy/run_suite.py                       # every problem, every route
+    python benchmarks/accuracy/run_suite.py --problems heat_inclusion --routes csvs
+    python benchmarks/accuracy/run_suite.py --set Training_epochs=100 --tag short
+
+Writes benchmarks/accuracy/results/<tag>.json and, for the default tag, RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from problems import PROBLEMS, generate  # noqa: E402
+
+ROUTES = ("csvs", "image", "image_vit")
+DATA_KEYS = ("Dim1", "Dim2", "Dim3", "Dim2_red", "Dim3_red", "n_sample", "num_param", "param_dir", "input_type")
+
+
+def write_condition(template: Path, out: Path, values: dict[str, str]) -> None:
+    """The shipped condition file with only the data keys' values replaced."""
+    lines = []
+    for line in template.read_text().splitlines():
+        parts = line.split("#", 1)[0].split()
+        if parts and parts[0] in values:
+            comment = line[len(line.split("#", 1)[0]):]
+            line = f"{parts[0]}\t{values[parts[0]]}\t{comment}".rstrip()
+        lines.append(line)
+    out.write_text("\n".join(lines) + "\n")
+
+
+def stage_inputs(folder: Path, src: Path, runs: np.ndarray, fields: np.ndarray, params: np.ndarray,
+                 with_images: bool) -> None:
+    """dataset1.npy, params.csv and images/1.png.. of `runs`, renumbered from 1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "dataset1.npy", np.ascontiguousarray(fields[runs]))
+    np.savetxt(folder / "params.csv", params[runs], delimiter=",", fmt="%.10g")
+    if with_images:
+        (folder / "images").mkdir(exist_ok=True)
+        for new, old in enumerate(runs, start=1):
+            shutil.copy(src / "images" / f"{old + 1}.png", folder / "images" / f"{new}.png")
+
+
+def run_cli(workdir: Path, args: list[str], log: Path) -> float:
+    started = time.perf_counter()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "a") as out:
+        proc = subprocess.run([sys.executable, str(ROOT / "SimulGen-VAE.py"), *args], cwd=workdir, env=env,
+                              stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"training failed in {workdir} (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - started
+
+
+def vae_reconstruction(workdir: Path, test_fields: np.ndarray) -> np.ndarray:
+    """The trained VAE's encode (μ) → decode (`fix`) of the test fields, physical units."""
+    import torch
+    from modules.checkpoint import build_from_checkpoint, load_checkpoint, load_model_state
+    from modules.data import load_field_scaler
+    from modules.train_vae import build_vae
+    path = workdir / "checkpoints" / "vae.pt"
+    state = load_checkpoint(path, "vae", "VAE checkpoint", "")
+    vae = build_from_checkpoint(build_vae, state, path, "VAE checkpoint", "")
+    load_model_state(vae, state["export"], path, "VAE checkpoint", "")
+    vae.eval()
+    scaler = load_field_scaler(workdir / "checkpoints" / "field_scaler.npz", "")
+    with torch.no_grad():
+        x = scaler.transform(torch.from_numpy(test_fields.astype(np.float32)), node_axis=-1).transpose(1, 2)
+        mu, _, xs = vae.encode(x)
+        recon, _ = vae.decode(mu, xs, mode="fix")
+        return scaler.inverse_transform(recon.double()).transpose(1, 2).numpy()
+
+
+def stats(rel: np.ndarray, mean_rel: np.ndarray) -> dict:
+    return {"mean": float(rel.mean()), "median": float(np.median(rel)), "max": float(rel.max()),
+            "over_mean_field": float(rel.mean() / mean_rel.mean())}
+
+
+def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Path, work_root: Path,
+                tag: str) -> dict:
+    from modules.baseline import classical_baselines, image_features, relative_l2
+    from modules.cond_inputs import list_images, load_images
+
+    problem = PROBLEMS[name]
+    src = generate(name, data_dir)
+    fields = np.load(src / "dataset1.npy", mmap_mode="r")
+    params = np.loadtxt(src / "params.csv", delimiter=",", ndmin=2)
+    split = json.loads((src / "split.json").read_text())
+    train, test = np.asarray(split["train"]), np.asarray(split["test"])
+    train_fields, test_fields = np.asarray(fields[train], np.float64), np.asarray(fields[test], np.float64)
+    result: dict = {"problem": name, "description": problem.description, "shape": list(fields.shape),
+                    "train_runs": len(train), "test_runs": len(test), "overrides": overrides}
+
+    started = time.perf_counter()
+    base = classical_baselines(train_fields, test_fields, params[train], params[test])
+    result["baselines"] = {k: stats(v, base.rel_l2["mean"]) for k, v in base.rel_l2.items()}
+    result["pod_modes"] = base.modes
+    if problem.has_images:
+        images = load_images(list_images(src / "images", ".png", len(fields)), 256)
+        feats = image_features(images, train)
+        picture = classical_baselines(train_fields, test_fields, feats[train], feats[test], methods=("pod_gpr",))
+        result["baselines"]["pod_gpr_picture"] = stats(picture.rel_l2["pod_gpr"], base.rel_l2["mean"])
+    result["baseline_seconds"] = time.perf_counter() - started
+
+    work = work_root / tag / name
+    shutil.rmtree(work, ignore_errors=True)
+    stage_inputs(work / "input_data", src, train, fields, params, problem.has_images)
+    stage_inputs(work / "test_inputs", src, test, fields, params, problem.has_images)
+    shutil.copy(ROOT / "preset.txt", work / "preset.txt")
+    log = work / "train.log"
+    result["routes"] = {}
+    first = True
+    for route in routes:
+        if route != "csvs" and not problem.has_images:
+            continue
+        values = {"Dim1": len(train), "Dim2": fields.shape[1], "Dim3": fields.shape[2], "Dim2_red": fields.shape[1],
+                  "Dim3_red": fields.shape[2], "n_sample": len(train), "num_param": params.shape[1],
+                  "param_dir": "/input_data/params.csv" if route == "csvs" else "/input_data/images",
+                  "input_type": route}
+        write_condition(ROOT / "input_data" / "condition.txt", work / "input_data" / "condition.txt", values)
+        sets = [a for o in overrides for a in ("--set", o)]
+        seconds = run_cli(work, ["--preset=1", "--plot=2", f"--lc_only={0 if first else 1}", "--size=small",
+                                 "--load_all=1", *sets], log)
+        summary = json.loads(max((work / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())
+        if first:
+            recon = vae_reconstruction(work, test_fields)
+            result["vae_reconstruction"] = stats(relative_l2(recon, test_fields), base.rel_l2["mean"])
+            result["vae_seconds"] = summary.get("vae_seconds")
+        source = work / "test_inputs" / ("params.csv" if route == "csvs" else "images")
+        out = work / f"pred_{route}.npy"
+        run_cli(work, ["--predict", str(source), "--out", str(out)], log)
+        rel = relative_l2(np.load(out), test_fields)
+        result["routes"][route] = {**stats(rel, base.rel_l2["mean"]), "seconds": seconds,
+                                   "over_pod_gpr": float(rel.mean() / base.mean("pod_gpr")),
+                                   "in_run_baseline": {k: summary.get(k) for k in
+                                                       ("lc_val_rel_l2", "baseline_pod_gpr_rel_l2",
+                                                        "baseline_mean_field_rel_l2")}}
+        first = False
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    rows = ["| problem | method | test rel-L2 mean | median | max | / mean field | / POD+GPR |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        gpr = r["baselines"]["pod_gpr"]["mean"]
+        entries = [(f"tool: {k}", v) for k, v in r["routes"].items()]
+        entries += [("tool: VAE reconstruction", r["vae_reconstruction"])] if "vae_reconstruction" in r else []
+        names = {"mean": "training-mean field", "pod_gpr": "POD + GPR (parameters)", "pod_rbf": "POD + RBF (parameters)",
+                 "pod_gpr_picture": "POD + GPR (picture features)", "pod_floor": f"POD floor ({r['pod_modes']} modes)"}
+        entries += [(names[k], v) for k, v in r["baselines"].items()]
+        for label, s in entries:
+            rows.append(f"| {r['problem']} | {label} | {s['mean']:.4f} | {s['median']:.4f} | {s['max']:.4f} | "
+                        f"{s['over_mean_field']:.2f} | {s['mean'] / gpr:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    p.add_argument("--routes", nargs="+", default=list(ROUTES), choices=ROUTES)
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="extra condition-file overrides for every training run (experiments)")
+    p.add_argument("--data", type=Path, default=HERE / "data", help="where the problems are generated")
+    p.add_argument("--work", type=Path, default=HERE / "work", help="working directories of the runs")
+    p.add_argument("--tag", default="default", help="name of this configuration's results")
+    args = p.parse_args()
+    results = []
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    for name in args.problems:
+        print(f"== {name}", flush=True)
+        results.append(run_problem(name, args.routes, args.overrides, args.data, args.work, args.tag))
+        (out_dir / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
+        print(markdown(results[-1:]), flush=True)
+    if args.tag == "default" and not args.overrides:
+        text = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
+        table = "<!-- table -->\n" + markdown(results) + "\n<!-- /table -->"
+        text = re.sub(r"<!-- table -->.*<!-- /table -->", lambda _: table, text, flags=re.S) if "<!-- table -->" in text \
+            else text + "\n" + table + "\n"
+        (HERE / "RESULTS.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Classical reduced-order baselines, fitted on the same training runs as the surrogate.
+
+A surrogate is worth training only if it beats these (benchmarks/accuracy/):
+    mean field   every prediction is the training runs' mean field;
+    POD + GPR    proper orthogonal decomposition of the training fields (modes up to 99.9 %
+                 of the variance), one Gaussian process with an ARD kernel per mode
+                 coefficient (scikit-learn), on inputs scaled to [0, 1];
+    POD + RBF    the same modes, coefficients interpolated with a thin-plate-spline radial
+                 basis function (scipy);
+    POD floor    the test fields projected onto the training modes: no regression error,
+                 the best any method restricted to those modes can do.
+Pictures enter through a few simple features (`image_features`): intensity moments and a
+small principal-component summary of the downsampled picture.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+ENERGY = 0.999           # POD modes kept: the smallest number holding this fraction of the variance
+
+
+def relative_l2(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per run ‖pred − true‖ / ‖true‖ over all remaining axes."""
+    diff = (np.asarray(pred, np.float64) - true).reshape(len(true), -1)
+    norm = np.linalg.norm(np.asarray(true, np.float64).reshape(len(true), -1), axis=1)
+    return np.linalg.norm(diff, axis=1) / np.maximum(norm, 1e-30)
+
+
+@dataclass(frozen=True)
+class POD:
+    mean: np.ndarray      # (D,)
+    modes: np.ndarray     # (r, D), orthonormal rows
+    sigma: np.ndarray     # (r,) singular values
+
+    @classmethod
+    def fit(cls, fields: np.ndarray, energy: float = ENERGY, max_modes: int | None = None) -> "POD":
+        """fields (n, ...) → modes of the centred snapshots (the thin SVD; n ≪ D)."""
+        x = fields.reshape(len(fields), -1).astype(np.float64)
+        mean = x.mean(axis=0)
+        _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+        var = s ** 2
+        keep = int(np.searchsorted(np.cumsum(var) / max(var.sum(), 1e-300), energy) + 1)
+        keep = min(keep, len(s), max_modes or len(s))
+        return cls(mean, vt[:keep], s[:keep])
+
+    def coefficients(self, fields: np.ndarray) -> np.ndarray:
+        return (fields.reshape(len(fields), -1) - self.mean) @ self.modes.T      # (n, r)
+
+    def reconstruct(self, coefficients: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return (self.mean + coefficients @ self.modes).reshape(len(coefficients), *shape)
+
+
+class InputScaler:
+    """Columns to [0, 1] by the training range (constant columns to 0)."""
+
+    def __init__(self, x: np.ndarray):
+        self.low = x.min(axis=0)
+        span = x.max(axis=0) - self.low
+        self.span = np.where(span > 0, span, 1.0)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.low) / self.span
+
+
+def _gpr_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int,
+                     restarts: int = 2) -> np.ndarray:
+    """One GP per output column: constant × ARD-RBF + white noise, normalised targets."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+    d = x_train.shape[1]
+    out = np.empty((len(x_test), y_train.shape[1]))
+    kernel = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(d), (1e-2, 1e3)) + WhiteKernel(1e-4, (1e-10, 1e0))
+    for j in range(y_train.shape[1]):
+        # the leading modes get restarts; later ones start from the previous mode's kernel
+        gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=restarts if j < 3 else 0,
+                                      random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gp.fit(x_train, y_train[:, j])
+        out[:, j] = gp.predict(x_test)
+        kernel = gp.kernel_
+    return out
+
+
+def _rbf_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    from scipy.interpolate import RBFInterpolator
+    return RBFInterpolator(x_train, y_train, kernel="thin_plate_spline")(x_test)
+
+
+def image_features(images: np.ndarray, train_idx: np.ndarray, components: int = 4) -> np.ndarray:
+    """(n, H, W) pictures in [0, 1] → (n, 6 + components) features: total intensity, centroid,
+    second central moments, and the leading principal components of the 32×32 downsample
+    (fitted on the training pictures)."""
+    n, h, w = images.shape
+    img = images.astype(np.float64)
+    ys, xs = np.mgrid[0:h, 0:w]
+    ys, xs = ys / h, xs / w
+    mass = img.sum(axis=(1, 2)) + 1e-12
+    cx = (img * xs).sum(axis=(1, 2)) / mass
+    cy = (img * ys).sum(axis=(1, 2)) / mass
+    dx, dy = xs[None] - cx[:, None, None], ys[None] - cy[:, None, None]
+    moments = [mass / (h * w), cx, cy, (img * dx * dx).sum(axis=(1, 2)) / mass,
+               (img * dy * dy).sum(axis=(1, 2)) / mass, (img * dx * dy).sum(axis=(1, 2)) / mass]
+    fy, fx = max(1, h // 32), max(1, w // 32)
+    small = img[:, :h // fy * fy, :w // fx * fx].reshape(n, h // fy, fy, w // fx, fx).mean(axis=(2, 4)).reshape(n, -1)
+    k = min(components, len(train_idx) - 1)
+    pca = POD.fit(small[train_idx], energy=1.0, max_modes=k)
+    return np.column_stack(moments + [pca.coefficients(small)])
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    rel_l2: dict[str, np.ndarray]       # method → per test run
+    modes: int
+
+    def mean(self, method: str) -> float:
+        return float(self.rel_l2[method].mean())
+
+
+def classical_baselines(train_fields: np.ndarray, test_fields: np.ndarray, train_inputs: np.ndarray | None,
+                        test_inputs: np.ndarray | None, seed: int = 0,
+                        methods: tuple[str, ...] = ("mean", "pod_gpr", "pod_rbf", "pod_floor")) -> BaselineResult:
+    """Per-test-run relative L2 of each classical method, fitted on the training runs only.
+    Fields (n, T, N) in physical units; inputs (n, d) (parameters or image features)."""
+    shape = train_fields.shape[1:]
+    pod = POD.fit(train_fields)
+    out: dict[str, np.ndarray] = {}
+    if "mean" in methods:
+        out["mean"] = relative_l2(np.broadcast_to(pod.mean.reshape(shape), test_fields.shape), test_fields)
+    if "pod_floor" in methods:
+        out["pod_floor"] = relative_l2(pod.reconstruct(pod.coefficients(test_fields), shape), test_fields)
+    if train_inputs is not None:
+        scale = InputScaler(train_inputs)
+        x_train, x_test = scale(train_inputs), scale(test_inputs)
+        coeff = pod.coefficients(train_fields)
+        if "pod_gpr" in methods:
+            pred = _gpr_fit_predict(x_train, coeff, x_test, seed)
+            out["pod_gpr"] = relative_l2(pod.reconstruct(pred, shape), test_fields)
+        if "pod_rbf" in methods:
+            pred = _rbf_fit_predict(x_train, coeff, x_test)
+            out["pod_rbf"] = relative_l2(pod.reconstruct(pred, shape), test_fields)
+    return BaselineResult(out, len(pod.sigma))

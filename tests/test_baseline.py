@@ -1,0 +1,81 @@
+"""The classical baselines (modules/baseline.py) on small real parametric families."""
+import numpy as np
+import pytest
+
+from modules.baseline import POD, classical_baselines, image_features, relative_l2
+
+
+def family(params: np.ndarray, t: int = 12, n: int = 40) -> np.ndarray:
+    """A smooth transient field per parameter row (a, b, c): a travelling, decaying bump."""
+    time = np.linspace(0, 1, t)[:, None]
+    x = np.linspace(0, 1, n)[None]
+    a, b, c = (params[:, i, None, None] for i in range(3))
+    return 20 + a * np.exp(-((x - 0.3 - 0.4 * b * time) ** 2) / (0.02 + 0.05 * c)) * (1 - 0.5 * time)
+
+
+def test_relative_l2_is_per_run():
+    true = np.ones((3, 4, 5))
+    pred = true.copy()
+    pred[1] *= 1.5
+    np.testing.assert_allclose(relative_l2(pred, true), [0.0, 0.5, 0.0])
+    np.testing.assert_allclose(relative_l2(np.zeros_like(true), true), 1.0)
+
+
+def test_pod_keeps_the_modes_holding_the_energy_and_projects_exactly():
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(60, 3)))[0].T                  # 3 orthonormal rows
+    coeff = rng.normal(size=(30, 3)) * [10.0, 3.0, 1.0]
+    fields = (5.0 + coeff @ basis).reshape(30, 6, 10)
+    pod = POD.fit(fields)
+    assert len(pod.sigma) == 3                                           # rank 3 after centring
+    test = (5.0 + rng.normal(size=(4, 3)) @ basis).reshape(4, 6, 10)
+    np.testing.assert_allclose(pod.reconstruct(pod.coefficients(test), (6, 10)), test, atol=1e-9)
+    assert len(POD.fit(fields, energy=0.5).sigma) == 1                   # the first mode holds > 50 %
+
+
+def test_pod_gpr_and_rbf_learn_a_smooth_family_far_better_than_the_mean():
+    rng = np.random.default_rng(1)
+    train_p, test_p = rng.uniform(0.5, 1.5, (60, 3)), rng.uniform(0.6, 1.4, (10, 3))
+    train, test = family(train_p), family(test_p)
+    result = classical_baselines(train, test, train_p, test_p)
+    mean, gpr, rbf, floor = (result.mean(k) for k in ("mean", "pod_gpr", "pod_rbf", "pod_floor"))
+    assert floor < gpr and floor < rbf
+    assert gpr < 0.1 * mean and rbf < 0.2 * mean
+    # the regression really uses the inputs: shuffled inputs lose the relation
+    shuffled = classical_baselines(train, test, train_p[rng.permutation(60)], test_p, methods=("pod_gpr",))
+    assert shuffled.mean("pod_gpr") > 5 * gpr
+
+
+def test_image_features_see_where_a_disc_is_and_how_bright():
+    size = 64
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    centres = np.random.default_rng(2).uniform(0.25, 0.75, (12, 2))
+    grey = np.linspace(0.3, 1.0, 12)
+    images = np.stack([g * ((xx - cx) ** 2 + (yy - cy) ** 2 < 0.01) for (cx, cy), g in zip(centres, grey)])
+    feats = image_features(images.astype(np.float32), np.arange(10))
+    assert feats.shape == (12, 6 + 4)
+    np.testing.assert_allclose(feats[:, 1], centres[:, 0], atol=0.01)   # centroid x
+    np.testing.assert_allclose(feats[:, 2], centres[:, 1], atol=0.01)   # centroid y
+    assert np.corrcoef(feats[:, 0], grey)[0, 1] > 0.99                  # total intensity follows the grey level
+
+
+def test_pod_gpr_on_picture_features_learns_a_geometry_driven_field():
+    """Pictures of a disc whose position sets the field: the features carry it to the GPR."""
+    rng = np.random.default_rng(3)
+    size = 48
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    params = rng.uniform(0.5, 1.5, (50, 3))
+    images = np.stack([(((xx - 0.2 - 0.4 * (a - 0.5)) ** 2 + (yy - 0.2 - 0.4 * (b - 0.5)) ** 2) < 0.005 * (1 + c))
+                       for a, b, c in params]).astype(np.float32)
+    fields = family(params)
+    train, test = np.arange(40), np.arange(40, 50)
+    feats = image_features(images, train)
+    result = classical_baselines(fields[train], fields[test], feats[train], feats[test])
+    assert result.mean("pod_gpr") < 0.3 * result.mean("mean")
+
+
+@pytest.mark.parametrize("energy", [0.9, 0.999])
+def test_more_energy_keeps_more_modes(energy):
+    rng = np.random.default_rng(4)
+    fields = family(rng.uniform(0.5, 1.5, (40, 3)))
+    assert len(POD.fit(fields, energy=energy).sigma) <= len(POD.fit(fields, energy=0.99999).sigma)
