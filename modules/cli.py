@@ -171,12 +171,13 @@ def _import_runs(args: argparse.Namespace) -> int:
                             f"receives the dataset); drop the other --set flags.")
         dataset_dir = value.strip()
     from modules.mesh_io import condition_lines, import_runs
-    result = import_runs(args.import_runs, args.field, Path.cwd() / dataset_dir)
+    result = import_runs(args.import_runs, args.field, Path(dataset_dir or "."))
     P, T, N = result.shape
-    times = ", ".join(f"{t:g}" for t in result.times)
+    shown = result.times if len(result.times) <= 20 else [*result.times[:5], "…", *result.times[-5:]]
+    times = ", ".join(t if isinstance(t, str) else f"{t:g}" for t in shown)
     print(f"imported {P} runs × {T} steps × {N} nodes ({result.nodes} mesh nodes × {len(result.fields)} field(s): "
           f"{', '.join(result.fields)})")
-    print(f"  time values: {times}")
+    print(f"  time values: {times}" + (f" (all {T} in {result.layout.name})" if len(result.times) > 20 else ""))
     print(f"  wrote {result.dataset}, {result.mesh}, {result.layout}")
     print("  for input_data/condition.txt (preset dataset number 1):")
     for line in condition_lines(result, dataset_dir):

@@ -215,6 +215,7 @@ def import_runs(patterns: list[str], field_texts: list[str], out_dir: Path) -> I
     if len(set(labels)) != len(labels):
         raise UserError(f"--field is given twice for the same values ({', '.join(field_texts)}); name each field once.")
     runs = list_runs(patterns)
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]      # the folders ensure_writable makes
     ensure_writable([out_dir], "--import_runs", "choose a writable folder with --set dataset_dir=DIR")
     dataset = out_dir / f"dataset{DATASET_NUMBER}.npy"
     outputs = {dataset: None, out_dir / MESH_FILE: None, fields_file(dataset): None}
@@ -226,6 +227,7 @@ def import_runs(patterns: list[str], field_texts: list[str], out_dir: Path) -> I
         result = _import(runs, specs, dataset, outputs)
         for path, tmp in outputs.items():
             os.replace(tmp, path)
+        created = []
         return result
     except OSError as exc:
         raise UserError(f"cannot write to {out_dir} ({exc.strerror or exc}); free disk space or choose another "
@@ -235,6 +237,9 @@ def import_runs(patterns: list[str], field_texts: list[str], out_dir: Path) -> I
             if tmp is not None:
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
+        for folder in created:      # a failed import leaves no empty folder either (innermost first)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _import(runs: list[Path], specs: list[FieldSpec], dataset: Path, outputs: dict[Path, Path]) -> ImportResult:
@@ -277,8 +282,8 @@ def _import(runs: list[Path], specs: list[FieldSpec], dataset: Path, outputs: di
                         "run", run, runs[0])
     del store
     nodes = len(reference.points)
-    meshio.write(outputs[dataset.with_name(MESH_FILE)], meshio.Mesh(reference.points, reference.cells),
-                 file_format="vtu")
+    points = np.pad(reference.points, ((0, 0), (0, 3 - reference.points.shape[1])))    # VTU stores x, y, z
+    meshio.write(outputs[dataset.with_name(MESH_FILE)], meshio.Mesh(points, reference.cells), file_format="vtu")
     layout = {"fields": [s.label for s in specs], "field_args": [s.text for s in specs], "nodes_per_field": nodes,
               "layout": "[P, T, F*N]: field f occupies nodes f*N ... (f+1)*N-1, in mesh.vtu's node order",
               "times": times, "mesh": MESH_FILE, "runs": [str(r) for r in runs]}

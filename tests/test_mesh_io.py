@@ -363,3 +363,35 @@ def test_volume_mesh_figures_draw_the_boundary_surface(tmp_path):
     figures.traces(true, true * 1.1, 0, "recon", "reconstruction")
     assert [p.name for p in figures.saved] == ["recon.png", "recon_traces.png"]
     _not_blank(tmp_path / "recon.png")
+
+
+def test_several_fields_are_split_back_into_named_arrays_in_the_xdmf_output(tmp_path):
+    from modules.mesh_io import DatasetMesh, write_prediction_series
+    points, cells = grid_mesh(3)
+    mesh = DatasetMesh(tmp_path / "mesh.vtu", points, [meshio.CellBlock(*cells[0])], ["T", "U_0"], [0.5, 1.0])
+    pred = np.random.default_rng(1).random((2, 2, 18)).astype(np.float32)           # (n, T, 2 fields × 9 nodes)
+    (tmp_path / "vtk").mkdir()
+    write_prediction_series(tmp_path / "vtk", pred, mesh, samples=1)
+    with meshio.xdmf.TimeSeriesReader(tmp_path / "vtk/run_1.xdmf") as reader:
+        reader.read_points_cells()
+        t, point_data, _ = reader.read_data(1)
+    assert t == 1.0
+    np.testing.assert_array_equal(point_data["T"], pred[1, 1, :9])
+    np.testing.assert_array_equal(point_data["U_0"], pred[1, 1, 9:])
+
+
+def test_vtk_refuses_a_mesh_that_does_not_fit_the_model(tmp_path):
+    from modules.errors import UserError
+    from modules.mesh_io import DatasetMesh, check_prediction_mesh
+    points, cells = grid_mesh(3)
+    mesh = DatasetMesh(tmp_path / "mesh.vtu", points, [meshio.CellBlock(*cells[0])], ["T"], None)
+    with pytest.raises(UserError, match=r"predicts 8 nodes, but .*mesh.vtu has 9 nodes"):
+        check_prediction_mesh(mesh, tmp_path / "dataset1.npy", 8, tmp_path / "vtk")
+    assert not (tmp_path / "vtk").exists()
+
+
+def test_a_failed_import_into_a_new_folder_leaves_no_folder(tmp_path, capsys):
+    _two_runs(tmp_path, _nan)
+    code, _, err = import_cli(tmp_path, capsys, "sims/run_*.xdmf", "--field", "T", "--set", "dataset_dir=new/data")
+    assert code == 2 and "NaN" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sims"]
