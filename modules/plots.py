@@ -157,7 +157,7 @@ class Figures:
                     colours = plt.get_cmap(cmap)(nrm(values[triangles].mean(axis=1)))
                     ax.add_collection3d(Poly3DCollection(mesh.points[triangles], facecolors=colours, linewidths=0))
                     lo, hi = mesh.points.min(0), mesh.points.max(0)
-                    ax.set_xlim(lo[0], hi[0]); ax.set_ylim(lo[1], hi[1]); ax.set_zlim(lo[2], hi[2])
+                    ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), zlim=(lo[2], hi[2]))
                     ax.set_box_aspect(np.maximum(hi - lo, 1e-9 * (hi - lo).max()))
                 ax.set_title(title, fontsize=9)
                 ax.tick_params(labelsize=7)
