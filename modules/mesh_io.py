@@ -262,7 +262,12 @@ def _import(runs: list[Path], specs: list[FieldSpec], dataset: Path, outputs: di
             if reference is None:
                 reference = step
             _check_same_mesh(step.points, reference, step.where)
-            row = np.concatenate([spec.values(step.point_data, step.where) for spec in specs])   # (F·N,)
+            parts = [spec.values(step.point_data, step.where) for spec in specs]
+            for spec, part in zip(specs, parts):
+                if len(part) != len(step.points):
+                    raise UserError(f"{step.where}: --field {spec.text} has {len(part)} values but the mesh "
+                                    f"{len(step.points)} nodes; export it as point (nodal) data.")
+            row = np.concatenate(parts)                                                          # (F·N,)
             bad = ~np.isfinite(row)
             if bad.any():
                 node = int(np.flatnonzero(bad)[0])

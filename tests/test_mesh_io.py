@@ -151,6 +151,10 @@ def _vector(path, points, cells):
     write_xdmf(path, points, cells, {"T": np.zeros((3, 25, 3))}, range(3))
 
 
+def _cell_values(path, points, cells):
+    write_xdmf(path, points, cells, {"T": np.zeros((3, 24))}, range(3))      # 24 values on 25 nodes
+
+
 def _missing_h5(path, points, cells):
     write_xdmf(path, points, cells, {"T": run_values(2, 3, 25)}, range(3))
     path.with_suffix(".h5").unlink()
@@ -168,6 +172,7 @@ ERRORS = {   # case: (make the second run, import args, fragments of the one err
     "NaN": (_nan, ["--field", "T"], ["run_2.xdmf (step 2)", "NaN", "node 11"]),
     "vector without component": (_vector, ["--field", "T"], ["run_2.xdmf", "3 components", "T:0", "T:mag"]),
     "component out of range": (_vector, ["--field", "T:3"], ["run_1.xdmf", "component 3", "1 component"]),
+    "not nodal": (_cell_values, ["--field", "T"], ["run_2.xdmf", "24 values", "25 nodes"]),
     "missing .h5": (_missing_h5, ["--field", "T"], ["cannot read", "run_2.xdmf", ".h5"]),
     "not a run": (_stray_file, ["--field", "T"], ["run_3.txt", "neither an XDMF"]),
 }
