@@ -112,8 +112,10 @@ class Figures:
             except UserError as exc:
                 log.warning("%s; figures plot over the node index", exc)
                 self._mesh = None
+            if self._mesh is not None:      # once: a volume mesh's boundary search is not free
+                self._triangles = surface_triangles(self._mesh.cells)
         mesh = self._mesh
-        if mesh is not None and not len(surface_triangles(mesh.cells)) and plane_coordinates(mesh.points) is None:
+        if mesh is not None and not len(self._triangles) and plane_coordinates(mesh.points) is None:
             log.warning("%s has no surface or volume cells to draw; figures plot over the node index", mesh.path)
             self._mesh = mesh = None
         if mesh is not None and nodes < mesh.nodes:
@@ -126,12 +128,12 @@ class Figures:
                 steps: int = 3) -> None:
         """True / `label` / error of one run's first field on the mesh at a few times; rows are
         times, with a colour bar for the values (shared by true and `label`) and one for the error."""
-        from modules.mesh_io import plane_coordinates, surface_triangles
+        from modules.mesh_io import plane_coordinates
         plt = self.plt
         T = true.shape[0]
         field = mesh.fields[0]
         true, other = true[:, :mesh.nodes], other[:, :mesh.nodes]              # (T, N) of the first field
-        triangles = surface_triangles(mesh.cells)
+        triangles = self._triangles
         xy = plane_coordinates(mesh.points)
         times = np.unique(np.linspace(0, T - 1, steps).astype(int))
         fig = plt.figure(figsize=(13, 3.6 * len(times)))
