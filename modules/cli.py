@@ -20,6 +20,8 @@ EPILOG = """examples:
   python SimulGen-VAE.py --lc_only=1 --preset=1
   torchrun --nproc_per_node=2 SimulGen-VAE.py --use_ddp --preset=1 --plot=2 --lc_only=0 --size=small --load_all=1
   python SimulGen-VAE.py --predict new_params.csv --out predictions.npy --samples 8
+  python SimulGen-VAE.py --import_runs 'sims/run_*.xdmf' --field T --set dataset_dir=input_data
+  python SimulGen-VAE.py --predict new_params.csv --out pred.npy --vtk pred_vtk
   python SimulGen-VAE.py --list_keys
 """
 
@@ -72,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K > 1: K stochastic realisations per input, output [n, K, T, N] (default 1)")
     q.add_argument("--checkpoints", type=Path, default=None, metavar="DIR",
                    help="the working directory whose checkpoints/ to predict with (default: the current one)")
+    q.add_argument("--vtk", type=Path, default=None, metavar="DIR",
+                   help="also write DIR/run_<i>.xdmf (+ .h5) per input on the mesh.vtu beside the training dataset, "
+                        "for ParaView")
+    m = p.add_argument_group("import of solver files (no training)")
+    m.add_argument("--import_runs", nargs="+", default=None, metavar="GLOB",
+                   help="one run per match, in natural order: an XDMF time series or a folder of per-step mesh files "
+                        "(.vtu, .vtk, ...); writes dataset1.npy, mesh.vtu and dataset1.fields.json to the working "
+                        "directory or to --set dataset_dir=DIR")
+    m.add_argument("--field", action="append", default=[], metavar="NAME",
+                   help="point-data array to import: NAME, NAME:<component> or NAME:mag; repeat to stack several "
+                        "fields as extra nodes")
     return p
 
 
@@ -110,7 +123,9 @@ def _run(args: argparse.Namespace) -> int:
         for section, key, default, text in key_table():
             print(f"{section:<13} {key:<34} {default:<10} {text}")
         return 0
-    if args.predict is not None or args.out is not None:
+    if args.import_runs is not None or args.field:
+        return _import_runs(args)
+    if args.predict is not None or args.out is not None or args.vtk is not None:
         return _predict(args)
     if args.samples != 1:
         raise UserError("--samples goes with --predict PATH --out FILE.npy.")
@@ -133,7 +148,38 @@ def _predict(args: argparse.Namespace) -> int:
     from modules.predict import run_prediction
     from modules.run import Paths
     meta = run_prediction(args.predict, args.out, args.samples, Paths(args.checkpoints or Path.cwd()),
-                          resolve_device(args.device))
+                          resolve_device(args.device), vtk=args.vtk)
     print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units) from {len(meta['inputs'])} "
           f"input(s) in {meta['seconds'] * 1000:.1f} ms; details in {args.out.with_suffix('.json')}")
+    if args.vtk is not None:
+        print(f"wrote {len(meta['vtk'])} XDMF time series (run_<i>.xdmf + .h5, i = row of {args.out}) to "
+              f"{args.vtk}, on {meta['mesh']}")
+    return 0
+
+
+def _import_runs(args: argparse.Namespace) -> int:
+    if args.import_runs is None or not args.field:
+        raise UserError("importing needs both --import_runs GLOB and --field NAME (e.g. --import_runs 'sims/run_*' "
+                        "--field T).")
+    if args.predict is not None or args.out is not None or args.vtk is not None:
+        raise UserError("--import_runs only imports; run --predict separately, after training.")
+    dataset_dir = ""
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key.strip() != "dataset_dir":
+            raise UserError(f"--set {item}: with --import_runs only --set dataset_dir=DIR applies (the folder that "
+                            f"receives the dataset); drop the other --set flags.")
+        dataset_dir = value.strip()
+    from modules.mesh_io import condition_lines, import_runs
+    result = import_runs(args.import_runs, args.field, Path(dataset_dir or "."))
+    P, T, N = result.shape
+    shown = result.times if len(result.times) <= 20 else [*result.times[:5], "…", *result.times[-5:]]
+    times = ", ".join(t if isinstance(t, str) else f"{t:g}" for t in shown)
+    print(f"imported {P} runs × {T} steps × {N} nodes ({result.nodes} mesh nodes × {len(result.fields)} field(s): "
+          f"{', '.join(result.fields)})")
+    print(f"  time values: {times}" + (f" (all {T} in {result.layout.name})" if len(result.times) > 20 else ""))
+    print(f"  wrote {result.dataset}, {result.mesh}, {result.layout}")
+    print("  for input_data/condition.txt (preset dataset number 1):")
+    for line in condition_lines(result, dataset_dir):
+        print(f"    {line}")
     return 0

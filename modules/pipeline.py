@@ -109,7 +109,7 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     barrier()
     ctx.monitor = Monitor(ctx.run_dir, dist_info.is_main, cfg.log_every)
     ctx.monitor.text("config", "\n".join(f"{k}: {v}" for k, v in ctx.describe()["config"].items()))
-    figures = Figures(flags.plot, ctx.run_dir, dist_info.is_main)
+    figures = Figures(flags.plot, ctx.run_dir, dist_info.is_main, dataset=data_path)
     if dist_info.is_main:
         _print_config(ctx, data_path)
 

@@ -1,7 +1,8 @@
 """Figures (`--plot`): 0 shows them, 1 saves PNGs in the run folder, 2 makes none.
 
 matplotlib is imported only when a figure is made. On a machine without a display,
-`--plot=0` warns once and saves the figures instead.
+`--plot=0` warns once and saves the figures instead. When a `mesh.vtu` lies beside the
+dataset (`--import_runs` writes it), snapshots are drawn as fields on the mesh.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ SHOW, SAVE, NONE = 0, 1, 2
 
 
 class Figures:
-    def __init__(self, mode: int, run_dir: Path, enabled: bool = True):
+    def __init__(self, mode: int, run_dir: Path, enabled: bool = True, dataset: Path | None = None):
         self.mode = mode if enabled else NONE
         self.run_dir = run_dir
         self.saved: list[Path] = []
         self._plt = None
+        self.dataset = dataset          # mesh.vtu beside it turns snapshots into fields on the mesh
+        self._mesh = False              # not looked up yet
         if self.mode == SHOW and not _has_display():
             log.warning("--plot=0 asks to show figures, but this machine has no display; saving them to %s instead", run_dir)
             self.mode = SAVE
@@ -78,6 +81,10 @@ class Figures:
         at a few times) of one run; `true` and `other` are (T, N) in physical units."""
         if not self.active:
             return
+        mesh = self.mesh(true.shape[1])
+        if mesh is not None:
+            self.on_mesh(mesh, true, other, run, name, label)
+            name = f"{name}_traces"
         T, N = true.shape
         fig, (ax_t, ax_n) = self.plt.subplots(1, 2, figsize=(11, 4))
         for j, node in enumerate(np.linspace(0, N - 1, 4).astype(int)):
@@ -92,6 +99,72 @@ class Figures:
         ax_n.set_xlabel("node")
         ax_n.set_title("snapshots over the nodes")
         ax_n.legend(fontsize=7)
+        self.finish(fig, name)
+
+    def mesh(self, nodes: int):
+        """The dataset's mesh when it fits `nodes` values per step, else None (node-index plots)."""
+        from modules.mesh_io import plane_coordinates, surface_triangles
+        if self._mesh is False:
+            from modules.errors import UserError
+            from modules.mesh_io import load_dataset_mesh
+            try:            # a figure is not worth a failed training run: fall back to node-index plots
+                self._mesh = load_dataset_mesh(self.dataset) if self.dataset is not None else None
+            except UserError as exc:
+                log.warning("%s; figures plot over the node index", exc)
+                self._mesh = None
+            if self._mesh is not None:      # once: a volume mesh's boundary search is not free
+                self._triangles = surface_triangles(self._mesh.cells)
+        mesh = self._mesh
+        if mesh is not None and not len(self._triangles) and plane_coordinates(mesh.points) is None:
+            log.warning("%s has no surface or volume cells to draw; figures plot over the node index", mesh.path)
+            self._mesh = mesh = None
+        if mesh is not None and nodes < mesh.nodes:
+            log.warning("%s has %d nodes but the data %d (Dim3_red?); figures plot over the node index", mesh.path,
+                        mesh.nodes, nodes)
+            self._mesh = mesh = None
+        return mesh
+
+    def on_mesh(self, mesh, true: np.ndarray, other: np.ndarray, run: int, name: str, label: str,
+                steps: int = 3) -> None:
+        """True / `label` / error of one run's first field on the mesh at a few times; rows are
+        times, with a colour bar for the values (shared by true and `label`) and one for the error."""
+        from modules.mesh_io import plane_coordinates
+        plt = self.plt
+        T = true.shape[0]
+        field = mesh.fields[0]
+        true, other = true[:, :mesh.nodes], other[:, :mesh.nodes]              # (T, N) of the first field
+        triangles = self._triangles
+        xy = plane_coordinates(mesh.points)
+        times = np.unique(np.linspace(0, T - 1, steps).astype(int))
+        fig = plt.figure(figsize=(13, 3.6 * len(times)))
+        norm = plt.Normalize(float(min(true[times].min(), other[times].min())),
+                             float(max(true[times].max(), other[times].max())))
+        err = other[times] - true[times]
+        lim = float(np.abs(err).max()) or 1.0
+        err_norm = plt.Normalize(-lim, lim)
+        for r, step in enumerate(times):
+            when = f"t = {mesh.times[step]:g}" if mesh.times and len(mesh.times) > step else f"step {step}"
+            panels = [(true[step], norm, "viridis", f"true {field}, {when}"),
+                      (other[step], norm, "viridis", f"{label}, {when}"),
+                      (other[step] - true[step], err_norm, "coolwarm", f"{label} − true")]
+            for c, (values, nrm, cmap, title) in enumerate(panels):
+                if xy is not None:
+                    ax = fig.add_subplot(len(times), 3, 3 * r + c + 1)
+                    tri = (triangles,) if len(triangles) else ()       # no 2-D cells: Delaunay of the nodes
+                    ax.tripcolor(xy[:, 0], xy[:, 1], *tri, values, shading="gouraud", cmap=cmap, norm=nrm)
+                    ax.set_aspect("equal")
+                else:       # a 3-D mesh: its boundary surface, coloured by the faces' mean values
+                    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+                    ax = fig.add_subplot(len(times), 3, 3 * r + c + 1, projection="3d")
+                    colours = plt.get_cmap(cmap)(nrm(values[triangles].mean(axis=1)))
+                    ax.add_collection3d(Poly3DCollection(mesh.points[triangles], facecolors=colours, linewidths=0))
+                    lo, hi = mesh.points.min(0), mesh.points.max(0)
+                    ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), zlim=(lo[2], hi[2]))
+                    ax.set_box_aspect(np.maximum(hi - lo, 1e-9 * (hi - lo).max()))
+                ax.set_title(title, fontsize=9)
+                ax.tick_params(labelsize=7)
+                fig.colorbar(plt.cm.ScalarMappable(norm=nrm, cmap=cmap), ax=ax, shrink=0.8)
+        fig.suptitle(f"run {run} on {mesh.path.name}: true, {label} and error")
         self.finish(fig, name)
 
     def latents(self, pred: np.ndarray, true: np.ndarray, name: str) -> None:

@@ -70,6 +70,7 @@ class Surrogate:
     image_ext: str
     device: torch.device
     sources: dict
+    dataset: Path | None = None            # the training dataset (its mesh.vtu is beside it, for --vtk)
 
     def __post_init__(self):
         # Once here, not per call: .eval() walks every submodule (0.5 ms of a 3 ms prediction).
@@ -139,12 +140,15 @@ class Surrogate:
         config = cond_state["run"]["config"]
         if "param_data_type" not in config:
             raise UserError(f"{cond_path} lacks the config it was trained with (param_data_type); {_TRAIN_HINT}.")
+        preset = cond_state["run"].get("preset", {})
+        dataset = (paths.workdir / config.get("dataset_dir", "") /
+                   f"dataset{preset.get('dataset_number', 1)}.npy")
         return cls(conditioner, LatentDecoder(vae, main_scaler, hier_scaler, device),
                    field, input_scaler, arch["input_type"], arch["num_param"],
                    config["param_data_type"], device,
                    {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
                     "conditioner_scalers": str(paths.conditioner_scalers),
-                    "weights": "EMA" if config.get("use_ema") else "trained"})
+                    "weights": "EMA" if config.get("use_ema") else "trained"}, dataset)
 
 
 def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -173,13 +177,19 @@ def check_writable(out: Path) -> None:
     ensure_writable([out.parent], f"--out {out}", "choose a writable folder")
 
 
-def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: torch.device) -> dict:
+def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: torch.device,
+                   vtk: Path | None = None) -> dict:
     if samples < 1:
         raise UserError(f"--samples {samples}: give 1 or more realisations per input.")
     if not source.exists():
         raise UserError(f"--predict {source} not found; pass a CSV file or a folder of images.")
     check_writable(out)
     surrogate = Surrogate.load(paths, device)
+    mesh = None
+    if vtk is not None:         # before anything is written: the mesh exists and fits the model
+        from modules.mesh_io import check_prediction_mesh, load_dataset_mesh
+        mesh = check_prediction_mesh(load_dataset_mesh(surrogate.dataset), surrogate.dataset,
+                                     surrogate.field_scaler.num_nodes, vtk)
     raw, files = read_inputs(surrogate, source)
     started = time.perf_counter()
     fields = surrogate.fields(surrogate.prepare(raw), samples)
@@ -189,6 +199,11 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
             "layout": "[n, T, N]" if samples == 1 else "[n, K, T, N]", "samples": samples,
             "units": "physical (inverse of the per-node scaling)", "checkpoints": surrogate.sources,
             "seconds": seconds}
+    if mesh is not None:
+        from modules.mesh_io import write_prediction_series
+        written = write_prediction_series(vtk, fields, mesh, samples)
+        meta.update({"vtk": [str(p) for p in written if p.suffix == ".xdmf"], "mesh": str(mesh.path),
+                     "vtk_fields": mesh.fields if samples == 1 else [f"{n}{s}" for n in mesh.fields for s in ("", "_std")]})
     save_json(out.with_suffix(".json"), meta)
     return meta
 
