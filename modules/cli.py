@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from modules import interrupt
 from modules.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=None, metavar="N", help="seed of every RNG and of the split (key 'seed')")
     a.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in checkpoints/ from its last checkpoint (exact on CPU)")
+    a.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads per process (default: OMP_NUM_THREADS if set, else one per physical "
+                        "core, shared among torchrun's processes on this machine)")
     a.add_argument("--list_keys", action="store_true", help="print every condition-file key with its default and exit")
     q = p.add_argument_group("prediction (no training)")
     q.add_argument("--predict", type=Path, default=None, metavar="PATH",
@@ -94,10 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except interrupt.Stopped as exc:         # saved at an epoch end after a signal
         if rank == 0:
-            print("interrupted: the last checkpoint in checkpoints/ is kept; continue with --resume", file=sys.stderr)
-        return 130
+            print(str(exc), file=sys.stderr, flush=True)
+        return exc.code
+    except KeyboardInterrupt:                # a second signal, or Ctrl-C outside training
+        if rank == 0:
+            print(interrupt.interrupted_message(), file=sys.stderr, flush=True)
+        return interrupt.exit_code(130)
     finally:
         distributed = sys.modules.get("modules.distributed")   # not imported: no process group (and no torch import)
         if distributed is not None:
@@ -110,6 +118,8 @@ def _run(args: argparse.Namespace) -> int:
         for section, key, default, text in key_table():
             print(f"{section:<13} {key:<34} {default:<10} {text}")
         return 0
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give a whole number of at least 1.")
     if args.predict is not None or args.out is not None:
         return _predict(args)
     if args.samples != 1:
@@ -119,7 +129,10 @@ def _run(args: argparse.Namespace) -> int:
     overrides = tuple(args.overrides) + ((f"seed={args.seed}",) if args.seed is not None else ())
     cfg = parse_condition(args.config, overrides)
     preset = load_preset(args.preset_file, args.preset)
+    from modules.threads import configure_threads
+    configure_threads(args.threads)
     from modules.pipeline import Flags, train
+    interrupt.install()        # Ctrl-C / SIGTERM: save at the next epoch end, then stop
     flags = Flags(plot=args.plot, lc_only=bool(args.lc_only), small=args.size == "small",
                   load_all=bool(args.load_all), use_ddp=args.use_ddp, device=args.device, resume=args.resume)
     train(flags, cfg, preset, Path.cwd())
@@ -129,6 +142,8 @@ def _run(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     if args.predict is None or args.out is None:
         raise UserError("prediction needs both --predict PATH and --out FILE.npy.")
+    from modules.threads import configure_threads
+    configure_threads(args.threads)
     from modules.distributed import resolve_device
     from modules.predict import run_prediction
     from modules.run import Paths

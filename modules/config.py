@@ -102,6 +102,8 @@ class Config:
                             help="fraction of runs held out for validation")
     checkpoint_every: int = _key(100, lo=1, section=_RUN,
                                  help="write a resumable checkpoint every N epochs (and at the end)")
+    checkpoint_minutes: float = _key(10.0, lo=0.0, section=_RUN,
+                                     help="also write one at the first epoch end N minutes after the last (0 = off)")
     log_every: int = _key(10, lo=1, section=_RUN,
                           help="progress line / TensorBoard scalars every N epochs")
 

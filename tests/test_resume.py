@@ -241,3 +241,21 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_torch(path, "VAE checkpoint", "retrain it")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    """Checkpoints, .npz, JSON and figures all go through atomic_write: 0666 minus the umask,
+    as open() would create them (mkstemp alone gives 0600)."""
+    import os
+    import stat
+
+    from modules.checkpoint import save_json, save_npz, save_torch
+    old = os.umask(umask)
+    try:
+        written = [save_torch({"w": torch.zeros(2)}, tmp_path / "c.pt"), save_npz(tmp_path / "a.npz", x=np.zeros(2)),
+                   save_json(tmp_path / "s.json", {"a": 1}), save_json(tmp_path / "s.json", {"a": 2})]
+    finally:
+        os.umask(old)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path
