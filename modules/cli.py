@@ -149,6 +149,8 @@ def _predict(args: argparse.Namespace) -> int:
     from modules.run import Paths
     meta = run_prediction(args.predict, args.out, args.samples, Paths(args.checkpoints or Path.cwd()),
                           resolve_device(args.device))
-    print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units) from {len(meta['inputs'])} "
-          f"input(s) in {meta['seconds'] * 1000:.1f} ms; details in {args.out.with_suffix('.json')}")
+    runs = meta["shape"][0]
+    source = "a CSV file" if meta["input_type"] == "csvs" else f"{len(meta['inputs'])} images"
+    print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units): {runs} run{'s' * (runs != 1)} "
+          f"predicted from {source} in {meta['seconds'] * 1000:.1f} ms; details in {args.out.with_suffix('.json')}")
     return 0

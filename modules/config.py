@@ -323,6 +323,9 @@ def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         if key not in FIELDS:
             hint = _suggest(key)
             raise UserError(f"--set {text}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "; run with --list_keys to see every key."))
+        if key in raw and raw[key][1].startswith("--set "):
+            log.warning("--set %s=%s: key '%s' set twice on the command line; the later value wins (first %s)",
+                        key, value, key, raw[key][1])
         raw[key] = (value, f"--set {key}={value}")
 
     values: dict[str, Any] = {}
