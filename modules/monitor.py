@@ -19,13 +19,22 @@ class Monitor:
         self.is_main = is_main and run_dir is not None
         self.log_every = max(1, log_every)
         self._writer = None
+        self._purge_step: int | None = None
 
     @property
     def writer(self):
         if self._writer is None and self.is_main:
             from torch.utils.tensorboard import SummaryWriter   # slow import: only when used
-            self._writer = SummaryWriter(log_dir=str(self.run_dir))
+            self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self._purge_step)
         return self._writer
+
+    def resume_from(self, step: int) -> None:
+        """A resumed run: the next event file starts with a purge marker at `step`, so
+        TensorBoard drops the interrupted run's events from `step` on (logged after its last
+        checkpoint) instead of showing two values per step. The marker drops every tag's
+        events from `step` on, so it is only for the first stage of a run (the VAE)."""
+        self.close()
+        self._purge_step = step
 
     def scalars(self, stage: str, step: int, values: dict[str, float]) -> None:
         if not self.is_main:

@@ -144,6 +144,11 @@ class StageTrainer:
                 log.info("%s: already finished in %s; nothing to resume", self.title, self.checkpoint)
                 return
             log.info("%s: resuming at epoch %d of %d from %s", self.title, epoch, self.epochs, self.checkpoint)
+            if self.stage == "vae":
+                # Later stages have no events yet. A resumed conditioner (the VAE's events
+                # come first, at steps a marker would drop) relies on TensorBoard dropping a
+                # tag's events when its steps go backwards.
+                monitor.resume_from(epoch + 1)
         else:
             self.save(0)       # a known-good state to roll back to and resume from
         progress = monitor.progress(self.title, epoch, self.epochs)

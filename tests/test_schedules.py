@@ -300,3 +300,28 @@ def test_plain_progress_lines_come_at_least_every_interval(capsys):
             progress.update(epoch, {"loss": 1.0})
         lines = capsys.readouterr().out.splitlines()
         assert [line.split()[2] for line in lines] == expected
+
+
+def test_a_resumed_writer_marks_the_steps_the_interrupted_run_logged_after_its_checkpoint(tmp_path):
+    """The interrupted run logged epochs 1-4 after a checkpoint at epoch 2; the resumed run's
+    event file starts with a purge marker at step 3, so each step is shown once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+    first = Monitor(tmp_path, True)
+    for step in range(1, 5):
+        first.scalars("vae", step, {"loss": 10.0 + step})
+    first.close()
+    resumed = Monitor(tmp_path, True)
+    resumed.text("config", "x")                 # a writer opened before the stage resumes
+    resumed.resume_from(3)
+    for step in range(3, 6):
+        resumed.scalars("vae", step, {"loss": float(step)})
+    resumed.close()
+    files = sorted(tmp_path.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
+    starts = [e.step for e in EventFileLoader(str(files[-1])).Load()
+              if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+    assert starts == [3]
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("vae/loss")] == [(1, 11.0), (2, 12.0), (3, 3.0), (4, 4.0), (5, 5.0)]
