@@ -37,6 +37,8 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
                         f"writable (or free disk space) and run again.") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp creates 0600; give the file the mode open() would: 0666 minus the umask
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -49,6 +51,20 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
                             f"any, is unchanged: free disk space or make its folder writable, then run again.") from None
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)      # a brief window in which another thread's new file gets 022
+    os.umask(mask)
+    return mask
 
 
 def ensure_writable(folders: list[Path], what: str, fix: str) -> None:

@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from modules import interrupt
 from modules.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=None, metavar="N", help="seed of every RNG and of the split (key 'seed')")
     a.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in checkpoints/ from its last checkpoint (exact on CPU)")
+    a.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads per process (default: OMP_NUM_THREADS if set, else one per physical "
+                        "core, shared among torchrun's processes on this machine)")
     a.add_argument("--list_keys", action="store_true", help="print every condition-file key with its default and exit")
     q = p.add_argument_group("prediction (no training)")
     q.add_argument("--predict", type=Path, default=None, metavar="PATH",
@@ -107,10 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except interrupt.Stopped as exc:         # saved at an epoch end after a signal
         if rank == 0:
-            print("interrupted: the last checkpoint in checkpoints/ is kept; continue with --resume", file=sys.stderr)
-        return 130
+            print(str(exc), file=sys.stderr, flush=True)
+        return exc.code
+    except KeyboardInterrupt:                # a second signal, or Ctrl-C outside training
+        if rank == 0:
+            print(interrupt.interrupted_message(), file=sys.stderr, flush=True)
+        return interrupt.exit_code(130)
     finally:
         distributed = sys.modules.get("modules.distributed")   # not imported: no process group (and no torch import)
         if distributed is not None:
@@ -123,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
         for section, key, default, text in key_table():
             print(f"{section:<13} {key:<34} {default:<10} {text}")
         return 0
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads {args.threads}: give a whole number of at least 1.")
     if args.import_runs is not None or args.field:
         return _import_runs(args)
     if args.predict is not None or args.out is not None or args.vtk is not None:
@@ -134,7 +144,10 @@ def _run(args: argparse.Namespace) -> int:
     overrides = tuple(args.overrides) + ((f"seed={args.seed}",) if args.seed is not None else ())
     cfg = parse_condition(args.config, overrides)
     preset = load_preset(args.preset_file, args.preset)
+    from modules.threads import configure_threads
+    configure_threads(args.threads)
     from modules.pipeline import Flags, train
+    interrupt.install()        # Ctrl-C / SIGTERM: save at the next epoch end, then stop
     flags = Flags(plot=args.plot, lc_only=bool(args.lc_only), small=args.size == "small",
                   load_all=bool(args.load_all), use_ddp=args.use_ddp, device=args.device, resume=args.resume)
     train(flags, cfg, preset, Path.cwd())
@@ -144,13 +157,17 @@ def _run(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     if args.predict is None or args.out is None:
         raise UserError("prediction needs both --predict PATH and --out FILE.npy.")
+    from modules.threads import configure_threads
+    configure_threads(args.threads)
     from modules.distributed import resolve_device
     from modules.predict import run_prediction
     from modules.run import Paths
     meta = run_prediction(args.predict, args.out, args.samples, Paths(args.checkpoints or Path.cwd()),
                           resolve_device(args.device), vtk=args.vtk)
-    print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units) from {len(meta['inputs'])} "
-          f"input(s) in {meta['seconds'] * 1000:.1f} ms; details in {args.out.with_suffix('.json')}")
+    runs = meta["shape"][0]
+    source = "a CSV file" if meta["input_type"] == "csvs" else f"{len(meta['inputs'])} images"
+    print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units): {runs} run{'s' * (runs != 1)} "
+          f"predicted from {source} in {meta['seconds'] * 1000:.1f} ms; details in {args.out.with_suffix('.json')}")
     if args.vtk is not None:
         print(f"wrote {len(meta['vtk'])} XDMF time series (run_<i>.xdmf + .h5, i = row of {args.out}) to "
               f"{args.vtk}, on {meta['mesh']}")

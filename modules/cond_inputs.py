@@ -8,6 +8,7 @@ Pillow is imported only when images are read.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import re
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Sequence
 import numpy as np
 
 from modules.errors import UserError
+
+log = logging.getLogger("simulgen")
 
 # -----------------------------------------------------------------------------
 # paths
@@ -149,10 +152,30 @@ def list_images(folder: str | Path, ext: str, n_expected: int | None = None) -> 
     files.sort(key=lambda f: natural_key(f.name))
     if n_expected is not None and len(files) != n_expected:
         raise UserError(
-            f"{folder} holds {len(files)} '{ext}' images, expected {n_expected} (n_sample / Dim1 "
-            "in condition.txt, one image per run); add or remove images or fix those keys"
+            f"{folder} holds {len(files)} '{ext}' images, expected {n_expected} ({_odd_files(files, n_expected, ext)}; "
+            "n_sample / Dim1 in condition.txt, one image per run); add or remove images or fix those keys"
         )
     return files
+
+
+def _names(items: Sequence[str], most: int = 5) -> str:
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _odd_files(files: Sequence[Path], n_expected: int, ext: str) -> str:
+    """Which files are missing or extra: by number when the images are numbered 1..P (or
+    0..P-1), else the extra ones at the end of the natural order."""
+    numbers = [int(f.name[: -len(ext)]) for f in files if f.name[: -len(ext)].isdigit()]
+    if len(numbers) == len(files):
+        first = 0 if 0 in numbers else 1
+        wanted = set(range(first, first + n_expected))
+        missing = [f"{n}{ext}" for n in sorted(wanted - set(numbers))]
+        extra = [f"{n}{ext}" for n in sorted(set(numbers) - wanted)]
+        parts = ([f"missing {_names(missing)}"] if missing else []) + ([f"extra {_names(extra)}"] if extra else [])
+        return "; ".join(parts) or "numbers repeat"
+    if len(files) > n_expected:
+        return f"extra, the last in natural order: {_names([f.name for f in files[n_expected:]])}"
+    return f"{n_expected - len(files)} missing; name them 1{ext} ... {n_expected}{ext} to be told which"
 
 
 def load_images(files: Sequence[str | Path], size: int = 256) -> np.ndarray:
@@ -160,6 +183,7 @@ def load_images(files: Sequence[str | Path], size: int = 256) -> np.ndarray:
     from PIL import Image
 
     out = np.empty((len(files), size, size), dtype=np.float32)
+    first_size: tuple[Path, tuple[int, int]] | None = None
     for i, f in enumerate(files):
         try:
             with Image.open(f) as im:
@@ -173,6 +197,14 @@ def load_images(files: Sequence[str | Path], size: int = 256) -> np.ndarray:
             raise UserError(
                 f"cannot read image {f} ({type(e).__name__}: {e}); replace or remove that file"
             ) from None
+        if first_size is None:
+            first_size = (Path(f), grey.size)
+        elif grey.size != first_size[1] and first_size[0] is not None:
+            (w, h), (w0, h0) = grey.size, first_size[1]
+            log.warning("images differ in size: %s is %dx%d, %s is %dx%d; each is resized to %dx%d, so their "
+                        "geometry is %s; make them one size", f, w, h, first_size[0], w0, h0, size, size,
+                        "stretched differently" if w * h0 != h * w0 else "scaled differently")
+            first_size = (None, first_size[1])          # warn once
         resized = np.asarray(grey.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
         if grey.mode == "L":
             out[i] = resized / 255.0

@@ -28,13 +28,15 @@ from modules.errors import UserError
 # scheduled dropout
 
 
-class ScheduledDropout(nn.Module):
-    """Inverted dropout whose rate lives in a 0-dim float32 buffer.
+class _ScheduledRate(nn.Module):
+    """A dropout-like layer whose rate lives in a 0-dim float32 buffer `p`, next to the rate
+    it was built with (`base`).
 
-    The training engine anneals the rate ("progressive dropout"). A Python float would be
-    baked into a captured CUDA graph and would make torch.compile recompile at every change;
-    a buffer filled in place (`set_dropout_rate`) keeps one graph and one address. The buffer
-    is not persistent: the schedule sets it, so checkpoints do not carry it.
+    Progressive dropout scales every such rate by one factor (`scale_dropout_rates`), so the
+    layers keep their fixed ratios. A Python float would be baked into a captured CUDA graph
+    and would make torch.compile recompile at every change; a buffer filled in place keeps one
+    graph and one address. The buffer is not persistent: the schedule sets it, so checkpoints
+    do not carry it.
     """
 
     p: Tensor
@@ -42,7 +44,15 @@ class ScheduledDropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         _check_rate(p)
+        self.base = float(p)
         self.register_buffer("p", torch.tensor(float(p), dtype=torch.float32), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p.item():.3g}, base={self.base:.3g}"
+
+
+class ScheduledDropout(_ScheduledRate):
+    """Inverted dropout (elementwise) with a scheduled rate."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
@@ -53,16 +63,59 @@ class ScheduledDropout(nn.Module):
         scale = keep.to(torch.float32) / (1.0 - self.p).clamp_min(1e-6)
         return x * scale.to(x.dtype)
 
-    def extra_repr(self) -> str:
-        return f"p={self.p.item():.3g}"
+
+class ScheduledDropPath(_ScheduledRate):
+    """Stochastic depth: drop a sample's whole residual branch with the scheduled rate."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        keep = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device) >= self.p  # (B, 1, ...)
+        return x * (keep.to(torch.float32) / (1.0 - self.p).clamp_min(1e-6)).to(x.dtype)
+
+
+class ScheduledDropBlock2d(_ScheduledRate):
+    """DropBlock (Ghiasi et al. 2018) with a scheduled rate.
+
+    torchvision's DropBlock2d computes exactly this, but from a Python float (it branches on
+    `p == 0` and passes `p` to bernoulli_), which a captured graph would freeze; this is its
+    `drop_block2d` with the rate read from the buffer.
+    """
+
+    def __init__(self, p: float, block_size: int, eps: float = 1e-6) -> None:
+        super().__init__(p)
+        self.block_size, self.eps = block_size, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return x
+        N, C, H, W = x.shape
+        bs = min(self.block_size, W, H)
+        gamma = (self.p * H * W) / ((bs ** 2) * ((H - bs + 1) * (W - bs + 1)))
+        seeds = (torch.rand((N, C, H - bs + 1, W - bs + 1), device=x.device) < gamma).to(torch.float32)
+        seeds = F.pad(seeds, [bs // 2] * 4, value=0.0)                        # (N, C, H', W')
+        mask = 1.0 - F.max_pool2d(seeds, kernel_size=(bs, bs), stride=(1, 1), padding=bs // 2)  # (N, C, H, W)
+        return x * (mask * (mask.numel() / (self.eps + mask.sum()))).to(x.dtype)
+
+
+def _scheduled(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, _ScheduledRate)]
 
 
 def set_dropout_rate(model: nn.Module, p: float) -> None:
-    """Set the rate of every ScheduledDropout in `model` (wrappers included), in place."""
+    """Set the rate of every scheduled dropout-like layer in `model` (wrappers included) to p."""
     _check_rate(p)
-    for m in model.modules():
-        if isinstance(m, ScheduledDropout):
-            m.p.fill_(p)
+    for m in _scheduled(model):
+        m.p.fill_(p)
+
+
+def scale_dropout_rates(model: nn.Module, factor: float) -> None:
+    """Set every scheduled layer's rate to its own base rate times `factor` (at most 1):
+    progressive dropout keeps the fixed ratios between the layers."""
+    if factor < 0:
+        raise ValueError(f"dropout factor must be >= 0, got {factor}")
+    for m in _scheduled(model):
+        m.p.fill_(min(1.0, m.base * factor))
 
 
 def _check_rate(p: float) -> None:
@@ -201,13 +254,13 @@ class _ResidualBlock(nn.Module):
         self, c_in: int, c_out: int, stride: int, drop_p: float, block_size: int, use_se: bool
     ) -> None:
         super().__init__()
-        from torchvision.ops import DropBlock2d, SqueezeExcitation
+        from torchvision.ops import SqueezeExcitation
 
         self.residual = nn.Sequential(
             nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
             _gn(c_out),
             nn.SiLU(),
-            DropBlock2d(drop_p, block_size),
+            ScheduledDropBlock2d(drop_p, block_size),
             nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
             _gn(c_out),
         )
@@ -256,8 +309,6 @@ class CNNConditioner(nn.Module):
         **_unused: object,  # uniform builder signature: num_param
     ) -> None:
         super().__init__()
-        from torchvision.ops import DropBlock2d
-
         c = _check_filters(filters, 1)
         c_last = c[-1]
         if c_last < 4:
@@ -274,7 +325,7 @@ class CNNConditioner(nn.Module):
             _gn(c[0]),
             nn.SiLU(),
             # the original kept the stem's DropBlock light for stability
-            DropBlock2d(max(0.01, dropout_rate / 10), _block_size(side)),
+            ScheduledDropBlock2d(max(0.01, dropout_rate / 10), _block_size(side)),
         )
 
         self.stages = nn.ModuleList()
@@ -343,14 +394,6 @@ _MLP_RATIO = 2
 _ATTN_DROPOUT = 0.3
 
 
-def _drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
-    if not training or p == 0.0:
-        return x
-    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= p  # (B, 1, 1)
-    return x * (keep.to(x.dtype) / (1.0 - p))
-
-
 class _Attention(nn.Module):
     """Multi-head self-attention on scaled_dot_product_attention, with the original's
     learned temperature (one scalar dividing the logits, clamped at 0.1)."""
@@ -361,6 +404,7 @@ class _Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.temperature = nn.Parameter(torch.ones(1))
         self.proj = nn.Linear(dim, dim)
+        self.attn_drop = ScheduledDropout(_ATTN_DROPOUT)
         self.proj_drop = ScheduledDropout(dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -368,9 +412,13 @@ class _Attention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.heads, C // self.heads)  # (B, N, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, N, hs)
         q = q / self.temperature.clamp(min=0.1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=_ATTN_DROPOUT if self.training else 0.0
-        )  # (B, nh, N, hs)
+        if self.training:
+            # written out: SDPA takes its dropout rate as a Python float, which a captured
+            # graph would freeze and torch.compile would recompile for; this one is scheduled
+            attn = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, nh, N, N)
+            y = self.attn_drop(attn.softmax(dim=-1)) @ v  # (B, nh, N, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, N, hs)
         y = y.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.proj_drop(self.proj(y))
 
@@ -390,12 +438,12 @@ class _TransformerBlock(nn.Module):
             nn.Linear(dim * mlp_ratio, dim),
             ScheduledDropout(dropout_rate),
         )
-        # the original's stochastic-depth rate; a fixed float, so no recompilation
-        self.drop_path = 0.5 * dropout_rate
+        # the original's stochastic-depth rate
+        self.drop_path = ScheduledDropPath(0.5 * dropout_rate)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + _drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + _drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class ViTConditioner(nn.Module):
@@ -513,10 +561,13 @@ __all__ = [
     "CONDITIONERS",
     "CNNConditioner",
     "MLPConditioner",
+    "ScheduledDropBlock2d",
+    "ScheduledDropPath",
     "ScheduledDropout",
     "ViTConditioner",
     "build_conditioner",
     "build_from_architecture",
     "count_parameters",
+    "scale_dropout_rates",
     "set_dropout_rate",
 ]

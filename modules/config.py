@@ -108,6 +108,8 @@ class Config:
                             help="fraction of runs held out for validation")
     checkpoint_every: int = _key(100, lo=1, section=_RUN,
                                  help="write a resumable checkpoint every N epochs (and at the end)")
+    checkpoint_minutes: float = _key(10.0, lo=0.0, section=_RUN,
+                                     help="also write one at the first epoch end N minutes after the last (0 = off)")
     log_every: int = _key(10, lo=1, section=_RUN,
                           help="progress line / TensorBoard scalars every N epochs")
 
@@ -361,6 +363,9 @@ def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         if key not in FIELDS:
             hint = _suggest(key)
             raise UserError(f"--set {text}: unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else "; run with --list_keys to see every key."))
+        if key in raw and raw[key][1].startswith("--set "):
+            log.warning("--set %s=%s: key '%s' set twice on the command line; the later value wins (first %s)",
+                        key, value, key, raw[key][1])
         raw[key] = (value, f"--set {key}={value}")
 
     values: dict[str, Any] = {}

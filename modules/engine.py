@@ -195,6 +195,9 @@ class TrainingEngine:
         # Optimizer steps really applied (fp16 skips steps with inf/NaN gradients).
         self.applied_steps = torch.zeros((), dtype=torch.long, device=device)
         self._sam_saved: list[torch.Tensor] | None = None
+        # Spectral-norm power-iteration vectors: SAM's perturbed pass must not advance them.
+        self._sn_vectors = [b for name, b in model.named_buffers() if name.endswith(("._u", "._v"))]
+        self._sn_saved = [torch.empty_like(b) for b in self._sn_vectors] if settings.use_sam else []
         self._graph = None
         self._static_batch: Batch | None = None
         self._static_out = None
@@ -251,12 +254,16 @@ class TrainingEngine:
                 grads = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
             torch._foreach_copy_(self._sam_saved, params)
             torch._foreach_add_(params, torch._foreach_mul(grads, scale.to(grads[0].dtype)))
+            if self._sn_vectors:     # the perturbed forward runs a power iteration at w + e(w)
+                torch._foreach_copy_(self._sn_saved, self._sn_vectors)
         self._zero_grad()
         with self.autocast():
             perturbed_loss, _ = self.loss_fn(self.net, batch)
         self._backward(perturbed_loss)
         with torch.no_grad():
             torch._foreach_copy_(params, self._sam_saved)   # in place: graph addresses stay valid
+            if self._sn_vectors:
+                torch._foreach_copy_(self._sn_vectors, self._sn_saved)
         return loss, metrics
 
     def _optimizer_step(self) -> torch.Tensor:
@@ -267,13 +274,18 @@ class TrainingEngine:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip, foreach=True)
         else:
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        skipped = False
         if self.scaler is not None:
+            # step() already waits for the device to learn whether to skip; update() lowers
+            # the scale exactly when it skipped, so reading the scale costs no extra wait.
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            skipped = self.scaler.get_scale() < scale
         else:
             self.optimizer.step()
         self.applied_steps += torch.isfinite(norm)
-        if self.ema is not None:
+        if self.ema is not None and not skipped:      # a skipped step changed no weights
             self.ema.update_parameters(self.module)
             self._ema_updates += 1
         return norm

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from modules import interrupt
 from modules.checkpoint import (check_architecture, clean_state_dict, load_checkpoint, rng_state, save_torch,
                                set_rng_state)
 from modules.distributed import barrier
@@ -47,6 +48,8 @@ class StageTrainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_val = math.inf
         self.bad_epochs = 0
+        self._saved_epoch: int | None = None     # the epoch the checkpoint on disk holds
+        self._last_save = time.monotonic()
 
     # --- hooks -------------------------------------------------------------------------
     def schedule(self, epoch: int, lr_epoch: int) -> dict[str, float]:
@@ -124,6 +127,11 @@ class StageTrainer:
         if self.ctx.dist.is_main:
             save_torch(payload, self.checkpoint)
         barrier()
+        self._noted(epoch)
+
+    def _noted(self, epoch: int) -> None:
+        self._saved_epoch, self._last_save = epoch, time.monotonic()
+        interrupt.note_saved(self.checkpoint, self.title, epoch, self.epochs, self.finished)
 
     def load(self) -> dict:
         state = load_checkpoint(self.checkpoint, self.stage, f"{self.title} checkpoint", self.how_to_make)
@@ -158,15 +166,22 @@ class StageTrainer:
         epoch = 0
         if ctx.resume and self.checkpoint.is_file():
             epoch = self.restore(self.load())
+            self._noted(epoch)
             if self.finished:
                 log.info("%s: already finished in %s; nothing to resume", self.title, self.checkpoint)
                 return
             log.info("%s: resuming at epoch %d of %d from %s", self.title, epoch, self.epochs, self.checkpoint)
+            if self.stage == "vae":
+                # Later stages have no events yet. A resumed conditioner (the VAE's events
+                # come first, at steps a marker would drop) relies on TensorBoard dropping a
+                # tag's events when its steps go backwards.
+                monitor.resume_from(epoch + 1)
         else:
             self.save(0)       # a known-good state to roll back to and resume from
         progress = monitor.progress(self.title, epoch, self.epochs)
         try:
             while epoch < self.epochs:
+                self._between_epochs(epoch)
                 started = time.perf_counter()
                 # The LR clock counts applied optimizer steps: a step the fp16 scaler skipped
                 # does not advance the LR schedule.
@@ -193,6 +208,26 @@ class StageTrainer:
         self.finished = True
         self.save(epoch)
         monitor.flush()
+
+    def _between_epochs(self, epoch: int) -> None:
+        """Before each epoch: stop after saving if a signal came (interrupt.py), and write a
+        checkpoint when `checkpoint_minutes` have passed since the last one. Under DDP the
+        ranks agree first (one all-reduce), so all of them save and stop at the same epoch."""
+        minutes = self.ctx.cfg.checkpoint_minutes
+        due = minutes > 0 and time.monotonic() - self._last_save >= 60.0 * minutes
+        signum = interrupt.signal_number()
+        if dist.is_initialized():
+            flags = torch.tensor([signum, int(due)], dtype=torch.long, device=self.ctx.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            signum, due = int(flags[0]), bool(flags[1])
+            interrupt.adopt(signum)
+        if signum:
+            saved_now = self._saved_epoch != epoch
+            if saved_now:
+                self.save(epoch)
+            raise interrupt.Stopped(interrupt.stop_message(saved_now), interrupt.exit_code())
+        if due and self._saved_epoch != epoch:
+            self.save(epoch)
 
     def _record(self, epoch: int, train: dict[str, float], val: dict[str, float] | None, sched: dict[str, float],
                 seconds: float) -> None:

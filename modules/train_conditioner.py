@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from modules.augment import ConditionerAugmentation
 from modules.checkpoint import check_same_split, save_npz
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
-from modules.conditioners import build_from_architecture, set_dropout_rate
+from modules.conditioners import build_from_architecture, scale_dropout_rates
 from modules.data import FieldStore
 from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
 from modules.predict import IMAGE_SIZE, LatentDecoder, Surrogate
@@ -157,7 +157,9 @@ class ConditionerTrainer(StageTrainer):
         values = {"lr": lr}
         if cfg.use_progressive_dropout:
             rate = progressive_dropout(epoch, self.epochs, cfg.dropout_start, cfg.dropout_end)
-            set_dropout_rate(self.engine.module, rate)
+            # every layer's own rate times rate/start: the layers keep their ratios
+            reference = max(cfg.dropout_start, cfg.dropout_end)
+            scale_dropout_rates(self.engine.module, rate / reference if reference > 0 else 0.0)
             values["dropout"] = rate
         return values
 

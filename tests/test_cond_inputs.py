@@ -138,7 +138,7 @@ def test_image_folder_without_matching_files(tmp_path):
 def test_image_count_differs_from_expected(tmp_path):
     for i in range(3):
         save_grey(tmp_path / f"{i}.png", 10)
-    with pytest.raises(UserError, match=r"holds 3 '\.png' images, expected 5 \(n_sample / Dim1"):
+    with pytest.raises(UserError, match=r"holds 3 '\.png' images, expected 5 \(missing 3\.png, 4\.png; n_sample / Dim1"):
         list_images(tmp_path, "png", n_expected=5)
 
 
@@ -214,3 +214,40 @@ def test_scaler_rejects_other_columns_and_use_before_fit():
     s = MinMaxScaler().fit(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="columns"):
         s.transform(np.zeros((2, 4)))
+
+
+def _write_pngs(folder, names, size=(32, 32)):
+    from PIL import Image
+    folder.mkdir(exist_ok=True)
+    for name in names:
+        Image.new("L", size, 128).save(folder / name)
+
+
+def test_a_wrong_image_count_names_the_missing_or_extra_files(tmp_path):
+    from modules.cond_inputs import list_images
+    from modules.errors import UserError
+    _write_pngs(tmp_path / "a", [f"{i}.png" for i in range(1, 7) if i != 4])
+    with pytest.raises(UserError, match=r"holds 5 '\.png' images, expected 6 \(missing 4\.png;"):
+        list_images(tmp_path / "a", ".png", 6)
+    _write_pngs(tmp_path / "b", [f"{i}.png" for i in range(1, 8)])
+    with pytest.raises(UserError, match=r"\(extra 7\.png;"):
+        list_images(tmp_path / "b", ".png", 6)
+    _write_pngs(tmp_path / "c", ["a1.png", "a2.png", "a10.png"])
+    with pytest.raises(UserError, match=r"extra, the last in natural order: a10\.png;"):
+        list_images(tmp_path / "c", ".png", 2)
+
+
+def test_images_of_mixed_sizes_warn_once_naming_an_odd_file(tmp_path, caplog):
+    from modules.cond_inputs import load_images
+    _write_pngs(tmp_path, ["1.png", "2.png"])
+    _write_pngs(tmp_path, ["3.png", "4.png"], size=(64, 32))
+    files = [tmp_path / f"{i}.png" for i in range(1, 5)]
+    with caplog.at_level("WARNING", logger="simulgen"):
+        load_images(files, size=16)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert f"{tmp_path / '3.png'} is 64x32" in warnings[0] and "stretched differently" in warnings[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="simulgen"):
+        load_images(files[:2], size=16)
+    assert not caplog.records

@@ -252,3 +252,36 @@ def test_a_few_steps_reduce_the_loss(input_type, overrides, shape):
         opt.step()
     after = loss_eval()
     assert after < 0.7 * before, f"{input_type}: {before:.4f} -> {after:.4f}"
+
+
+@pytest.mark.parametrize("input_type,kw", [("image", dict(image_size=64, filters=[8, 16])),
+                                           ("image_vit", dict(image_size=64))])
+def test_progressive_dropout_reaches_every_random_layer_of_the_image_conditioners(input_type, kw):
+    """At rate 0 a conditioner in train mode must compute what it computes in eval mode: no
+    DropBlock, attention dropout or drop path left at a fixed rate."""
+    from modules.conditioners import scale_dropout_rates
+    m = build(input_type, dropout_rate=0.2, **kw)
+    x = torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    m.eval()
+    with torch.no_grad():
+        expected = m(x)
+    m.train()
+    scale_dropout_rates(m, 0.0)
+    with torch.no_grad():
+        got = m(x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    scale_dropout_rates(m, 1.0)
+    with torch.no_grad():
+        assert not torch.allclose(m(x)[0], expected[0])
+
+
+def test_scaling_keeps_the_fixed_ratios_between_layers():
+    from modules.conditioners import _scheduled, scale_dropout_rates
+    for input_type, kw in [("csvs", {}), ("image", dict(image_size=64, filters=[8, 16])),
+                           ("image_vit", dict(image_size=64))]:
+        m = build(input_type, dropout_rate=0.2, **kw)
+        layers = _scheduled(m)
+        assert len({layer.base for layer in layers}) >= 2, input_type
+        scale_dropout_rates(m, 0.5)
+        assert all(layer.p.item() == pytest.approx(layer.base * 0.5) for layer in layers), input_type

@@ -342,6 +342,19 @@ def test_override_replaces_the_file_value():
     assert cfg.Training_epochs == 5 and cfg.aug_mixup_prob == 0.0
 
 
+def test_a_key_set_twice_on_the_command_line_warns_and_the_later_value_wins(caplog):
+    with caplog.at_level(logging.WARNING, logger="simulgen"):
+        cfg = parse_condition(ORIGINAL_CONDITION, overrides=["Training_epochs=5", "Training_epochs=7"])
+    assert cfg.Training_epochs == 7
+    warnings = [r.getMessage() for r in caplog.records if r.name == "simulgen" and r.levelname == "WARNING"]
+    assert warnings == ["--set Training_epochs=7: key 'Training_epochs' set twice on the command line; the later "
+                        "value wins (first --set Training_epochs=5)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="simulgen"):      # overriding the file's value: no warning
+        parse_condition(ORIGINAL_CONDITION, overrides=["Training_epochs=5"])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 @pytest.mark.parametrize("override, key", [
     ("Loss_type=9", "Loss_type"),
     ("Dim1=many", "Dim1"),

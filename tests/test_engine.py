@@ -358,3 +358,49 @@ def test_ranks_batches_together_are_the_single_process_batches():
         assert sorted(torch.cat([ranks[0][k], ranks[1][k]]).tolist()) == sorted(whole.tolist())
     assert batch_indices(indices, 8, epoch=4, seed=7)[0].tolist() != single[0].tolist()
     assert all(len(b) == 8 for b in batch_indices(torch.arange(21), 8, epoch=0, seed=0))   # drop_last
+
+
+def test_sam_perturbed_pass_does_not_advance_the_spectral_norm_vectors(batch):
+    """Each step runs one power iteration, at the weights the step starts from. SAM's second
+    forward, at the perturbed weights, would run another one there: after one step the u, v
+    of a SAM engine must equal those of a plain engine (the same first forward)."""
+    from modules.vae import spectral_norm
+
+    def sn_model():
+        torch.manual_seed(0)
+        return nn.Sequential(spectral_norm(nn.Linear(6, 16)), nn.GELU(), spectral_norm(nn.Linear(16, 3)))
+
+    plain, sam = make_engine(sn_model()), make_engine(sn_model(), use_sam=True, sam_rho=0.5)
+    vectors = lambda e: {k: v.clone() for k, v in e.module.named_buffers() if k.endswith(("._u", "._v"))}  # noqa: E731
+    before = vectors(sam)
+    assert len(before) == 4
+    plain.step(batch)
+    sam.step(batch)
+    after_plain, after_sam = vectors(plain), vectors(sam)
+    assert any(not torch.equal(before[k], after_plain[k]) for k in before), "a step must run a power iteration"
+    for key in before:
+        assert torch.equal(after_sam[key], after_plain[key]), f"{key}: the perturbed pass moved it"
+
+
+def test_ema_is_not_updated_when_the_fp16_scaler_skips_the_step(batch):
+    blow_up = torch.tensor(1.0)
+
+    def loss_fn(net, b):
+        loss, metrics = mse_loss(net, b)
+        return loss * blow_up, metrics
+
+    engine = TrainingEngine(tiny_model(), loss_fn, lr=1e-2, weight_decay=0.0,
+                            settings=EngineSettings(precision="fp16", use_ema=True), device=CPU)
+    engine.step(batch)
+    averaged = [p.detach().clone() for p in engine.ema.module.parameters()]
+    assert any(not torch.equal(a, p) for a, p in zip(averaged, tiny_model().parameters())), "EMA moved on a real step"
+    updates, n = engine._ema_updates, int(engine.ema.n_averaged)
+    scale = engine.scaler.get_scale()
+    blow_up.fill_(float("inf"))
+    engine.step(batch)
+    assert engine.scaler.get_scale() < scale, "the step was skipped"
+    assert all(torch.equal(a, p) for a, p in zip(averaged, engine.ema.module.parameters()))
+    assert (engine._ema_updates, int(engine.ema.n_averaged)) == (updates, n)
+    blow_up.fill_(1.0)
+    engine.step(batch)
+    assert engine._ema_updates == updates + 1

@@ -104,6 +104,7 @@ def test_predicted_fields_are_in_physical_units_deterministic_and_documented(tra
     out = tmp_path / "pred.npy"
     first = run_cli(work, "--predict", str(new), "--out", str(out))
     assert first.returncode == 0, first.stderr
+    assert "(5, 32, 256) ([n, T, N], physical units): 5 runs predicted from a CSV file" in first.stdout
     fields = np.load(out)
     assert fields.shape == (5, 32, 256)
     data = np.load(work / "input_data/dataset1.npy")

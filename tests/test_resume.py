@@ -131,6 +131,26 @@ def test_killed_run_resumes_to_the_same_weights_bitwise(tmp_path, reference, mar
     # One run folder: the resumed run continues the interrupted one.
     assert len(list((work / "runs").iterdir())) == 1
     assert_same(reference, final_state(work))
+    if marker.startswith("[VAE]"):
+        assert_tensorboard_steps_once(work, interrupted["epoch"])
+
+
+def assert_tensorboard_steps_once(work, saved_epoch: int) -> None:
+    """The resumed run's event file starts with a purge marker at the first epoch after the
+    checkpoint, so TensorBoard shows each VAE epoch once (log_every=1: the interrupted run
+    had logged epochs after its checkpoint too)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+    run_dir = next((work / "runs").iterdir())
+    files = sorted(run_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) >= 2
+    starts = [e.step for e in EventFileLoader(str(files[-1])).Load()
+              if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+    assert starts == [saved_epoch + 1]
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("vae/train_loss")] == list(range(1, 7))
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(workdir):
@@ -241,3 +261,21 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
         load_torch(path, "VAE checkpoint", "retrain it")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["022", "077"])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    """Checkpoints, .npz, JSON and figures all go through atomic_write: 0666 minus the umask,
+    as open() would create them (mkstemp alone gives 0600)."""
+    import os
+    import stat
+
+    from modules.checkpoint import save_json, save_npz, save_torch
+    old = os.umask(umask)
+    try:
+        written = [save_torch({"w": torch.zeros(2)}, tmp_path / "c.pt"), save_npz(tmp_path / "a.npz", x=np.zeros(2)),
+                   save_json(tmp_path / "s.json", {"a": 1}), save_json(tmp_path / "s.json", {"a": 2})]
+    finally:
+        os.umask(old)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

@@ -238,11 +238,90 @@ def test_terminal_progress_bar_shows_epoch_losses_beta_lr_and_eta(monkeypatch):
 
     screen = Terminal()
     monkeypatch.setattr(sys, "stderr", screen)
+    monkeypatch.setenv("COLUMNS", "200")
     progress = Progress("vae", 0, 50, True, 10)
     for epoch in range(3):
         progress.update(epoch, {"loss": 1.25, "val_recon": 0.5, "beta": 1e-4, "lr": 1e-3})
     progress.close()
     final = screen.getvalue().split("\r")[-1]
     assert "vae" in final and "3/50" in final and "epoch" in final
-    assert "loss=1.2500" in final and "val_recon=0.5000" in final and "beta=1.000e-04" in final and "lr=1.000e-03" in final
+    assert "loss=1.25" in final and "vrec=0.5" in final and "beta=0.0001" in final and "lr=0.001" in final
     assert "<" in final               # tqdm's elapsed<remaining: the ETA
+
+
+def test_terminal_progress_bar_fits_the_terminal_width(monkeypatch):
+    """tqdm cuts a line at the terminal's edge: the bar shows the fields that fit, the
+    first (the loss) always, with a bar of at least 5 characters. A real pseudo-terminal of
+    80 and of 120 columns."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import sys
+    import termios
+
+    from modules.monitor import Progress
+
+    shown = {}
+    for columns in (80, 120):
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        with os.fdopen(slave, "w") as terminal:
+            monkeypatch.setattr(sys, "stderr", terminal)
+            progress = Progress("conditioner", 0, 1000, True, 10)
+            for epoch in range(3):
+                progress.update(epoch, {"loss": 1234.5678, "val": 0.000123456, "recon": 0.5, "beta": 1e-4,
+                                        "lr": 1e-3, "dropout": 0.05})
+            progress.close()
+            terminal.flush()
+            chunks = []
+            while select.select([master], [], [], 0)[0]:
+                chunks.append(os.read(master, 1 << 16))
+            screen = b"".join(chunks).decode()
+        os.close(master)
+        lines = [line.rstrip() for line in screen.replace("\n", "\r").split("\r") if line.strip()]
+        assert lines and all(len(line) < columns for line in lines), (columns, lines)
+        assert "loss=1.23e+03" in lines[-1] and "<" in lines[-1] and "|     " in lines[-1]
+        shown[columns] = lines[-1].split(", ")[2:]
+    names = ["loss", "val", "rec", "beta", "lr", "drop"]     # shorter keys; the leading fields that fit
+    assert [f.split("=")[0] for f in shown[80]] == names[:len(shown[80])]
+    assert [f.split("=")[0] for f in shown[120]] == names[:len(shown[120])] and len(shown[120]) > len(shown[80])
+
+
+def test_plain_progress_lines_come_at_least_every_interval(capsys):
+    """A line every log_every epochs or, when epochs are slow, once `interval` seconds have
+    passed since the last line (here 0 s: every epoch)."""
+    from modules.monitor import Progress
+
+    for interval, expected in ((60.0, ["1/30", "10/30", "20/30", "30/30"]), (0.0, [f"{e}/30" for e in range(1, 31)])):
+        progress = Progress("vae", 0, 30, True, 10, interval=interval)
+        for epoch in range(30):
+            progress.update(epoch, {"loss": 1.0})
+        lines = capsys.readouterr().out.splitlines()
+        assert [line.split()[2] for line in lines] == expected
+
+
+def test_a_resumed_writer_marks_the_steps_the_interrupted_run_logged_after_its_checkpoint(tmp_path):
+    """The interrupted run logged epochs 1-4 after a checkpoint at epoch 2; the resumed run's
+    event file starts with a purge marker at step 3, so each step is shown once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+    first = Monitor(tmp_path, True)
+    for step in range(1, 5):
+        first.scalars("vae", step, {"loss": 10.0 + step})
+    first.close()
+    resumed = Monitor(tmp_path, True)
+    resumed.text("config", "x")                 # a writer opened before the stage resumes
+    resumed.resume_from(3)
+    for step in range(3, 6):
+        resumed.scalars("vae", step, {"loss": float(step)})
+    resumed.close()
+    files = sorted(tmp_path.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
+    starts = [e.step for e in EventFileLoader(str(files[-1])).Load()
+              if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+    assert starts == [3]
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("vae/loss")] == [(1, 11.0), (2, 12.0), (3, 3.0), (4, 4.0), (5, 5.0)]
