@@ -233,12 +233,17 @@ class MinMaxScaler:
         self.data_min: np.ndarray | None = None
         self.data_max: np.ndarray | None = None
 
-    def fit(self, x: np.ndarray) -> MinMaxScaler:
+    def fit(self, x: np.ndarray, joint: bool = False) -> MinMaxScaler:
+        """joint: every column keeps its own centre but all share the widest column's range, so
+        the columns' relative sizes (a POD's energies) survive the scaling."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim < 1 or x.shape[0] == 0:
             raise ValueError(f"cannot fit a scaler on an array of shape {x.shape}")
         self.data_min = x.min(axis=0)
         self.data_max = x.max(axis=0)
+        if joint:
+            centre, half = (self.data_max + self.data_min) / 2, (self.data_max - self.data_min).max() / 2
+            self.data_min, self.data_max = centre - half, centre + half
         return self
 
     def _affine(self) -> tuple[np.ndarray, np.ndarray, float, float]:

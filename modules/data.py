@@ -322,10 +322,12 @@ class FieldScaler:
         return cls(((data_max + data_min) / 2)[None], ((data_max - data_min) / (cls.HIGH - cls.LOW))[None], "minmax")
 
     @classmethod
-    def fit(cls, array: np.ndarray, kind: str, train_idx=None, runs_chunk: int | None = None) -> FieldScaler:
+    def fit(cls, array: np.ndarray, kind: str, train_idx=None, runs_chunk: int | None = None,
+            blocks: int = 1) -> FieldScaler:
         """Fit on (P, T', N') in streaming passes over chunks of runs (a memmap is never read
         whole): `minmax` over every run, as the original; `centered` over `train_idx` only, so
-        the validation runs stay unseen."""
+        the validation runs stay unseen, with one scale per block of N'/blocks nodes (several
+        imported fields stacked as node blocks keep their own units)."""
         if kind == "minmax":
             return cls.fit_streaming(array, runs_chunk)
         runs = np.arange(array.shape[0]) if train_idx is None else np.sort(np.asarray(train_idx, dtype=np.int64))
@@ -334,10 +336,14 @@ class FieldScaler:
         for chunk in _chunks(array, runs, step):
             total += chunk.sum(axis=0, dtype=np.float64)
         mean = total / len(runs)                                              # (T', N')
-        largest = 0.0
+        blocks = blocks if blocks > 1 and array.shape[2] % blocks == 0 else 1
+        largest = np.zeros(blocks)
         for chunk in _chunks(array, runs, step):
-            largest = max(largest, float(np.abs(chunk - mean).max()))
-        return cls(mean, np.full((1, 1), largest / cls.HIGH), "centered")
+            deviation = np.abs(chunk - mean).reshape(len(chunk), array.shape[1], blocks, -1)
+            largest = np.maximum(largest, deviation.max(axis=(0, 1, 3)))
+        scale = np.repeat(largest / cls.HIGH, array.shape[2] // blocks)[None] if blocks > 1 else \
+            np.full((1, 1), largest[0] / cls.HIGH)
+        return cls(mean, scale, "centered")
 
     @classmethod
     def fit_streaming(cls, array: np.ndarray, runs_chunk: int | None = None) -> FieldScaler:

@@ -4,6 +4,7 @@ never touches the outputs of an earlier run."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import textwrap
@@ -114,7 +115,7 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
         _print_config(ctx, data_path)
 
     started = time.perf_counter()
-    scaler = _field_scaler(ctx, runs, flags.lc_only, train_idx)
+    scaler = _field_scaler(ctx, runs, flags.lc_only, train_idx, data_path)
     store = FieldStore(runs, scaler, preload=flags.load_all, device=device, pin_memory=device.type == "cuda")
     summary: dict = {"run_id": run_id, "dataset_preloaded": store.preloaded}
 
@@ -201,13 +202,27 @@ def _keep_previous(paths: Paths) -> None:
     log.info("moved the previous run's checkpoints to %s", previous)
 
 
-def _field_scaler(ctx: RunContext, runs: np.ndarray, lc_only: bool, train_idx: np.ndarray) -> FieldScaler:
+def _imported_field_count(data_path: Path, num_nodes: int) -> int:
+    """Fields stacked as node blocks by --import_runs (dataset<d>.fields.json), else 1."""
+    from modules.mesh_io import fields_file
+    layout = fields_file(data_path)
+    try:
+        info = json.loads(layout.read_text())
+        count = len(info["fields"])
+        return count if info.get("nodes_per_field", 0) * count == num_nodes else 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
+def _field_scaler(ctx: RunContext, runs: np.ndarray, lc_only: bool, train_idx: np.ndarray,
+                  data_path: Path) -> FieldScaler:
     if lc_only:
         scaler = load_field_scaler(ctx.paths.field_scaler, _VAE_HINT)
         if scaler.num_nodes != runs.shape[2]:
             raise UserError(f"{ctx.paths.field_scaler} covers {scaler.num_nodes} nodes, the data {runs.shape[2]}; {_VAE_HINT}.")
         return scaler
-    scaler = FieldScaler.fit(runs, ctx.cfg.field_scaling, train_idx)   # streamed: a memmap is never read whole
+    scaler = FieldScaler.fit(runs, ctx.cfg.field_scaling, train_idx,                # streamed: a memmap is never
+                             blocks=_imported_field_count(data_path, runs.shape[2]))  # read whole
     if ctx.dist.is_main:
         save_npz(ctx.paths.field_scaler, **scaler.state_dict())
     return scaler
@@ -255,7 +270,8 @@ def _conditioner_stage(ctx: RunContext, inputs, latents: dict, store: FieldStore
     from modules.train_conditioner import ConditionerData, ConditionerTrainer, evaluate_surrogate
     from modules.train_vae import build_vae
     cfg, paths = ctx.cfg, ctx.paths
-    data = ConditionerData.build(inputs, latents["main"], latents["hierarchical"], ctx.device)
+    data = ConditionerData.build(inputs, latents["main"], latents["hierarchical"], ctx.device,
+                                 joint_targets=cfg.lc_target_scaling == "joint")
     if ctx.dist.is_main:
         data.save_scalers(paths.conditioner_scalers)
     vae_state = load_checkpoint(paths.vae, "vae", "VAE checkpoint", _VAE_HINT)

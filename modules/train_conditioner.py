@@ -51,7 +51,8 @@ class ConditionerData:
     hier_scaler: MinMaxScaler
 
     @classmethod
-    def build(cls, inputs: ConditionerInputs, main: np.ndarray, hier: np.ndarray, device: torch.device) -> "ConditionerData":
+    def build(cls, inputs: ConditionerInputs, main: np.ndarray, hier: np.ndarray, device: torch.device,
+              joint_targets: bool = False) -> "ConditionerData":
         input_scaler = None
         raw = inputs.raw
         if raw.ndim == 2:
@@ -59,7 +60,8 @@ class ConditionerData:
             x = torch.from_numpy(input_scaler.transform(raw))
         else:
             x = torch.from_numpy(raw).unsqueeze(1)                       # (P, 1, H, W)
-        main_scaler, hier_scaler = MinMaxScaler().fit(main), MinMaxScaler().fit(hier)
+        main_scaler = MinMaxScaler().fit(main, joint=joint_targets)
+        hier_scaler = MinMaxScaler().fit(hier, joint=joint_targets)
         return cls(x.to(device), torch.from_numpy(main_scaler.transform(main)).to(device),
                    torch.from_numpy(hier_scaler.transform(hier)).to(device), input_scaler, main_scaler, hier_scaler)
 

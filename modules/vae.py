@@ -404,31 +404,36 @@ class LinearPath(nn.Module):
         self.register_buffer("frame", torch.zeros(num_nodes, modes))            # B (N, k)
         self.register_buffer("enc", torch.zeros(latent, modes * num_time))      # E (L, k·T)
         self.register_buffer("dec", torch.zeros(modes * num_time, latent))      # D (k·T, L)
+        self.register_buffer("mean", torch.zeros(modes * num_time))             # m (k·T): coefficients' mean
 
     def encode(self, x: Tensor) -> Tensor:
         c = torch.einsum("bnt,nk->bkt", x, self.frame.to(x.dtype))              # (B, k, T)
-        return c.flatten(1) @ self.enc.to(c.dtype).T                            # (B, L)
+        return (c.flatten(1) - self.mean.to(c.dtype)) @ self.enc.to(c.dtype).T  # (B, L)
 
     def decode(self, z: Tensor) -> Tensor:
-        c = (z @ self.dec.to(z.dtype).T).view(z.shape[0], self.modes, self.num_time)   # (B, k, T)
+        c = (z @ self.dec.to(z.dtype).T + self.mean.to(z.dtype)).view(z.shape[0], self.modes, self.num_time)
         return torch.einsum("bkt,nk->bnt", c, self.frame.to(c.dtype))           # (B, N, T)
 
     @torch.no_grad()
     def init_from_data(self, frame_basis: Tensor, runs: Tensor) -> None:
         """frame_basis (N, k') orthonormal columns; runs (P, N, T) scaled training runs.
         The run-level POD of the frame coefficients gives E = (V/std)ᵀ and D = V·std, so the
-        latents start as unit-variance POD coefficients."""
+        latents start as POD coefficients, the leading one of unit variance."""
         k = min(frame_basis.shape[1], self.modes)
         self.frame.zero_()
         self.frame[:, :k] = frame_basis[:, :k]
         coeff = torch.einsum("pnt,nk->pkt", runs.double(), self.frame.double()).flatten(1)   # (P, k·T)
-        _, s, vt = torch.linalg.svd(coeff, full_matrices=False)
+        mean = coeff.mean(0)                   # ≈ 0 for centred fields; not for `field_scaling minmax`
+        _, s, vt = torch.linalg.svd(coeff - mean, full_matrices=False)
         r = min(self.enc.shape[0], len(s))
-        std = (s[:r] / max(len(runs) - 1, 1) ** 0.5).clamp_min(1e-12)                         # (r,)
+        # one scale for all latents (the leading mode's std): their sizes keep the POD's energies,
+        # so a loss on the latents weighs the modes as the field does
+        std = (s[:1] / max(len(runs) - 1, 1) ** 0.5).clamp_min(1e-12)                         # (1,)
         self.enc.zero_()
         self.dec.zero_()
-        self.enc[:r] = (vt[:r] / std[:, None]).float()
-        self.dec[:, :r] = (vt[:r].T * std[None]).float()
+        self.mean.copy_(mean.float())
+        self.enc[:r] = (vt[:r] / std).float()
+        self.dec[:, :r] = (vt[:r].T * std).float()
 
 
 # -----------------------------------------------------------------------------
@@ -488,13 +493,12 @@ class HierarchicalVAE(nn.Module):
 
     @torch.no_grad()
     def _init_log_variances(self, value: float) -> None:
-        """Start the posterior and the level priors at variance e^value instead of 1. With unit
-        variance the sampled noise drowns the few-% differences between runs early on, and the
-        decoder first learns to ignore its latents (benchmarks/accuracy/NOTES.md)."""
-        heads = [self.encoder.head] + [net[-1] for net in self.decoder.condition_z]
-        for layer in heads:
-            half = layer.bias.shape[0] // 2
-            layer.bias[half:] = value                     # [mu, log var]: the second half
+        """Start the main posterior at variance e^value instead of 1. With unit variance the
+        sampled noise drowns the few-% differences between runs early on, and the decoder first
+        learns to ignore its latent (benchmarks/accuracy/NOTES.md). The level priors keep the
+        original's start: a tight prior makes every level's KL (Δμ²/σp²) explode."""
+        half = self.encoder.head.bias.shape[0] // 2
+        self.encoder.head.bias[half:] = value             # [mu, log var]: the second half
 
     @torch.no_grad()
     def init_from_frame_basis(self, basis: Tensor) -> None:

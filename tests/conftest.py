@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ROOT / "SimulGen-VAE.py"
 
 # Short runs of the shipped demo with the fast MLP conditioner.
-FAST = ("--set", "input_type=csvs", "--set", "param_dir=/input_data/params.csv")
+FAST = ("--set", "input_type=csvs", "--set", "param_dir=/input_data/params.csv", "--set", "baseline=0")
 
 
 def demo_workdir(path: Path) -> Path:
@@ -28,7 +28,7 @@ def clean_env() -> dict:
     return env
 
 
-def run_cli(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(workdir: Path, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ENTRY), *args], cwd=workdir, env=clean_env(),
                           capture_output=True, text=True, timeout=timeout)
 

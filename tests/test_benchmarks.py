@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -251,3 +251,18 @@ def test_images_of_mixed_sizes_warn_once_naming_an_odd_file(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="simulgen"):
         load_images(files[:2], size=16)
     assert not caplog.records
+
+
+def test_joint_min_max_keeps_the_columns_relative_sizes():
+    """lc_target_scaling joint: one range for every column (POD energies survive), own centres."""
+    from modules.cond_inputs import MinMaxScaler
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 3)) * [10.0, 1.0, 0.1] + [5.0, -2.0, 0.0]
+    joint = MinMaxScaler().fit(x, joint=True)
+    y = joint.transform(x)
+    spans = y.max(axis=0) - y.min(axis=0)
+    assert spans[0] == pytest.approx(1.8) and spans[1] < 0.3 * spans[0] and spans[2] < 0.03 * spans[0]
+    np.testing.assert_allclose((y.max(axis=0) + y.min(axis=0)) / 2, 0.0, atol=1e-6)   # each column centred
+    np.testing.assert_allclose(joint.inverse_transform(y), x, rtol=1e-5, atol=1e-5)
+    per_column = MinMaxScaler().fit(x).transform(x)
+    np.testing.assert_allclose(per_column.max(axis=0) - per_column.min(axis=0), 1.8, rtol=1e-6)

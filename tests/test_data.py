@@ -609,3 +609,17 @@ def test_demo_generator_reproduces_the_shipped_files(tmp_path):
     for i in (1, 17, make_demo.NUM_RUNS):                       # pixels, not PNG bytes: zlib versions differ
         with Image.open(tmp_path / "images" / f"{i}.png") as a, Image.open(shipped / "images" / f"{i}.png") as b:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_centered_scaler_gives_each_stacked_field_its_own_scale():
+    """Fields stacked as node blocks (--import_runs --field T --field U:0) keep their own units."""
+    data = runs(10, 4, 6, dtype=np.float64)
+    data[:, :, 3:] *= 1000.0                                   # the second field in other units
+    scaler = FieldScaler.fit(data, "centered", np.arange(10), blocks=2)
+    y = scaler.transform(data, node_axis=-1)
+    for block in (slice(0, 3), slice(3, 6)):
+        assert np.abs(y[:, :, block]).max() == pytest.approx(0.9, rel=1e-12)
+    assert scaler.scale.shape == (1, 6) and scaler.scale[0, 3] > 100 * scaler.scale[0, 0]
+    np.testing.assert_allclose(scaler.inverse_transform(y, node_axis=-1), data, rtol=1e-12)
+    single = FieldScaler.fit(data, "centered", np.arange(10))
+    assert np.abs(single.transform(data, node_axis=-1)[:, :, :3]).max() < 0.01    # one scale: the first field vanishes

@@ -14,7 +14,7 @@ from modules.errors import UserError
 from modules.schedules import cosine_warm_restarts, warmup_cosine
 from modules.train_vae import VAETrainer
 
-OVERRIDES = ["Training_epochs=6", "checkpoint_every=2", "val_every=2", "use_augmentation=0"]
+OVERRIDES = ["Training_epochs=6", "checkpoint_every=2", "val_every=2", "use_augmentation=0", "lr_schedule=restarts"]
 
 
 class GradientTimes(torch.autograd.Function):

@@ -63,7 +63,7 @@ def test_vae_exports_the_weights_of_its_best_validation(tmp_path):
     the best validation reconstruction, not the last epoch's; with vae_keep_best=0, the last."""
     for keep in (1, 0):
         ctx, store, train_idx, val_idx = demo_context(tmp_path / str(keep), [
-            "Training_epochs=8", "val_every=1", "LearningR=0.05", "lr_min_factor=1", "linear_modes=0", "pod_init=0",
+            "Training_epochs=8", "val_every=1", "LearningR=1.0", "lr_min_factor=1", "linear_modes=0", "pod_init=0",
             f"vae_keep_best={keep}"])
         trainer = VAETrainer(ctx, store, train_idx, val_idx)
         snapshots = []

@@ -497,7 +497,8 @@ def test_linear_path_starts_the_vae_as_the_pod_of_the_training_runs(spectral):
     rel = lambda a: ((a - runs).norm() / runs.norm()).item()       # noqa: E731
     assert rel(linear) < 1e-5                        # rank-4 data: the POD path alone is exact
     assert rel(after) < 0.05 < 0.5 < rel(before)     # the networks enter with a small gain only
-    assert mu[:, :4].std(0).mean() == pytest.approx(1.0, abs=0.1)   # latents start as unit-variance POD coefficients
+    spread = mu[:, :4].std(0)                        # latents start as POD coefficients, the first of unit variance
+    assert spread[0] == pytest.approx(1.0, abs=0.1) and (spread[1:] <= spread[:-1] + 0.05).all()
 
 
 def test_linear_path_is_fixed_saved_and_restored():
@@ -521,14 +522,13 @@ def test_linear_path_is_fixed_saved_and_restored():
     assert _linear_vae(modes=0).linear is None and "linear.frame" not in _linear_vae(modes=0).state_dict()
 
 
-def test_log_variance_init_sets_the_posterior_and_level_prior_variances(x):
+def test_log_variance_init_sets_the_main_posterior_variance(x):
     vae = HierarchicalVAE(N, T, F, LEND, LD, logvar_init=-8.0)
     vae.eval()
     with torch.no_grad():
         mu, log_var, xs = vae.encode(x)
-        h = vae.decoder.start(mu)
-        prior_log_var = vae.decoder.condition_z[0](vae.decoder.res_blocks[0](vae.decoder.up_blocks[0](h))).chunk(2, 1)[1]
+        out = vae(x, mode="fix")
     assert log_var.mean().item() == pytest.approx(-8.0, abs=1.5)
-    assert prior_log_var.mean().item() == pytest.approx(-8.0, abs=1.5)
+    assert out.kl_levels.item() < 1e4                          # the level priors are untouched: no KL blow-up
     default = HierarchicalVAE(N, T, F, LEND, LD)
     assert default.encode(x)[1].mean().abs().item() < 1.5        # the original's: around 0

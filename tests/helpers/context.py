@@ -21,6 +21,6 @@ def demo_context(workdir: Path, overrides=(), dist: DistInfo = SINGLE, device=to
     ctx = RunContext(cfg, preset, True, True, 2, device, dist, Paths(Path(workdir)), "test-run")
     ctx.monitor = Monitor(None, False)
     runs = reduce(open_dataset(ROOT / "input_data/dataset1.npy"), cfg.Dim2_red, cfg.Dim3_red)
-    store = FieldStore(runs, FieldScaler.fit_streaming(runs), preload=True, device=device)
     train_idx, val_idx = split_indices(cfg.Dim1, cfg.val_split, cfg.seed)
+    store = FieldStore(runs, FieldScaler.fit(runs, cfg.field_scaling, train_idx), preload=True, device=device)
     return ctx, store, train_idx, val_idx
