@@ -202,7 +202,7 @@ class Config:
     lc_flip_prob: float = _key(0.0, lo=0.0, hi=1.0, section=_LC,
                                help="horizontal-flip probability within image augmentation "
                                     "(set 0 when a mirrored geometry gives a different field)")
-    lc_target_scaling: str = _key("joint", choices=("joint", "column"), section=_LC,
+    lc_target_scaling: str = _key("column", choices=("joint", "column"), section=_LC,
                                   help="latent targets to [-0.9, 0.9]: joint keeps the latents' relative sizes (one "
                                        "range for all), column is the original's per-column min-max")
     lc_patience: int = _key(20000, lo=1, section=_LC,
@@ -251,7 +251,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ORIGINAL_RECIPE: dict[str, Any] = {
     "field_scaling": "minmax", "kl_normalize": "none", "latent_target": "draw", "vae_keep_best": False, "lr_schedule": "restarts",
     "spectral_norm": True, "output_norm": True, "pod_init": False, "logvar_init": 0.0, "linear_modes": 0, "lc_label_smoothing": 0.2,
-    "lc_flip_prob": 0.5, "lc_target_scaling": "column",
+    "lc_flip_prob": 0.5,
 }
 assert set(ORIGINAL_RECIPE) <= set(FIELDS)
 # Keys the original's files carry that have no meaning here.

@@ -82,7 +82,7 @@ def test_the_classical_baseline_is_fitted_on_the_training_runs_and_reported(trai
     assert f"{summary['baseline_pod_gpr_rel_l2']:.4g}" in last
 
 
-@pytest.mark.parametrize("kind,epochs", [("image_vit", 60), ("image", 12)])
+@pytest.mark.parametrize("kind,epochs", [("image_vit", 150), ("image", 12)])
 def test_image_conditioners_train_from_the_saved_vae_and_beat_the_mean_latent(trained, tmp_path, kind, epochs):
     work = tmp_path / "copy"              # keep the MLP run intact for the prediction tests
     shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("runs"))
