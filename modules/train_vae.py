@@ -41,14 +41,15 @@ def frame_basis(store: FieldStore, runs: torch.Tensor, k: int, seed: int, max_fr
     """The k leading POD modes (N, k) of the scaled snapshots (one per run and time step) of
     `runs`, from at most `max_frames` of them (a seeded sample)."""
     gen = torch.Generator().manual_seed(seed)
+    total = len(runs) * store.num_time
+    keep = torch.zeros(total, dtype=torch.bool)                           # which (run, step) frames
+    keep[torch.randperm(total, generator=gen)[:max_frames]] = True
     frames = []
-    for idx in runs.split(64):
-        x = store.get(idx).float().cpu()                                  # (B, N, T)
-        frames.append(x.transpose(1, 2).reshape(-1, x.shape[1]))          # (B·T, N)
-    x = torch.cat(frames)
-    if len(x) > max_frames:
-        x = x[torch.randperm(len(x), generator=gen)[:max_frames]]
-    return frame_basis_of(x.T.unsqueeze(0), k)
+    for chunk, idx in enumerate(runs.split(8)):                           # streamed: a few runs at a time
+        x = store.get(idx).float().cpu().transpose(1, 2).reshape(-1, store.num_nodes)   # (B·T, N)
+        start = chunk * 8 * store.num_time
+        frames.append(x[keep[start:start + len(x)]])
+    return frame_basis_of(torch.cat(frames).T.unsqueeze(0), k)
 
 
 def frame_basis_of(runs: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,7 +74,7 @@ def init_from_training_runs(model: HierarchicalVAE, store: FieldStore, runs: tor
     if pod_init:
         model.init_from_frame_basis(basis)
     if model.linear is not None:
-        model.init_from_data(basis, torch.cat([store.get(i) for i in runs.split(64)]))
+        model.init_from_data(basis, (store.get(i).to(basis.device) for i in runs.split(8)))
 
 
 def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:

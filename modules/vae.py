@@ -415,20 +415,22 @@ class LinearPath(nn.Module):
         return torch.einsum("bkt,nk->bnt", c, self.frame.to(c.dtype))           # (B, N, T)
 
     @torch.no_grad()
-    def init_from_data(self, frame_basis: Tensor, runs: Tensor) -> None:
-        """frame_basis (N, k') orthonormal columns; runs (P, N, T) scaled training runs.
+    def init_from_data(self, frame_basis: Tensor, chunks) -> None:
+        """frame_basis (N, k') orthonormal columns; chunks: the scaled training runs as (B, N, T)
+        tensors (streamed: only their (B, k·T) coefficients are kept).
         The run-level POD of the frame coefficients gives E = (V/std)ᵀ and D = V·std, so the
         latents start as POD coefficients, the leading one of unit variance."""
         k = min(frame_basis.shape[1], self.modes)
         self.frame.zero_()
         self.frame[:, :k] = frame_basis[:, :k]
-        coeff = torch.einsum("pnt,nk->pkt", runs.double(), self.frame.double()).flatten(1)   # (P, k·T)
+        coeff = torch.cat([torch.einsum("pnt,nk->pkt", runs.double(), self.frame.double()).flatten(1)
+                           for runs in chunks])                                                # (P, k·T)
         mean = coeff.mean(0)                   # ≈ 0 for centred fields; not for `field_scaling minmax`
         _, s, vt = torch.linalg.svd(coeff - mean, full_matrices=False)
         r = min(self.enc.shape[0], len(s))
         # one scale for all latents (the leading mode's std): their sizes keep the POD's energies,
         # so a loss on the latents weighs the modes as the field does
-        std = (s[:1] / max(len(runs) - 1, 1) ** 0.5).clamp_min(1e-12)                         # (1,)
+        std = (s[:1] / max(len(coeff) - 1, 1) ** 0.5).clamp_min(1e-12)                        # (1,)
         self.enc.zero_()
         self.dec.zero_()
         self.mean.copy_(mean.float())
@@ -445,7 +447,7 @@ def _drop_inner_norms(model: nn.Module) -> None:
     reaches the next layer only through ratios between groups."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.GroupNorm) and not (isinstance(parent, nn.Sequential) and parent is model.decoder.recon):
+            if isinstance(child, nn.GroupNorm) and parent is not model.decoder.recon:
                 setattr(parent, name, nn.Identity())
 
 
@@ -528,11 +530,11 @@ class HierarchicalVAE(nn.Module):
                 layer.train(was)
 
     @torch.no_grad()
-    def init_from_data(self, frame_basis: Tensor, runs: Tensor) -> None:
-        """Start the linear path as the POD of `runs` (P, N, T), with the networks' own
+    def init_from_data(self, frame_basis: Tensor, chunks) -> None:
+        """Start the linear path as the POD of the training runs (`chunks` of (B, N, T)), with the networks' own
         contributions to μ and to the output scaled down (their gains; spectral norm would undo
         a scaling of the weights), so training starts from the POD."""
-        self.linear.init_from_data(frame_basis, runs)
+        self.linear.init_from_data(frame_basis, chunks)
         self.net_log_gain.fill_(math.log(NET_GAIN_INIT))
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:

@@ -488,7 +488,7 @@ def test_linear_path_starts_the_vae_as_the_pod_of_the_training_runs(spectral):
     runs = _low_rank_runs()
     vae = _linear_vae(spectral=spectral)
     before = vae.decode(*vae.encode(runs)[::2], mode="fix")[0]
-    vae.init_from_data(frame_basis_of(runs, 16), runs)
+    vae.init_from_data(frame_basis_of(runs, 16), runs.split(5))
     vae.eval()
     with torch.no_grad():
         mu, _, xs = vae.encode(runs)
@@ -505,7 +505,7 @@ def test_linear_path_is_fixed_saved_and_restored():
     from modules.train_vae import frame_basis_of
     runs = _low_rank_runs()
     vae = _linear_vae()
-    vae.init_from_data(frame_basis_of(runs, 16), runs)
+    vae.init_from_data(frame_basis_of(runs, 16), [runs])
     fixed = {k: v.clone() for k, v in vae.linear.state_dict().items()}
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
@@ -532,3 +532,23 @@ def test_log_variance_init_sets_the_main_posterior_variance(x):
     assert out.kl_levels.item() < 1e4                          # the level priors are untouched: no KL blow-up
     default = HierarchicalVAE(N, T, F, LEND, LD)
     assert default.encode(x)[1].mean().abs().item() < 1.5        # the original's: around 0
+
+
+@pytest.mark.parametrize("output_norm", [True, False])
+def test_vae_norm_none_drops_the_inner_groupnorms_only(output_norm):
+    vae = HierarchicalVAE(N, T, F, LEND, LD, output_norm=output_norm, norm="none")
+    norms = [m for m in vae.modules() if isinstance(m, nn.GroupNorm)]
+    assert norms == ([vae.decoder.recon[1]] if output_norm else [])
+    assert sum(isinstance(m, nn.GroupNorm) for m in HierarchicalVAE(N, T, F, LEND, LD).modules()) > 10
+
+
+def test_frame_basis_streams_the_store_and_spans_the_snapshots_pod():
+    import numpy as np
+    from modules.data import FieldScaler, FieldStore
+    from modules.train_vae import frame_basis, frame_basis_of
+    data = _low_rank_runs(p=20).transpose(1, 2).contiguous().numpy()           # (P, T, N), 3 spatial shapes
+    store = FieldStore(data, FieldScaler.fit(data, "centered", np.arange(20)), preload=False)
+    streamed = frame_basis(store, torch.arange(20), 3, seed=0, max_frames=50)  # a sample of the 200 frames
+    full = frame_basis_of(store.get(torch.arange(20)), 3)
+    overlap = torch.linalg.svdvals(streamed.double().T @ full.double())        # cosines of the subspace angles
+    assert streamed.shape == (40, 3) and overlap.min() > 1 - 1e-6
