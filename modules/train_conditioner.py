@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from modules.augment import ConditionerAugmentation
+from modules.baseline import relative_l2
 from modules.checkpoint import check_same_split, save_npz
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
 from modules.conditioners import build_from_architecture, scale_dropout_rates
@@ -186,13 +187,6 @@ class ConditionerTrainer(StageTrainer):
 
     def load_extra_state(self, state: dict) -> None:
         check_same_split(state["split"], self.val_idx, self.checkpoint)
-
-
-def relative_l2(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Per run ‖pred − true‖_F / ‖true‖_F over (T, N)."""
-    diff = (pred.astype(np.float64) - true).reshape(len(true), -1)
-    norm = np.linalg.norm(true.reshape(len(true), -1).astype(np.float64), axis=1)
-    return np.linalg.norm(diff, axis=1) / np.maximum(norm, 1e-30)
 
 
 def physical_fields(store: FieldStore, indices: torch.Tensor, batch: int = 64) -> np.ndarray:
