@@ -4,7 +4,7 @@ A surrogate is worth training only if it beats these (benchmarks/accuracy/):
     mean field   every prediction is the training runs' mean field;
     POD + GPR    proper orthogonal decomposition of the training fields (modes up to 99.9 %
                  of the variance), one Gaussian process with an ARD kernel per mode
-                 coefficient (scikit-learn), on inputs scaled to [0, 1];
+                 coefficient (modules/gp.py), on inputs scaled to [0, 1];
     POD + RBF    the same modes, coefficients interpolated with a thin-plate-spline radial
                  basis function (scipy);
     POD floor    the test fields projected onto the training modes: no regression error,
@@ -14,10 +14,11 @@ small principal-component summary of the downsampled picture.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+from modules.gp import fit_predict as gp_fit_predict
 
 ENERGY = 0.999           # POD modes kept: the smallest number holding this fraction of the variance
 
@@ -63,28 +64,6 @@ class InputScaler:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return (x - self.low) / self.span
-
-
-def _gpr_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int,
-                     restarts: int = 2) -> np.ndarray:
-    """One GP per output column: constant × ARD-RBF + white noise, normalised targets."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.gaussian_process import GaussianProcessRegressor
-    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
-
-    d = x_train.shape[1]
-    out = np.empty((len(x_test), y_train.shape[1]))
-    kernel = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(d), (1e-2, 1e3)) + WhiteKernel(1e-4, (1e-10, 1e0))
-    for j in range(y_train.shape[1]):
-        # the leading modes get restarts; later ones start from the previous mode's kernel
-        gp = GaussianProcessRegressor(kernel, normalize_y=True, n_restarts_optimizer=restarts if j < 3 else 0,
-                                      random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            gp.fit(x_train, y_train[:, j])
-        out[:, j] = gp.predict(x_test)
-        kernel = gp.kernel_
-    return out
 
 
 def _rbf_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
@@ -139,7 +118,7 @@ def classical_baselines(train_fields: np.ndarray, test_fields: np.ndarray, train
         x_train, x_test = scale(train_inputs), scale(test_inputs)
         coeff = pod.coefficients(train_fields)
         if "pod_gpr" in methods:
-            pred = _gpr_fit_predict(x_train, coeff, x_test, seed)
+            pred = gp_fit_predict(x_train, coeff, x_test, seed)
             out["pod_gpr"] = relative_l2(pod.reconstruct(pred, shape), test_fields)
         if "pod_rbf" in methods:
             pred = _rbf_fit_predict(x_train, coeff, x_test)

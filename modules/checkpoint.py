@@ -195,8 +195,10 @@ def _schema_problem(state: dict, kind: str) -> str:
 
 
 def _previous_hint(path: Path) -> str:
-    earlier = path.parent / "previous" / path.name
-    return f" (or restore the earlier run's copy: {earlier})" if earlier.is_file() else ""
+    history = path.parent / "history"
+    if history.is_dir() and any(history.glob(f"*/{path.name}")):
+        return f" (or make an earlier run current with --run RUN_ID --lc_only=1: see {history})"
+    return ""
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], path: str | Path,

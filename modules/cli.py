@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=None, metavar="N", help="seed of every RNG and of the split (key 'seed')")
     a.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in checkpoints/ from its last checkpoint (exact on CPU)")
+    a.add_argument("--run", default=None, metavar="RUN_ID",
+                   help="an earlier run kept in checkpoints/history/ (or the current one): --predict reads it there, "
+                        "--lc_only=1 and --resume first make it the current run again")
     a.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads per process (default: OMP_NUM_THREADS if set, else one per physical "
                         "core, shared among torchrun's processes on this machine)")
@@ -76,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the predicted fields [n, T, N] in physical units (and FILE.json beside it)")
     q.add_argument("--samples", type=int, default=1, metavar="K",
                    help="K > 1: K stochastic realisations per input, output [n, K, T, N] (default 1)")
+    q.add_argument("--sampling", choices=("auto", "predictive", "vae_levels"), default="auto",
+                   help="with --samples K > 1: predictive draws the latents from the GP conditioner's posterior; "
+                        "vae_levels (the original's) draws the VAE's hierarchical levels; auto: predictive where "
+                        "the conditioner has one (default auto)")
     q.add_argument("--checkpoints", type=Path, default=None, metavar="DIR",
                    help="the working directory whose checkpoints/ to predict with (default: the current one)")
     q.add_argument("--vtk", type=Path, default=None, metavar="DIR",
@@ -137,8 +144,8 @@ def _run(args: argparse.Namespace) -> int:
         return _import_runs(args)
     if args.predict is not None or args.out is not None or args.vtk is not None:
         return _predict(args)
-    if args.samples != 1:
-        raise UserError("--samples goes with --predict PATH --out FILE.npy.")
+    if args.samples != 1 or args.sampling != "auto":
+        raise UserError("--samples and --sampling go with --predict PATH --out FILE.npy.")
     # The config and preset are checked before torch is imported: a typo costs no start-up.
     from modules.config import load_preset, parse_condition
     overrides = tuple(args.overrides) + ((f"seed={args.seed}",) if args.seed is not None else ())
@@ -149,7 +156,8 @@ def _run(args: argparse.Namespace) -> int:
     from modules.pipeline import Flags, train
     interrupt.install()        # Ctrl-C / SIGTERM: save at the next epoch end, then stop
     flags = Flags(plot=args.plot, lc_only=bool(args.lc_only), small=args.size == "small",
-                  load_all=bool(args.load_all), use_ddp=args.use_ddp, device=args.device, resume=args.resume)
+                  load_all=bool(args.load_all), use_ddp=args.use_ddp, device=args.device, resume=args.resume,
+                  run=args.run)
     train(flags, cfg, preset, Path.cwd())
     return 0
 
@@ -162,8 +170,12 @@ def _predict(args: argparse.Namespace) -> int:
     from modules.distributed import resolve_device
     from modules.predict import run_prediction
     from modules.run import Paths
-    meta = run_prediction(args.predict, args.out, args.samples, Paths(args.checkpoints or Path.cwd()),
-                          resolve_device(args.device), vtk=args.vtk)
+    paths = Paths(args.checkpoints or Path.cwd())
+    if args.run is not None:
+        from modules.history import locate
+        paths = Paths(paths.workdir, locate(paths, args.run))
+    meta = run_prediction(args.predict, args.out, args.samples, paths,
+                          resolve_device(args.device), vtk=args.vtk, sampling=args.sampling)
     runs = meta["shape"][0]
     source = "a CSV file" if meta["input_type"] == "csvs" else f"{len(meta['inputs'])} images"
     print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units): {runs} run{'s' * (runs != 1)} "

@@ -547,6 +547,10 @@ def build_conditioner(
 
 def build_from_architecture(arch: dict, image_size: int = 256) -> nn.Module:
     """The conditioner a checkpoint's `architecture` entry describes (RunContext.conditioner_architecture)."""
+    if arch.get("model") == "gp":
+        from modules.gp import GPConditioner
+        return GPConditioner(arch["num_param"], arch["num_runs"], arch["latent_dim_end"], arch["latent_dim"],
+                             arch["num_levels"])
     return build_conditioner(arch["input_type"], num_param=arch["num_param"], image_size=image_size,
                              filters=arch["filters"], latent_dim_end=arch["latent_dim_end"],
                              latent_dim=arch["latent_dim"], num_levels=arch["num_levels"],

@@ -110,6 +110,9 @@ class Config:
                                  help="write a resumable checkpoint every N epochs (and at the end)")
     checkpoint_minutes: float = _key(10.0, lo=0.0, section=_RUN,
                                      help="also write one at the first epoch end N minutes after the last (0 = off)")
+    keep_runs: int = _key(5, lo=1, section=_RUN,
+                          help="earlier runs' checkpoints kept in checkpoints/history/ (unfinished runs are dropped "
+                               "first; a finished model is never dropped for an unfinished one)")
     log_every: int = _key(10, lo=1, section=_RUN,
                           help="progress line / TensorBoard scalars every N epochs")
 
@@ -205,6 +208,9 @@ class Config:
     lc_target_scaling: str = _key("column", choices=("joint", "column"), section=_LC,
                                   help="latent targets to [-0.9, 0.9]: joint keeps the latents' relative sizes (one "
                                        "range for all), column is the original's per-column min-max")
+    csv_conditioner: str = _key("gp", choices=("gp", "mlp"), section=_LC,
+                                help="input_type csvs: one Gaussian process per latent value (ARD kernel, fitted in "
+                                     "seconds; README, \"Recipes\") or the original's MLP")
     lc_patience: int = _key(20000, lo=1, section=_LC,
                             help="early stopping: epochs without validation improvement")
     use_e2e_training: bool = _key(False, section=_LC,
@@ -241,6 +247,10 @@ class Config:
     def conditioner_type(self) -> str:
         return "csvs" if self.input_type == "csv" else self.input_type
 
+    @property
+    def gp_conditioner(self) -> bool:
+        return self.conditioner_type == "csvs" and self.csv_conditioner == "gp"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -251,7 +261,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 ORIGINAL_RECIPE: dict[str, Any] = {
     "field_scaling": "minmax", "kl_normalize": "none", "latent_target": "draw", "vae_keep_best": False, "lr_schedule": "restarts",
     "spectral_norm": True, "output_norm": True, "pod_init": False, "logvar_init": 0.0, "linear_modes": 0, "lc_label_smoothing": 0.2,
-    "lc_flip_prob": 0.5,
+    "lc_flip_prob": 0.5, "csv_conditioner": "mlp",
 }
 assert set(ORIGINAL_RECIPE) <= set(FIELDS)
 # Keys the original's files carry that have no meaning here.

@@ -181,6 +181,31 @@ class Figures:
         self.finish(fig, name)
 
 
+    def calibration(self, samples: np.ndarray, centre: np.ndarray, truth: np.ndarray, name: str) -> None:
+        """Nominal against observed coverage of the central bands, and each run's spread
+        against its error (modules/calibration.py), on the validation runs."""
+        if not self.active:
+            return
+        from modules.calibration import coverage, spread_and_error
+        levels = np.linspace(0.1, 0.9, 9)
+        observed = [coverage(samples, truth, level) for level in levels]
+        spread, error = spread_and_error(samples, centre, truth)
+        fig, (left, right) = self.plt.subplots(1, 2, figsize=(10, 4.5))
+        left.plot([0, 1], [0, 1], color="k", linewidth=0.8, label="ideal")
+        left.plot(levels, observed, marker="o", label="observed")
+        left.set_xlabel("nominal coverage of the central band")
+        left.set_ylabel("fraction of true values inside")
+        left.legend()
+        right.scatter(spread, error, s=12)
+        lim = [0, max(spread.max(), error.max()) * 1.05]
+        right.plot(lim, lim, color="k", linewidth=0.8)
+        right.set_xlabel("predicted spread (relative L2)")
+        right.set_ylabel("actual error (relative L2)")
+        right.set_title("one point per validation run", fontsize=9)
+        fig.suptitle("calibration of the predictive samples on the validation runs")
+        self.finish(fig, name)
+
+
 def _has_display() -> bool:
     if sys.platform in ("win32", "darwin"):
         return True

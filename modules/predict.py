@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from modules.checkpoint import (atomic_write, build_from_checkpoint, ensure_writable, load_checkpoint, load_model_state,
-                               load_npz, save_json)
+                               load_npz, save_json, save_npz)
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images
 from modules.data import FieldScaler, load_field_scaler
 from modules.errors import UserError
@@ -77,22 +77,50 @@ class Surrogate:
         self.conditioner.eval()
         self.decoder.eval()
 
+    @property
+    def has_predictive(self) -> bool:
+        """Whether the conditioner gives a predictive distribution of the latents (the GP)."""
+        return hasattr(self.conditioner, "predict")
+
+    def sampling_for(self, requested: str) -> str:
+        """`auto`: the conditioner's predictive distribution where it has one, else the VAE's levels."""
+        if requested == "auto":
+            return "predictive" if self.has_predictive else "vae_levels"
+        if requested == "predictive" and not self.has_predictive:
+            raise UserError("--sampling predictive needs a conditioner with a predictive distribution "
+                            "(csv_conditioner gp); this one is a network: use --sampling vae_levels, or "
+                            "retrain with input_type csvs and csv_conditioner gp.")
+        return requested
+
     @torch.inference_mode()
-    def fields(self, inputs: torch.Tensor, samples: int = 1, batch_size: int = 64) -> np.ndarray:
+    def fields(self, inputs: torch.Tensor, samples: int = 1, batch_size: int = 64,
+               sampling: str = "vae_levels") -> np.ndarray:
         """Physical fields for model-ready inputs: (n, T, N), or (n, K, T, N) when samples > 1.
 
-        One sample is the deterministic point prediction (`fix` mode); K > 1 draws the
-        hierarchical levels at random around the predicted latents.
+        One sample is the deterministic point prediction (`fix` mode). K > 1 draws, with
+        `predictive`, the latents from the conditioner's (GP's) posterior, each decoded in `fix`
+        mode, their spread about the point prediction scaled by the calibrated `spread_scale`;
+        with `vae_levels` (the original's), the VAE's hierarchical levels at random around the
+        predicted latents.
         """
         out = []
-        for chunk in inputs.split(batch_size):
-            main, hier = self.conditioner(chunk.to(self.device))
+        for chunk in inputs.split(max(1, batch_size // samples)):
+            chunk = chunk.to(self.device)
             if samples == 1:
-                field = self.decoder(main, hier, mode="fix")[:, None]                       # (B, 1, N, T)
+                field = self.decoder(*self.conditioner(chunk), mode="fix")[:, None]          # (B, 1, N, T)
+            elif sampling == "predictive":
+                mean, std = self.conditioner.predict(chunk)                                 # (B, m)
+                draws = mean[:, None] + std[:, None] * torch.randn(
+                    (len(chunk), samples, mean.shape[1]), dtype=mean.dtype, device=mean.device)
+                point = self.decoder(*self.conditioner.split(mean.float()), mode="fix")[:, None]
+                field = self.decoder(*self.conditioner.split(draws.flatten(0, 1).float()), mode="fix")
+                scale = self.conditioner.spread_scale.float()
+                field = point + scale * (field.unflatten(0, (len(chunk), samples)) - point)  # (B, K, N, T)
             else:
+                main, hier = self.conditioner(chunk)
                 reps = self.decoder(main.repeat_interleave(samples, 0), hier.repeat_interleave(samples, 0),
                                     mode="random")                                          # (B·K, N, T)
-                field = reps.unflatten(0, (main.shape[0], samples))                         # (B, K, N, T)
+                field = reps.unflatten(0, (len(chunk), samples))                            # (B, K, N, T)
             field = self.field_scaler.inverse_transform(field.float()).transpose(-1, -2)    # (B, K, T, N)
             out.append(field.cpu())
         result = torch.cat(out).numpy()
@@ -177,8 +205,24 @@ def check_writable(out: Path) -> None:
     ensure_writable([out.parent], f"--out {out}", "choose a writable folder")
 
 
+SAMPLING_MEANING = {
+    "predictive": "the conditioner's Gaussian-process posterior of the latents, each draw decoded: the spread is "
+                  "the regression's uncertainty (README, 'Uncertainty')",
+    "vae_levels": "the original's: the VAE's hierarchical levels drawn around the predicted latents; the spread is "
+                  "not related to the prediction's error (README, 'Uncertainty')",
+}
+
+
+def band_arrays(samples: np.ndarray) -> dict[str, np.ndarray]:
+    """(n, K, T, N) samples → mean, std and quantile fields, (n, T, N) float32 each."""
+    q = np.percentile(samples, [5, 25, 50, 75, 95], axis=1)
+    out = {"mean": samples.mean(axis=1), "std": samples.std(axis=1)}
+    out.update({f"q{p:02d}": v for p, v in zip((5, 25, 50, 75, 95), q)})
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
 def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: torch.device,
-                   vtk: Path | None = None) -> dict:
+                   vtk: Path | None = None, sampling: str = "auto") -> dict:
     if samples < 1:
         raise UserError(f"--samples {samples}: give 1 or more realisations per input.")
     if not source.exists():
@@ -190,15 +234,23 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
         from modules.mesh_io import check_prediction_mesh, load_dataset_mesh
         mesh = check_prediction_mesh(load_dataset_mesh(surrogate.dataset), surrogate.dataset,
                                      surrogate.field_scaler.num_nodes, vtk)
+    sampling = surrogate.sampling_for(sampling)
     raw, files = read_inputs(surrogate, source)
     started = time.perf_counter()
-    fields = surrogate.fields(surrogate.prepare(raw), samples)
+    fields = surrogate.fields(surrogate.prepare(raw), samples, sampling=sampling)
     seconds = time.perf_counter() - started
     atomic_write(out, lambda f: np.save(f, fields.astype(np.float32)))
     meta = {"inputs": files, "input_type": surrogate.input_type, "shape": list(fields.shape),
             "layout": "[n, T, N]" if samples == 1 else "[n, K, T, N]", "samples": samples,
             "units": "physical (inverse of the per-node scaling)", "checkpoints": surrogate.sources,
             "seconds": seconds}
+    if samples > 1:
+        bands = out.with_name(out.stem + "_bands.npz")
+        save_npz(bands, **band_arrays(fields))
+        meta.update({"sampling": sampling, "sampling_meaning": SAMPLING_MEANING[sampling], "bands": str(bands),
+                     "bands_meaning": "per input, step and node over the K samples: mean, std, and the quantiles "
+                                      "q05 q25 q50 q75 q95 (the 50 % band is q25-q75, the 90 % band q05-q95), "
+                                      "each [n, T, N]"})
     if mesh is not None:
         from modules.mesh_io import write_prediction_series
         written = write_prediction_series(vtk, fields, mesh, samples)

@@ -15,12 +15,19 @@ from modules.monitor import Monitor
 
 @dataclass(frozen=True)
 class Paths:
-    """Outputs live under the working directory: checkpoints/ and runs/<run-id>/."""
+    """Outputs live under the working directory: checkpoints/ (the current run; earlier runs in
+    checkpoints/history/<run-id>/, modules/history.py) and runs/<run-id>/. `checkpoint_dir`
+    reads an archived run's checkpoints instead (prediction with --run)."""
     workdir: Path
+    checkpoint_dir: Path | None = None
 
     @property
     def checkpoints(self) -> Path:
-        return self.workdir / "checkpoints"
+        return self.checkpoint_dir or self.workdir / "checkpoints"
+
+    @property
+    def history(self) -> Path:
+        return self.workdir / "checkpoints" / "history"
 
     @property
     def vae(self) -> Path:
@@ -97,6 +104,10 @@ class RunContext:
 
     def conditioner_architecture(self) -> dict:
         cfg = self.cfg
+        if cfg.gp_conditioner:
+            return {"input_type": "csvs", "model": "gp", "num_param": cfg.num_param, "num_runs": cfg.Dim1,
+                    "latent_dim_end": cfg.Latent_dim_end, "latent_dim": cfg.Latent_dim,
+                    "num_levels": len(self.preset.encoder_filters) - 1}
         return {"input_type": cfg.conditioner_type, "num_param": cfg.num_param,
                 "filters": list(self.preset.conditioner_filters), "latent_dim_end": cfg.Latent_dim_end,
                 "latent_dim": cfg.Latent_dim, "num_levels": len(self.preset.encoder_filters) - 1,

@@ -24,6 +24,20 @@ log = logging.getLogger("simulgen")
 CHECKPOINT_VERSION = 1
 
 
+def save_fitted(ctx: RunContext, path: Path, kind: str, module: torch.nn.Module, architecture: dict, extra: dict,
+                seconds: float) -> None:
+    """A model fitted in closed form (no epochs, e.g. the GP conditioner), written in the stage
+    checkpoint format as a finished stage, so loading, prediction and the checks read it alike."""
+    weights = clean_state_dict(module.state_dict())
+    payload = {"kind": kind, "version": CHECKPOINT_VERSION, "epoch": 0, "epochs": 0, "finished": True,
+               "model": weights, "export": weights, "engine": {"applied_steps": 0}, "lr_scale": 1.0, "rollbacks": 0,
+               "rng": [rng_state()], "history": {}, "seconds": seconds, "architecture": architecture,
+               "best": {"val": math.inf, "bad_epochs": 0, "saved": False}, "run": ctx.describe(), "extra": extra}
+    if ctx.dist.is_main:
+        save_torch(payload, path)
+    barrier()
+
+
 class StageTrainer:
     stage = "stage"           # "vae" or "conditioner": TensorBoard prefix and checkpoint kind
     title = "stage"           # human name for messages

@@ -219,3 +219,23 @@ def evaluate_surrogate(surrogate: Surrogate, data: ConditionerData, store: Field
             "baseline_mean_field_rel_l2": float(base.mean()), "baseline_mean_field_rel_l2_per_run": base.tolist(),
             "lc_val_latent_mse": latent_mse, "baseline_mean_latent_mse": base_latent,
             "lc_val_runs": val_idx.tolist(), "_pred": pred, "_true": true}
+
+
+def predictive_validation(surrogate: Surrogate, data: ConditionerData, store: FieldStore, val_idx: torch.Tensor,
+                          samples: int = 16, max_values: int = 20_000, seed: int = 0):
+    """Predictive draws (n, K, P), point predictions (n, P) and true values (n, P) of the
+    validation runs, in physical units, at one fixed random subset of P ≤ max_values
+    (step, node) positions (so full-size fields need not be held K times), run by run."""
+    rng = np.random.default_rng(seed)
+    draws, points, truths, keep = [], [], [], None
+    for i in val_idx.tolist():
+        idx = torch.tensor([i])
+        true = physical_fields(store, idx)[0].reshape(-1)
+        if keep is None:
+            keep = np.sort(rng.choice(true.size, min(true.size, max_values), replace=False))
+        x = data.inputs[idx.to(data.inputs.device)]
+        draws.append(surrogate.fields(x, samples, sampling="predictive")[0].reshape(samples, -1)[:, keep])
+        points.append(surrogate.fields(x)[0].reshape(-1)[keep])
+        truths.append(true[keep])
+    return np.stack(draws), np.stack(points), np.stack(truths)
+

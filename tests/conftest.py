@@ -11,7 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ROOT / "SimulGen-VAE.py"
 
 # Short runs of the shipped demo with the fast MLP conditioner.
-FAST = ("--set", "input_type=csvs", "--set", "param_dir=/input_data/params.csv", "--set", "baseline=0")
+# The CSV route with the original's MLP: these tests exercise the epoch loop of both stages
+# (resume, signals, DDP, ...); the default GP conditioner is tested by test_pipeline and test_gp.
+FAST = ("--set", "input_type=csvs", "--set", "param_dir=/input_data/params.csv", "--set", "baseline=0",
+        "--set", "csv_conditioner=mlp")
 
 
 def demo_workdir(path: Path) -> Path:

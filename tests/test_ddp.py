@@ -97,7 +97,7 @@ def test_a_whole_ddp_demo_run_with_sam_and_ema_completes(tmp_path):
     cmd = TORCHRUN + [str(ROOT / "SimulGen-VAE.py"), "--use_ddp", "--preset=1", "--plot=2", "--lc_only=0",
                       "--size=small", "--load_all=1", "--set", "Training_epochs=3", "--set", "n_epoch=3",
                       "--set", "use_sam=1", "--set", "use_ema=1", "--set", "input_type=csvs",
-                      "--set", "param_dir=/input_data/params.csv"]
+                      "--set", "param_dir=/input_data/params.csv", "--set", "csv_conditioner=mlp"]
     result = _run(cmd, work, timeout=600)
     runs = list((work / "runs").iterdir())
     assert len(runs) == 1, "one run folder, written by rank 0 only"
@@ -108,3 +108,9 @@ def test_a_whole_ddp_demo_run_with_sam_and_ema_completes(tmp_path):
     assert state["finished"] and state["engine"]["ema"] is not None
     assert state["run"]["world_size"] == 2 and len(state["rng"]) == 2
     assert result.stdout.count("Summary") == 1, "only rank 0 prints"
+    # the default GP conditioner on the same VAE: every rank fits it, rank 0 writes it once
+    gp = _run([*cmd[:cmd.index("--lc_only=0")], "--lc_only=1", *cmd[cmd.index("--lc_only=0") + 1:-2]], work, timeout=600)
+    assert gp.stdout.count("Summary") == 1
+    summary = json.loads((sorted((work / "runs").iterdir())[-1] / "summary.json").read_text())
+    assert summary["conditioner"] == "csvs (gp)" and 0 < summary["lc_val_rel_l2"] < summary["baseline_mean_field_rel_l2"]
+    assert torch.load(work / "checkpoints/conditioner.pt", weights_only=True)["architecture"]["model"] == "gp"

@@ -20,7 +20,7 @@ from modules.predict import inverse_affine
 from modules.train_conditioner import ConditionerData, ConditionerInputs, ConditionerTrainer
 from modules.train_vae import VAETrainer, build_vae, extract_latents
 
-CSV_INPUTS = ["input_type=csvs", "param_dir=/input_data/params.csv"]
+CSV_INPUTS = ["input_type=csvs", "param_dir=/input_data/params.csv", "csv_conditioner=mlp"]
 AUG_PROBS = ("noise", "scale", "shift", "mixup", "cutout")
 
 

@@ -174,7 +174,7 @@ def test_conditioner_resume_refuses_a_checkpoint_of_another_split(tmp_path):
     from helpers.context import ROOT, demo_context
     from modules.errors import UserError
     from modules.train_conditioner import ConditionerData, ConditionerInputs, ConditionerTrainer
-    keys = ["input_type=csvs", "param_dir=/input_data/params.csv", "n_epoch=2"]
+    keys = ["input_type=csvs", "param_dir=/input_data/params.csv", "csv_conditioner=mlp", "n_epoch=2"]
     ctx, _, train_idx, val_idx = demo_context(tmp_path, keys)
     params = np.loadtxt(ROOT / "input_data/params.csv", delimiter=",", dtype=np.float32)
     rng = np.random.default_rng(0)

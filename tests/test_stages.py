@@ -11,7 +11,7 @@ from modules.schedules import progressive_dropout
 from modules.train_conditioner import ConditionerData, ConditionerInputs, ConditionerTrainer
 from modules.train_vae import VAETrainer
 
-CSV_INPUTS = ["input_type=csvs", "param_dir=/input_data/params.csv"]
+CSV_INPUTS = ["input_type=csvs", "param_dir=/input_data/params.csv", "csv_conditioner=mlp"]
 
 
 @pytest.fixture

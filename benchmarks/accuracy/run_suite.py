@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE))
 from problems import PROBLEMS, generate  # noqa: E402
 
 ROUTES = ("csvs", "image", "image_vit")
+SAMPLES = 16            # --samples of the calibration measurement
 DATA_KEYS = ("Dim1", "Dim2", "Dim3", "Dim2_red", "Dim3_red", "n_sample", "num_param", "param_dir", "input_type")
 
 
@@ -104,6 +105,7 @@ def stats(rel: np.ndarray, mean_rel: np.ndarray) -> dict:
 def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Path, work_root: Path,
                 tag: str) -> dict:
     from modules.baseline import classical_baselines, image_features, relative_l2
+    from modules.calibration import calibration_metrics
     from modules.cond_inputs import list_images, load_images
 
     problem = PROBLEMS[name]
@@ -154,8 +156,14 @@ def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Pa
         source = work / "test_inputs" / ("params.csv" if route == "csvs" else "images")
         out = work / f"pred_{route}.npy"
         run_cli(work, ["--predict", str(source), "--out", str(out)], log)
-        rel = relative_l2(np.load(out), test_fields)
-        result["routes"][route] = {**stats(rel, base.rel_l2["mean"]), "seconds": seconds,
+        point = np.load(out)
+        rel = relative_l2(point, test_fields)
+        drawn = work / f"pred_{route}_samples.npy"
+        run_cli(work, ["--predict", str(source), "--out", str(drawn), "--samples", str(SAMPLES)], log)
+        sampling = json.loads(drawn.with_suffix(".json").read_text())["sampling"]
+        calibration = {"sampling": sampling, **calibration_metrics(np.load(drawn), point, test_fields)}
+        drawn.unlink()
+        result["routes"][route] = {**stats(rel, base.rel_l2["mean"]), "seconds": seconds, "calibration": calibration,
                                    "over_pod_gpr": float(rel.mean() / base.mean("pod_gpr")),
                                    "in_run_baseline": {k: summary.get(k) for k in
                                                        ("lc_val_rel_l2", "baseline_pod_gpr_rel_l2",
@@ -180,6 +188,25 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def calibration_markdown(results: list[dict]) -> str:
+    rows = ["| problem | route | sampling | 50 % band covers | 90 % band covers | CRPS | spread / skill | "
+            "Spearman(spread, error) |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for route, v in r["routes"].items():
+            c = v.get("calibration")
+            if c:
+                rows.append(f"| {r['problem']} | {route} | {c['sampling']} | {c['coverage_50']:.2f} | "
+                            f"{c['coverage_90']:.2f} | {c['crps']:.4g} | {c['spread_skill']:.2f} | "
+                            f"{c['spread_error_spearman']:.2f} |")
+    return "\n".join(rows)
+
+
+def replace_marked(text: str, marker: str, body: str) -> str:
+    block = f"<!-- {marker} -->\n{body}\n<!-- /{marker} -->"
+    pattern = rf"<!-- {marker} -->.*<!-- /{marker} -->"
+    return re.sub(pattern, lambda _: block, text, flags=re.S) if f"<!-- {marker} -->" in text else text + "\n" + block + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
@@ -200,9 +227,8 @@ def main() -> None:
         print(markdown(results[-1:]), flush=True)
     if args.tag == "default" and not args.overrides:
         text = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
-        table = "<!-- table -->\n" + markdown(results) + "\n<!-- /table -->"
-        text = re.sub(r"<!-- table -->.*<!-- /table -->", lambda _: table, text, flags=re.S) if "<!-- table -->" in text \
-            else text + "\n" + table + "\n"
+        text = replace_marked(text, "table", markdown(results))
+        text = replace_marked(text, "calibration", calibration_markdown(results))
         (HERE / "RESULTS.md").write_text(text)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from helpers.context import ROOT, demo_context
 from modules.train_conditioner import ConditionerData, ConditionerInputs, ConditionerTrainer
 
-CONDITIONER = ["input_type=csvs", "param_dir=/input_data/params.csv", "lc_warmup_epochs=4", "use_progressive_dropout=0"]
+CONDITIONER = ["input_type=csvs", "param_dir=/input_data/params.csv", "csv_conditioner=mlp", "lc_warmup_epochs=4", "use_progressive_dropout=0"]
 
 
 def conditioner_stage(tmp_path: Path, overrides=()):

@@ -1,0 +1,74 @@
+"""How well predictive samples describe the truth, and the spread scale that calibrates them.
+
+Samples are (n, K, T, N) fields, truth (n, T, N), in physical units. The spread scale is a
+split-conformal calibration on the validation runs: each value's score is its deviation from
+the point prediction divided by the sample band's half-width on that side, and the scale is
+the score quantile at the nominal level, so the scaled 90 % band covers 90 % of those runs'
+values (normalised conformal prediction; values within a run are correlated, so the level
+holds on average over runs, not as a per-value guarantee)."""
+from __future__ import annotations
+
+import numpy as np
+
+LEVELS = (0.5, 0.9)
+
+
+def band(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The central `level` band of the samples over axis 1."""
+    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=1)
+    return lo, hi
+
+
+def coverage(samples: np.ndarray, truth: np.ndarray, level: float) -> float:
+    lo, hi = band(samples, level)
+    return float(((truth >= lo) & (truth <= hi)).mean())
+
+
+def scale_about(samples: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
+    """Samples spread `scale` times as far from the point prediction `centre` (n, T, N)."""
+    return centre[:, None] + scale * (samples - centre[:, None])
+
+
+def spread_scale(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray, level: float = 0.9) -> float:
+    """The factor by which the samples' spread about `centre` must grow (or shrink) so that
+    the central `level` band covers that fraction of the true values."""
+    lo, hi = band(samples, level)
+    dev = truth - centre
+    width = np.where(dev >= 0, hi - centre, centre - lo)
+    score = np.abs(dev) / np.maximum(width, 1e-12 * (np.abs(truth).max() + 1e-30))
+    return float(np.quantile(score, level))
+
+
+def crps(samples: np.ndarray, truth: np.ndarray) -> float:
+    """Mean continuous ranked probability score of the sample distribution (physical units):
+    E|X − y| − ½ E|X − X'|, the second term from the sorted samples in O(K log K)."""
+    k = samples.shape[1]
+    first = np.abs(samples - truth[:, None]).mean(axis=1)
+    ordered = np.sort(samples, axis=1)
+    weights = (2 * np.arange(1, k + 1) - k - 1).reshape((1, k) + (1,) * (samples.ndim - 2))
+    second = (weights * ordered).sum(axis=1) / (k * k)          # ½ E|X − X'|
+    return float((first - second).mean())
+
+
+def spread_and_error(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per run: the samples' spread (root of the summed variance) and the point prediction's
+    error, both relative to the true field's norm."""
+    n = len(truth)
+    norm = np.linalg.norm(truth.reshape(n, -1), axis=1)
+    spread = np.sqrt(samples.var(axis=1).reshape(n, -1).sum(axis=1)) / norm
+    return spread, np.linalg.norm((centre - truth).reshape(n, -1), axis=1) / norm
+
+
+def calibration_metrics(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray) -> dict:
+    """Coverage of the 50 % and 90 % bands, CRPS, the spread-skill ratio (mean sample std over
+    the point prediction's RMSE) and the rank correlation of each run's spread with its error."""
+    from scipy.stats import spearmanr
+    n = len(truth)
+    spread, error = spread_and_error(samples, centre, truth)
+    rmse = float(np.sqrt(np.mean((centre - truth) ** 2)))
+    out = {f"coverage_{int(level * 100)}": coverage(samples, truth, level) for level in LEVELS}
+    out.update({"crps": crps(samples, truth),
+                "spread_skill": float(np.sqrt(samples.var(axis=1).mean()) / max(rmse, 1e-30)),
+                "spread_error_spearman": float(spearmanr(spread, error).statistic) if n > 2 else float("nan"),
+                "runs": n, "samples": samples.shape[1]})
+    return out

@@ -1,0 +1,170 @@
+"""Gaussian-process regression, one independent GP per output column: the classical
+baseline's regression (modules/baseline.py) and the CSV route's default conditioner.
+
+Hyperparameters (constant × ARD-RBF + white noise, on standardised targets) are fitted by
+scikit-learn's marginal-likelihood optimiser. The posterior itself is computed here in
+closed form, so the fitted model is a handful of arrays: the conditioner evaluates it in
+torch (on any device, in a checkpoint like any other conditioner) without pickling
+scikit-learn objects.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+JITTER = 1e-10          # scikit-learn's default `alpha`: added to the kernel's diagonal
+
+
+@dataclass(frozen=True)
+class GPHyper:
+    amplitude: np.ndarray     # (m,) signal variance of each column (standardised units)
+    length: np.ndarray        # (m, d) ARD length scales
+    noise: np.ndarray         # (m,) white-noise variance
+
+
+def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int = 2) -> GPHyper:
+    """Maximum-marginal-likelihood kernels, one per column of y (n, m), on inputs x (n, d)
+    scaled to a unit-size box. Each column's optimiser starts from the default kernel (with
+    random restarts for the leading columns) and, separately, from the previous column's
+    optimum; the start with the higher marginal likelihood wins. Neighbouring latent or POD
+    columns vary on similar scales, so the warm start often finds the better optimum, but
+    alone it carries one column's poor optimum on to all the rest (benchmarks/accuracy/NOTES.md)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.gaussian_process import GaussianProcessRegressor
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+    d, m = x.shape[1], y.shape[1]
+    amp, length, noise = np.empty(m), np.empty((m, d)), np.empty(m)
+    default = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(d), (1e-2, 1e3)) + WhiteKernel(1e-4, (1e-10, 1e0))
+    previous = None
+    for j in range(m):
+        best = None
+        for start, tries in ((default, restarts if j < 3 else 0), (previous, 0)):
+            if start is None:
+                continue
+            gp = GaussianProcessRegressor(start, normalize_y=True, n_restarts_optimizer=tries, random_state=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                gp.fit(x, y[:, j])
+            if best is None or gp.log_marginal_likelihood_value_ > best.log_marginal_likelihood_value_:
+                best = gp
+        previous = best.kernel_
+        amp[j] = previous.k1.k1.constant_value
+        length[j] = np.broadcast_to(previous.k1.k2.length_scale, (d,))
+        noise[j] = previous.k2.noise_level
+    return GPHyper(amp, length, noise)
+
+
+@dataclass(frozen=True)
+class GPPosterior:
+    """The GPs conditioned on (x, y), as arrays: everything a prediction needs."""
+    x: np.ndarray             # (n, d) conditioning inputs
+    hyper: GPHyper
+    y_mean: np.ndarray        # (m,)
+    y_std: np.ndarray         # (m,)
+    alpha: np.ndarray         # (m, n)  K⁻¹ (y − mean) / std
+    chol: np.ndarray          # (m, n, n) lower Cholesky factor of K
+
+    @classmethod
+    def condition(cls, hyper: GPHyper, x: np.ndarray, y: np.ndarray) -> "GPPosterior":
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        mean = y.mean(axis=0)
+        std = y.std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        z = (y - mean) / std
+        n, m = y.shape
+        alpha, chol = np.empty((m, n)), np.empty((m, n, n))
+        for j in range(m):
+            k = _rbf(x, x, hyper.amplitude[j], hyper.length[j])
+            k[np.diag_indices(n)] += hyper.noise[j] + JITTER
+            chol[j] = np.linalg.cholesky(k)
+            alpha[j] = np.linalg.solve(chol[j].T, np.linalg.solve(chol[j], z[:, j]))
+        return cls(x, hyper, mean, std, alpha, chol)
+
+    def predict(self, x_new: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Posterior mean and standard deviation (of a new noisy observation), (b, m) each."""
+        x_new = np.asarray(x_new, np.float64)
+        mean, std = np.empty((len(x_new), len(self.y_mean))), np.empty((len(x_new), len(self.y_mean)))
+        for j in range(len(self.y_mean)):
+            ks = _rbf(x_new, self.x, self.hyper.amplitude[j], self.hyper.length[j])       # (b, n)
+            mean[:, j] = ks @ self.alpha[j]
+            v = np.linalg.solve(self.chol[j], ks.T)                                         # (n, b)
+            var = self.hyper.amplitude[j] + self.hyper.noise[j] - (v * v).sum(axis=0)
+            std[:, j] = np.sqrt(np.maximum(var, 0.0))
+        return mean * self.y_std + self.y_mean, std * self.y_std
+
+
+def _rbf(a: np.ndarray, b: np.ndarray, amplitude: float, length: np.ndarray) -> np.ndarray:
+    d = (a[:, None, :] - b[None, :, :]) / length
+    return amplitude * np.exp(-0.5 * (d * d).sum(axis=-1))
+
+
+def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int) -> np.ndarray:
+    """Posterior mean at x_test of GPs fitted and conditioned on the training data."""
+    hyper = fit_hyperparameters(x_train, y_train, seed)
+    return GPPosterior.condition(hyper, x_train, y_train).predict(x_test)[0]
+
+
+class GPConditioner(nn.Module):
+    """CSV route's conditioner (`csv_conditioner gp`): one GP per latent value, from the scaled
+    parameters to the scaled latent targets. No trainable parameters: the posterior is held in
+    float64 buffers and evaluated in closed form, so prediction is a few small matmuls, and
+    `predict` also gives the posterior std that `--sampling predictive` draws from."""
+
+    def __init__(self, num_param: int, num_runs: int, latent_dim_end: int, latent_dim: int, num_levels: int) -> None:
+        super().__init__()
+        self.latent_dim_end, self.latent_dim, self.num_levels = latent_dim_end, latent_dim, num_levels
+        m = latent_dim_end + num_levels * latent_dim
+        f64 = torch.float64
+        self.register_buffer("x", torch.zeros(num_runs, num_param, dtype=f64))
+        self.register_buffer("inv_length", torch.ones(m, num_param, dtype=f64))
+        self.register_buffer("amplitude", torch.ones(m, dtype=f64))
+        self.register_buffer("noise", torch.zeros(m, dtype=f64))
+        self.register_buffer("y_mean", torch.zeros(m, dtype=f64))
+        self.register_buffer("y_std", torch.ones(m, dtype=f64))
+        self.register_buffer("alpha", torch.zeros(m, num_runs, dtype=f64))
+        self.register_buffer("chol", torch.eye(num_runs, dtype=f64).repeat(m, 1, 1))
+        # decoded draws spread this many times as far from the point prediction (calibrated on
+        # the validation runs: modules/calibration.py)
+        self.register_buffer("spread_scale", torch.ones((), dtype=f64))
+
+    @torch.no_grad()
+    def set_posterior(self, post: GPPosterior) -> "GPConditioner":
+        values = {"x": post.x, "inv_length": 1.0 / post.hyper.length, "amplitude": post.hyper.amplitude,
+                  "noise": post.hyper.noise, "y_mean": post.y_mean, "y_std": post.y_std, "alpha": post.alpha,
+                  "chol": post.chol}
+        for name, value in values.items():
+            buf = getattr(self, name)
+            if buf.shape != value.shape:
+                raise ValueError(f"GP buffer {name}: shape {tuple(value.shape)}, expected {tuple(buf.shape)}")
+            buf.copy_(torch.from_numpy(np.asarray(value, np.float64)))
+        return self
+
+    def _kernel(self, x: Tensor) -> Tensor:
+        """k(x, X) for every column: (m, B, n)."""
+        a = x.to(self.x.dtype)[None] * self.inv_length[:, None, :]        # (m, B, d)
+        b = self.x[None] * self.inv_length[:, None, :]                    # (m, n, d)
+        sq = torch.cdist(a, b).square()
+        return self.amplitude[:, None, None] * torch.exp(-0.5 * sq)
+
+    def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and std of the flat scaled targets, (B, m) each, float64."""
+        ks = self._kernel(x)                                               # (m, B, n)
+        mean = torch.einsum("mbn,mn->bm", ks, self.alpha) * self.y_std + self.y_mean
+        v = torch.linalg.solve_triangular(self.chol, ks.transpose(1, 2), upper=False)   # (m, n, B)
+        var = self.amplitude[:, None] + self.noise[:, None] - v.square().sum(1)          # (m, B)
+        return mean, var.clamp_min(0).sqrt().T * self.y_std
+
+    def split(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        main = flat[:, :self.latent_dim_end]
+        hier = flat[:, self.latent_dim_end:].unflatten(1, (self.num_levels, self.latent_dim))
+        return main, hier
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, _ = self.predict(x)
+        return self.split(mean.float())
+

@@ -1,0 +1,47 @@
+"""Calibration numbers and the conformal spread scale (modules/calibration.py) on
+synthetic predictive distributions whose right answers are known."""
+import numpy as np
+
+from modules.calibration import calibration_metrics, coverage, crps, scale_about, spread_scale
+
+
+def gaussian_case(seed: int, runs: int = 30, k: int = 200, sigma_true: float = 1.0, sigma_samples: float = 1.0):
+    """Per run its own error scale s_r; truth = centre + s_r·σ_true·ε, samples = centre + s_r·σ_s·η."""
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=(runs, 4, 50)) + 10
+    s = rng.uniform(0.5, 3.0, size=(runs, 1, 1))
+    truth = centre + s * sigma_true * rng.normal(size=centre.shape)
+    samples = centre[:, None] + s[:, None] * sigma_samples * rng.normal(size=(runs, k, 4, 50))
+    return samples, centre, truth
+
+
+def test_a_calibrated_distribution_scores_as_calibrated():
+    samples, centre, truth = gaussian_case(0)
+    m = calibration_metrics(samples, centre, truth)
+    assert abs(m["coverage_90"] - 0.9) < 0.02 and abs(m["coverage_50"] - 0.5) < 0.02
+    assert abs(m["spread_skill"] - 1.0) < 0.05
+    assert m["spread_error_spearman"] > 0.8             # runs with larger errors get larger spreads
+    assert m["runs"] == 30 and m["samples"] == 200
+
+
+def test_the_spread_scale_fixes_an_overconfident_distribution():
+    samples, centre, truth = gaussian_case(1, sigma_samples=0.4)
+    assert coverage(samples, truth, 0.9) < 0.5
+    scale = spread_scale(samples, centre, truth)
+    assert 2.2 < scale < 2.8                              # 1 / 0.4, up to sampling noise
+    scaled = scale_about(samples, centre, scale)
+    assert abs(coverage(scaled, truth, 0.9) - 0.9) < 0.005          # by construction on these values
+    fresh_samples, fresh_centre, fresh_truth = gaussian_case(2, sigma_samples=0.4)   # and on new ones
+    assert abs(coverage(scale_about(fresh_samples, fresh_centre, scale), fresh_truth, 0.9) - 0.9) < 0.02
+    wide = gaussian_case(3, sigma_samples=3.0)
+    assert spread_scale(*wide) < 0.45                     # an underconfident one is narrowed
+
+
+def test_crps_equals_its_definition():
+    rng = np.random.default_rng(4)
+    samples, truth = rng.normal(size=(3, 7, 2, 5)), rng.normal(size=(3, 2, 5))
+    first = np.abs(samples - truth[:, None]).mean(axis=1)
+    pairwise = np.abs(samples[:, :, None] - samples[:, None, :]).mean(axis=(1, 2))
+    np.testing.assert_allclose(crps(samples, truth), (first - 0.5 * pairwise).mean(), rtol=1e-12)
+    # a sharper distribution centred on the truth scores better than a wide one
+    assert crps(truth[:, None] + 0.1 * samples, truth) < crps(truth[:, None] + samples, truth)

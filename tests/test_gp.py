@@ -1,0 +1,66 @@
+"""Gaussian-process regression (modules/gp.py): the closed-form posterior against
+scikit-learn's, the torch conditioner against the numpy posterior, and the two-start fit."""
+import numpy as np
+import pytest
+import torch
+from sklearn.gaussian_process import GaussianProcessRegressor
+from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+
+from modules.gp import GPConditioner, GPHyper, GPPosterior, fit_hyperparameters
+
+
+def smooth(x: np.ndarray) -> np.ndarray:
+    return np.sin(6 * x[:, 0]) + x[:, 1] ** 2
+
+
+def test_posterior_equals_scikit_learn_for_the_same_kernel():
+    rng = np.random.default_rng(0)
+    x, x_new = rng.uniform(size=(30, 2)), rng.uniform(size=(7, 2))
+    y = np.column_stack([smooth(x), 5 + 3 * x[:, 1]])
+    hyper = GPHyper(np.array([1.7, 0.4]), np.array([[0.3, 0.8], [2.0, 0.5]]), np.array([1e-3, 1e-2]))
+    mean, std = GPPosterior.condition(hyper, x, y).predict(x_new)
+    for j in range(2):
+        kernel = (ConstantKernel(hyper.amplitude[j], "fixed") * RBF(hyper.length[j], "fixed")
+                  + WhiteKernel(hyper.noise[j], "fixed"))
+        ref = GaussianProcessRegressor(kernel, normalize_y=True, optimizer=None).fit(x, y[:, j])
+        ref_mean, ref_std = ref.predict(x_new, return_std=True)
+        np.testing.assert_allclose(mean[:, j], ref_mean, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(std[:, j], ref_std, rtol=1e-6, atol=1e-9)
+
+
+def test_torch_conditioner_evaluates_the_posterior_and_splits_main_and_levels():
+    rng = np.random.default_rng(1)
+    x, x_new = rng.uniform(-0.9, 0.9, size=(25, 3)), rng.uniform(-0.9, 0.9, size=(6, 3))
+    y = rng.normal(size=(25, 4 + 2 * 3)) + x[:, :1]
+    post = GPPosterior.condition(fit_hyperparameters(x, y, seed=0, restarts=0), x, y)
+    module = GPConditioner(num_param=3, num_runs=25, latent_dim_end=4, latent_dim=3, num_levels=2).set_posterior(post)
+    mean, std = module.predict(torch.from_numpy(x_new).float())
+    ref_mean, ref_std = post.predict(x_new.astype(np.float32).astype(np.float64))
+    np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(std.numpy(), ref_std, rtol=1e-7, atol=1e-10)
+    main, hier = module(torch.from_numpy(x_new).float())
+    assert main.shape == (6, 4) and hier.shape == (6, 2, 3) and main.dtype == torch.float32
+    np.testing.assert_allclose(hier.reshape(6, -1).numpy(), ref_mean[:, 4:], rtol=1e-5, atol=1e-6)
+    # a state dict round trip is the whole model (how checkpoints carry it)
+    again = GPConditioner(3, 25, 4, 3, 2)
+    again.load_state_dict(module.state_dict())
+    torch.testing.assert_close(again(torch.from_numpy(x_new).float())[0], main)
+    with pytest.raises(ValueError, match="shape"):
+        GPConditioner(3, 24, 4, 3, 2).set_posterior(post)
+
+
+def test_a_noisy_first_column_does_not_spoil_the_next_columns_fit():
+    """The warm start alone carries column 0's all-noise optimum to column 1 (a smooth,
+    noise-free function) and predicts its mean; the default start finds the function."""
+    rng = np.random.default_rng(0)
+    x, x_new = rng.uniform(size=(40, 2)), rng.uniform(0.1, 0.9, size=(20, 2))
+    y = np.column_stack([rng.normal(size=40), smooth(x)])
+    hyper = fit_hyperparameters(x, y, seed=0)
+    mean, _ = GPPosterior.condition(hyper, x, y).predict(x_new)
+    truth = smooth(x_new)
+    error = np.abs(mean[:, 1] - truth).max()
+    assert error < 0.05 * np.ptp(truth)
+    assert hyper.noise[0] > 0.5 and hyper.noise[1] < 1e-3            # noise found where it is, not elsewhere
+    warm_only = GPHyper(hyper.amplitude[[0, 0]], hyper.length[[0, 0]], hyper.noise[[0, 0]])
+    stuck, _ = GPPosterior.condition(warm_only, x, y).predict(x_new)
+    assert np.abs(stuck[:, 1] - truth).max() > 10 * error          # what the test guards against
