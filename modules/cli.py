@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the predicted fields [n, T, N] in physical units (and FILE.json beside it)")
     q.add_argument("--samples", type=int, default=1, metavar="K",
                    help="K > 1: K stochastic realisations per input, output [n, K, T, N] (default 1)")
+    q.add_argument("--evaluate", type=Path, default=None, metavar="TRUE.npy",
+                   help="with --predict: the held-out runs' true fields [n, T, N], one per input in order; writes "
+                        "FILE_evaluation.json and .csv (errors per run and per step, VAE-only error, baselines, "
+                        "calibration with --samples) and, with --plot=1, the worst runs' figures")
     q.add_argument("--sampling", choices=("auto", "predictive", "vae_levels"), default="auto",
                    help="with --samples K > 1: predictive draws the latents from the GP conditioner's posterior; "
                         "vae_levels (the original's) draws the VAE's hierarchical levels; auto: predictive where "
@@ -142,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads {args.threads}: give a whole number of at least 1.")
     if args.import_runs is not None or args.field:
         return _import_runs(args)
-    if args.predict is not None or args.out is not None or args.vtk is not None:
+    if args.predict is not None or args.out is not None or args.vtk is not None or args.evaluate is not None:
         return _predict(args)
     if args.samples != 1 or args.sampling != "auto":
         raise UserError("--samples and --sampling go with --predict PATH --out FILE.npy.")
@@ -175,11 +179,15 @@ def _predict(args: argparse.Namespace) -> int:
         from modules.history import locate
         paths = Paths(paths.workdir, locate(paths, args.run))
     meta = run_prediction(args.predict, args.out, args.samples, paths,
-                          resolve_device(args.device), vtk=args.vtk, sampling=args.sampling)
+                          resolve_device(args.device), vtk=args.vtk, sampling=args.sampling, truth=args.evaluate,
+                          plot=args.plot)
     runs = meta["shape"][0]
     source = "a CSV file" if meta["input_type"] == "csvs" else f"{len(meta['inputs'])} images"
     print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units): {runs} run{'s' * (runs != 1)} "
           f"predicted from {source} in {meta['seconds'] * 1000:.1f} ms; details in {args.out.with_suffix('.json')}")
+    if "evaluation" in meta:
+        from modules.evaluate import describe
+        print("\n".join(describe(meta["evaluation"])))
     if args.vtk is not None:
         print(f"wrote {len(meta['vtk'])} XDMF time series (run_<i>.xdmf + .h5, i = row of {args.out}) to "
               f"{args.vtk}, on {meta['mesh']}")
@@ -190,7 +198,7 @@ def _import_runs(args: argparse.Namespace) -> int:
     if args.import_runs is None or not args.field:
         raise UserError("importing needs both --import_runs GLOB and --field NAME (e.g. --import_runs 'sims/run_*' "
                         "--field T).")
-    if args.predict is not None or args.out is not None or args.vtk is not None:
+    if args.predict is not None or args.out is not None or args.vtk is not None or args.evaluate is not None:
         raise UserError("--import_runs only imports; run --predict separately, after training.")
     dataset_dir = ""
     for item in args.overrides:

@@ -36,6 +36,10 @@ class InputDomain:
         span = np.where(self.high > self.low, self.high - self.low, 1.0)
         return (x - self.low) / span
 
+    def raw_runs(self) -> np.ndarray:
+        """The training inputs in their own units."""
+        return self.low + self.runs * np.where(self.high > self.low, self.high - self.low, 1.0)
+
     def threshold(self) -> float | None:
         """The largest nearest-neighbour distance among the training runs (scaled units)."""
         if self.runs is None or len(self.runs) < 2:

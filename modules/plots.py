@@ -181,6 +181,16 @@ class Figures:
         self.finish(fig, name)
 
 
+    def curve(self, values: np.ndarray, name: str, xlabel: str, ylabel: str) -> None:
+        if not self.active:
+            return
+        fig, ax = self.plt.subplots(figsize=(7, 4))
+        ax.plot(np.arange(len(values)), values, marker=".")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        self.finish(fig, name)
+
     def calibration(self, samples: np.ndarray, centre: np.ndarray, truth: np.ndarray, name: str) -> None:
         """Nominal against observed coverage of the central bands, and each run's spread
         against its error (modules/calibration.py), on the validation runs."""

@@ -18,6 +18,7 @@ from modules.checkpoint import (atomic_write, build_from_checkpoint, ensure_writ
                                load_npz, save_json, save_npz)
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images
 from modules.data import FieldScaler, load_field_scaler
+from modules.domain import InputDomain
 from modules.errors import UserError
 from modules.run import Paths
 
@@ -71,6 +72,7 @@ class Surrogate:
     device: torch.device
     sources: dict
     dataset: Path | None = None            # the training dataset (its mesh.vtu is beside it, for --vtk)
+    domain: InputDomain | None = None      # the training inputs' domain (CSV inputs only)
 
     def __post_init__(self):
         # Once here, not per call: .eval() walks every submodule (0.5 ms of a 3 ms prediction).
@@ -126,6 +128,11 @@ class Surrogate:
         result = torch.cat(out).numpy()
         return result[:, 0] if samples == 1 else result
 
+    def reconstruct(self, fields: np.ndarray) -> np.ndarray:
+        """The VAE alone on true fields (n, T, N): encoded to μ and decoded, physical units."""
+        from modules.evaluate import reconstruct_fields
+        return reconstruct_fields(self.decoder.vae, self.field_scaler, fields, self.device)
+
     def prepare(self, raw: np.ndarray) -> torch.Tensor:
         """Raw inputs (CSV rows (n, F) or images (n, H, W) in [0, 1]) → model inputs."""
         if self.input_scaler is not None:
@@ -165,6 +172,11 @@ class Surrogate:
         hier_scaler = MinMaxScaler.from_state_dict(_prefixed(scalers, "hier_"))
         input_scaler = (MinMaxScaler.from_state_dict(_prefixed(scalers, "input_"))
                         if "input_data_min" in scalers else None)
+        domain = None
+        if input_scaler is not None:         # files of earlier versions lack the runs: the range check only
+            runs = scalers.get("domain_runs")
+            low, high = input_scaler.data_min, input_scaler.data_max
+            domain = InputDomain(low, high, None if runs is None else (runs - low) / np.where(high > low, high - low, 1.0))
         config = cond_state["run"]["config"]
         if "param_data_type" not in config:
             raise UserError(f"{cond_path} lacks the config it was trained with (param_data_type); {_TRAIN_HINT}.")
@@ -176,7 +188,7 @@ class Surrogate:
                    config["param_data_type"], device,
                    {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
                     "conditioner_scalers": str(paths.conditioner_scalers),
-                    "weights": "EMA" if config.get("use_ema") else "trained"}, dataset)
+                    "weights": "EMA" if config.get("use_ema") else "trained"}, dataset, domain)
 
 
 def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -222,7 +234,9 @@ def band_arrays(samples: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: torch.device,
-                   vtk: Path | None = None, sampling: str = "auto") -> dict:
+                   vtk: Path | None = None, sampling: str = "auto", truth: Path | None = None, plot: int = 2) -> dict:
+    """Predict the inputs of `source`; with `truth` (the held-out runs' fields) also evaluate
+    the predictions against them (modules/evaluate.py)."""
     if samples < 1:
         raise UserError(f"--samples {samples}: give 1 or more realisations per input.")
     if not source.exists():
@@ -236,6 +250,12 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
                                      surrogate.field_scaler.num_nodes, vtk)
     sampling = surrogate.sampling_for(sampling)
     raw, files = read_inputs(surrogate, source)
+    domain = None
+    if surrogate.domain is not None:
+        domain = surrogate.domain.check(raw)
+        line = surrogate.domain.warning(raw, domain, str(source))
+        if line:
+            log.warning(line)
     started = time.perf_counter()
     fields = surrogate.fields(surrogate.prepare(raw), samples, sampling=sampling)
     seconds = time.perf_counter() - started
@@ -244,6 +264,14 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
             "layout": "[n, T, N]" if samples == 1 else "[n, K, T, N]", "samples": samples,
             "units": "physical (inverse of the per-node scaling)", "checkpoints": surrogate.sources,
             "seconds": seconds}
+    if domain is not None:
+        meta["out_of_domain"] = domain["out_of_domain"]
+        meta["domain"] = {"outside_columns": domain["outside_columns"],
+                          "nearest_run_ratio": domain.get("nearest_run_ratio"),
+                          "meaning": "out_of_domain[i]: row i has a column outside the training range "
+                                     "(outside_columns, 0-based) or lies farther from every training run than "
+                                     "any training run from its nearest neighbour (nearest_run_ratio > 1; "
+                                     "scaled inputs); the surrogate extrapolates there"}
     if samples > 1:
         bands = out.with_name(out.stem + "_bands.npz")
         save_npz(bands, **band_arrays(fields))
@@ -256,6 +284,11 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
         written = write_prediction_series(vtk, fields, mesh, samples)
         meta.update({"vtk": [str(p) for p in written if p.suffix == ".xdmf"], "mesh": str(mesh.path),
                      "vtk_fields": mesh.fields if samples == 1 else [f"{n}{s}" for n in mesh.fields for s in ("", "_std")]})
-    save_json(out.with_suffix(".json"), meta)
+    if truth is not None:
+        from modules.evaluate import evaluate
+        point = fields if samples == 1 else surrogate.fields(surrogate.prepare(raw))
+        meta["evaluation"] = evaluate(surrogate, raw, files, truth, out, point, fields if samples > 1 else None,
+                                      sampling, plot, domain)
+    save_json(out.with_suffix(".json"), {k: (v["files"] if k == "evaluation" else v) for k, v in meta.items()})
     return meta
 

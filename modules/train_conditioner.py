@@ -50,6 +50,7 @@ class ConditionerData:
     input_scaler: MinMaxScaler | None
     main_scaler: MinMaxScaler
     hier_scaler: MinMaxScaler
+    input_runs: np.ndarray | None = None     # the raw CSV rows (P, F): prediction's input-domain check
 
     @classmethod
     def build(cls, inputs: ConditionerInputs, main: np.ndarray, hier: np.ndarray, device: torch.device,
@@ -64,13 +65,15 @@ class ConditionerData:
         main_scaler = MinMaxScaler().fit(main, joint=joint_targets)
         hier_scaler = MinMaxScaler().fit(hier, joint=joint_targets)
         return cls(x.to(device), torch.from_numpy(main_scaler.transform(main)).to(device),
-                   torch.from_numpy(hier_scaler.transform(hier)).to(device), input_scaler, main_scaler, hier_scaler)
+                   torch.from_numpy(hier_scaler.transform(hier)).to(device), input_scaler, main_scaler, hier_scaler,
+                   np.asarray(raw, np.float64) if raw.ndim == 2 else None)
 
     def save_scalers(self, path: Path) -> None:
         arrays = {f"main_{k}": v for k, v in self.main_scaler.state_dict().items()}
         arrays.update({f"hier_{k}": v for k, v in self.hier_scaler.state_dict().items()})
         if self.input_scaler is not None:
             arrays.update({f"input_{k}": v for k, v in self.input_scaler.state_dict().items()})
+            arrays["domain_runs"] = self.input_runs
         save_npz(path, **arrays)
 
 

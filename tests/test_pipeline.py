@@ -87,6 +87,20 @@ def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_pre
         np.testing.assert_allclose(bands["mean"], draws.mean(axis=1), rtol=1e-5)
         np.testing.assert_allclose(bands["q95"], np.percentile(draws, 95, axis=1), rtol=1e-5)
         assert (bands["q05"] <= bands["q50"]).all() and (bands["q50"] <= bands["q95"]).all()
+    # an input outside the training range: one warning line, a flag, and a wider spread
+    rows = np.loadtxt(work / "input_data/params.csv", delimiter=",")[:1].repeat(2, axis=0)
+    span = np.ptp(np.loadtxt(work / "input_data/params.csv", delimiter=","), axis=0)
+    rows[1, 1] += 1.5 * span[1]
+    odd = tmp_path / "odd.csv"
+    np.savetxt(odd, rows, delimiter=",")
+    result = run_cli(work, "--predict", str(odd), "--out", str(out), "--samples", "16")
+    assert result.returncode == 0, result.stderr
+    warned = [ln for ln in result.stderr.splitlines() if "outside the training data" in ln]
+    assert len(warned) == 1 and "1 of 2 input rows" in warned[0] and "row 2 column 2 =" in warned[0]
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["out_of_domain"] == [False, True] and meta["domain"]["outside_columns"] == [[], [1]]
+    with np.load(meta["bands"]) as bands:
+        assert bands["std"][1].mean() > 2 * bands["std"][0].mean()
     levels = tmp_path / "levels.npy"
     assert run_cli(work, "--predict", str(new), "--out", str(levels), "--samples", "2",
                    "--sampling", "vae_levels").returncode == 0
@@ -272,3 +286,35 @@ def test_end_to_end_fine_tuning_through_the_cli_is_what_prediction_uses(trained,
     refused = run_cli(work, "--predict", str(new), "--out", str(out), "--samples", "2", "--sampling", "predictive")
     assert refused.returncode != 0 and "--sampling predictive needs" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_evaluate_reports_errors_compression_share_baselines_and_calibration(trained, tmp_path):
+    from modules.baseline import relative_l2
+    work = trained[0]
+    params = np.loadtxt(work / "input_data/params.csv", delimiter=",")
+    data = np.load(work / "input_data/dataset1.npy")
+    pick = [3, 40, 77, 11]                          # runs of the demo with known fields, in this order
+    np.savetxt(tmp_path / "held.csv", params[pick], delimiter=",")
+    np.save(tmp_path / "held.npy", data[pick])
+    out = tmp_path / "pred.npy"
+    result = run_cli(work, "--predict", str(tmp_path / "held.csv"), "--evaluate", str(tmp_path / "held.npy"),
+                     "--out", str(out), "--samples", "8", "--plot=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "evaluation on 4 held-out runs" in result.stdout and "VAE alone" in result.stdout
+    report = json.loads((tmp_path / "pred_evaluation.json").read_text())
+    again = tmp_path / "point.npy"                 # the point prediction the report scores
+    assert run_cli(work, "--predict", str(tmp_path / "held.csv"), "--out", str(again)).returncode == 0
+    point = np.load(again)
+    np.testing.assert_allclose(report["per_run"]["rel_l2"], relative_l2(point, data[pick]), rtol=1e-5)
+    assert len(report["per_step_rel_l2"]) == 32
+    assert all(0 < v < r for v, r in zip(report["per_run"]["vae_rel_l2"], report["per_run"]["baseline_mean_rel_l2"]))
+    assert report["summary"]["baseline_pod_gpr_rel_l2"]["mean"] > 0
+    assert 0 <= report["calibration"]["coverage_90"] <= 1 and report["calibration"]["samples"] == 8
+    rows = (tmp_path / "pred_evaluation.csv").read_text().splitlines()
+    assert rows[0].startswith("run,input,rel_l2,rmse,max_abs_error,vae_rel_l2") and len(rows) == 5
+    assert len(list(tmp_path.glob("pred_worst*_run*.png"))) == 3 and (tmp_path / "pred_error_over_time.png").is_file()
+    assert json.loads(out.with_suffix(".json").read_text())["evaluation"][0].endswith("pred_evaluation.json")
+    wrong = run_cli(work, "--predict", str(tmp_path / "held.csv"), "--evaluate", str(work / "input_data/dataset1.npy"),
+                    "--out", str(out))
+    assert wrong.returncode != 0 and "holds 80 runs but the inputs give 4" in wrong.stderr
+    assert "Traceback" not in wrong.stderr

@@ -1,0 +1,173 @@
+"""`--evaluate`: how good is a trained surrogate on held-out runs with known fields?
+
+`--predict INPUTS --evaluate TRUE.npy --out FILE.npy` predicts the runs of INPUTS (CSV rows
+or images, in order) and compares them with the true fields of TRUE.npy (n, T, N), run by run:
+  per run     relative L2, RMSE and max abs error of the point prediction;
+  per step    the relative L2 over the runs at each time step (where in time it goes wrong);
+  VAE only    the true fields encoded and decoded: the compression's share of the error,
+              so that surrogate − VAE is the conditioner's share;
+  baselines   the training-mean field, and POD + GPR refitted on all the training runs
+              (CSV inputs, training fields up to the baseline's size limit);
+  calibration with --samples K: band coverage, CRPS, spread-skill, spread-error correlation.
+It writes FILE_evaluation.json (everything) and FILE_evaluation.csv (one row per run), and
+with --plot=1 the worst runs' traces and the error over time beside FILE.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modules.baseline import relative_l2
+from modules.checkpoint import atomic_write, save_json
+from modules.errors import UserError
+
+log = logging.getLogger("simulgen")
+
+WORST_FIGURES = 3
+
+
+def load_truth(path: Path, runs: int, shape: tuple[int, int]) -> np.ndarray:
+    """The held-out true fields (runs, T, N), as float64; the training's step and node
+    reduction (the first T steps and N nodes) is applied when the file holds more."""
+    from modules.data import open_dataset, reduce
+    if not path.is_file():
+        raise UserError(f"--evaluate {path} not found; give the held-out runs' true fields as a .npy [n, T, N].")
+    array = open_dataset(path)
+    if array.ndim != 3:
+        raise UserError(f"--evaluate {path} holds an array of shape {array.shape}; it must be [n, T, N] like the "
+                        f"training dataset.")
+    if len(array) != runs:
+        raise UserError(f"--evaluate {path} holds {len(array)} runs but the inputs give {runs}; one true run per input "
+                        f"row or image, in the same order.")
+    t, n = shape
+    if array.shape[1] < t or array.shape[2] < n:
+        raise UserError(f"--evaluate {path} has {array.shape[1]} steps × {array.shape[2]} nodes; the surrogate predicts "
+                        f"{t} × {n}, so the file must hold at least that many.")
+    return np.asarray(reduce(array, t, n), np.float64)
+
+
+def _baselines(surrogate, truth: np.ndarray, raw: np.ndarray) -> dict:
+    """Mean field and POD + GPR fitted on every training run (CSV inputs)."""
+    from modules.baseline import classical_baselines
+    from modules.data import open_dataset, reduce
+    from modules.pipeline import BASELINE_MAX_BYTES
+    if surrogate.dataset is None or not surrogate.dataset.is_file():
+        return {"skipped": f"the training dataset {surrogate.dataset} is not there"}
+    train = open_dataset(surrogate.dataset)
+    if train.shape[0] * truth.shape[1] * truth.shape[2] * 8 > BASELINE_MAX_BYTES:
+        return {"skipped": "training fields above the baseline's 2 GiB limit"}
+    train = np.asarray(reduce(train, truth.shape[1], truth.shape[2]), np.float64)
+    domain = surrogate.domain
+    inputs = domain is not None and domain.runs is not None and len(domain.runs) == len(train)
+    methods = ("mean", "pod_gpr") if inputs else ("mean",)
+    result = classical_baselines(train, truth, domain.raw_runs() if inputs else None, raw if inputs else None,
+                                 methods=methods)
+    out = {f"{k}_rel_l2_per_run": v.tolist() for k, v in result.rel_l2.items()}
+    out.update({f"{k}_rel_l2": float(v.mean()) for k, v in result.rel_l2.items()})
+    out["pod_modes"] = result.modes
+    return out
+
+
+def evaluate(surrogate, raw: np.ndarray, files: list[str], truth_path: Path, out: Path, point: np.ndarray,
+             draws: np.ndarray | None, sampling: str, plot: int, domain: dict | None) -> dict:
+    """point (n, T, N) and, with --samples, draws (n, K, T, N): the prediction's own arrays."""
+    truth = load_truth(truth_path, len(point), point.shape[1:])
+    n = len(truth)
+    diff = point - truth
+    report: dict = {"truth": str(truth_path), "runs": n, "inputs": files}
+    per_run = {"rel_l2": relative_l2(point, truth), "rmse": np.sqrt((diff ** 2).reshape(n, -1).mean(axis=1)),
+               "max_abs_error": np.abs(diff).reshape(n, -1).max(axis=1),
+               "vae_rel_l2": relative_l2(surrogate.reconstruct(truth), truth)}
+    report["per_step_rel_l2"] = (np.linalg.norm(diff, axis=2) / np.maximum(np.linalg.norm(truth, axis=2), 1e-30)).mean(axis=0).tolist()
+    if surrogate.input_type == "csvs":
+        report["baselines"] = _baselines(surrogate, truth, raw)
+        for key in ("mean_rel_l2_per_run", "pod_gpr_rel_l2_per_run"):
+            if key in report["baselines"]:
+                per_run["baseline_" + key.replace("_per_run", "")] = np.asarray(report["baselines"][key])
+    if draws is not None:
+        from modules.calibration import calibration_metrics
+        report["calibration"] = {"sampling": sampling, **calibration_metrics(draws, point, truth)}
+    if domain is not None:
+        per_run["out_of_domain"] = np.asarray(domain["out_of_domain"], dtype=bool)
+    report["summary"] = {k: {"mean": float(np.mean(v)), "median": float(np.median(v)), "max": float(np.max(v))}
+                         for k, v in per_run.items() if v.dtype != bool}
+    report["per_run"] = {k: v.tolist() for k, v in per_run.items()}
+    json_path, csv_path = out.with_name(out.stem + "_evaluation.json"), out.with_name(out.stem + "_evaluation.csv")
+    save_json(json_path, report)
+    atomic_write(csv_path, lambda f: _write_csv(f, files, raw, per_run))
+    report["files"] = [str(json_path), str(csv_path)]
+    if plot != 2:
+        report["files"] += _figures(plot, out, truth, point, per_run["rel_l2"], report["per_step_rel_l2"])
+    return report
+
+
+def _write_csv(f, files: list[str], raw: np.ndarray, per_run: dict[str, np.ndarray]) -> None:
+    import io
+    text = io.StringIO()
+    writer = csv.writer(text)
+    names = list(per_run)
+    writer.writerow(["run", "input", *names])
+    for i in range(len(per_run["rel_l2"])):
+        source = files[i] if len(files) == len(per_run["rel_l2"]) else f"{files[0]} row {i + 1}"
+        writer.writerow([i, source, *[(int(per_run[k][i]) if per_run[k].dtype == bool else f"{per_run[k][i]:.6g}")
+                                      for k in names]])
+    f.write(text.getvalue().encode())
+
+
+def _figures(plot: int, out: Path, truth: np.ndarray, point: np.ndarray, rel: np.ndarray, per_step: list[float]) -> list[str]:
+    from modules.plots import Figures
+    figures = Figures(plot, out.parent)
+    for rank, run in enumerate(np.argsort(rel)[::-1][:WORST_FIGURES], start=1):
+        figures.traces(truth[run], point[run], int(run), f"{out.stem}_worst{rank}_run{run}",
+                       f"prediction (rel-L2 {rel[run]:.3g})")
+    figures.curve(np.asarray(per_step), f"{out.stem}_error_over_time", "time step", "relative L2 over the runs")
+    return [str(p) for p in figures.saved]
+
+
+def describe(report: dict) -> list[str]:
+    """The evaluation in a few lines for the terminal."""
+    s = report["summary"]
+
+    def triple(key):
+        v = s[key]
+        return f"mean {v['mean']:.4g}, median {v['median']:.4g}, max {v['max']:.4g}"
+
+    lines = [f"evaluation on {report['runs']} held-out runs ({report['truth']}):",
+             f"  surrogate: relative L2 {triple('rel_l2')}; RMSE mean {s['rmse']['mean']:.4g}; "
+             f"max abs error {s['max_abs_error']['max']:.4g}",
+             f"  VAE alone (true fields encoded and decoded): relative L2 {triple('vae_rel_l2')} — the compression's "
+             f"share; the rest is the conditioner's"]
+    if "baseline_pod_gpr_rel_l2" in s:
+        ratio = s["rel_l2"]["mean"] / max(s["baseline_pod_gpr_rel_l2"]["mean"], 1e-30)
+        lines.append(f"  POD + GPR (refitted on all training runs): {s['baseline_pod_gpr_rel_l2']['mean']:.4g} "
+                     f"(surrogate / POD + GPR = {ratio:.2f}); training-mean field {s['baseline_mean_rel_l2']['mean']:.4g}")
+    elif "baseline_mean_rel_l2" in s:
+        lines.append(f"  training-mean field: {s['baseline_mean_rel_l2']['mean']:.4g}")
+    cal = report.get("calibration")
+    if cal:
+        lines.append(f"  {cal['samples']} samples ({cal['sampling']}): the 50 % band covers {cal['coverage_50']:.2f} and "
+                     f"the 90 % band {cal['coverage_90']:.2f} of the true values; CRPS {cal['crps']:.4g}; spread/skill "
+                     f"{cal['spread_skill']:.2f}; Spearman(spread, error) {cal['spread_error_spearman']:.2f}")
+    flagged = sum(report["per_run"].get("out_of_domain", []))
+    if flagged:
+        lines.append(f"  {flagged} run(s) outside the training inputs (column out_of_domain in the CSV)")
+    lines.append(f"  details: {', '.join(report['files'])}")
+    return lines
+
+
+def reconstruct_fields(vae: torch.nn.Module, scaler, fields: np.ndarray, device: torch.device,
+                       batch: int = 16) -> np.ndarray:
+    """True fields (n, T, N), physical units → the VAE's encode (μ) → decode (`fix`), same units."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(fields), batch):
+            x = torch.from_numpy(np.asarray(fields[start:start + batch], np.float32)).to(device)
+            x = scaler.transform(x, node_axis=-1).transpose(1, 2)                   # (B, N, T)
+            mu, _, xs = vae.encode(x)
+            recon, _ = vae.decode(mu, xs, mode="fix")
+            out.append(scaler.inverse_transform(recon.double()).transpose(1, 2).cpu().numpy())
+    return np.concatenate(out)
