@@ -81,20 +81,9 @@ def run_cli(workdir: Path, args: list[str], log: Path) -> float:
 def vae_reconstruction(workdir: Path, test_fields: np.ndarray) -> np.ndarray:
     """The trained VAE's encode (μ) → decode (`fix`) of the test fields, physical units."""
     import torch
-    from modules.checkpoint import build_from_checkpoint, load_checkpoint, load_model_state
-    from modules.data import load_field_scaler
-    from modules.train_vae import build_vae
-    path = workdir / "checkpoints" / "vae.pt"
-    state = load_checkpoint(path, "vae", "VAE checkpoint", "")
-    vae = build_from_checkpoint(build_vae, state, path, "VAE checkpoint", "")
-    load_model_state(vae, state["export"], path, "VAE checkpoint", "")
-    vae.eval()
-    scaler = load_field_scaler(workdir / "checkpoints" / "field_scaler.npz", "")
-    with torch.no_grad():
-        x = scaler.transform(torch.from_numpy(test_fields.astype(np.float32)), node_axis=-1).transpose(1, 2)
-        mu, _, xs = vae.encode(x)
-        recon, _ = vae.decode(mu, xs, mode="fix")
-        return scaler.inverse_transform(recon.double()).transpose(1, 2).numpy()
+    from modules.predict import Surrogate
+    from modules.run import Paths
+    return Surrogate.load(Paths(workdir), torch.device("cpu")).reconstruct(test_fields)
 
 
 def stats(rel: np.ndarray, mean_rel: np.ndarray) -> dict:
