@@ -5,7 +5,9 @@ split-conformal calibration on the validation runs: each value's score is its de
 the point prediction divided by the sample band's half-width on that side, and the scale is
 the score quantile at the nominal level, so the scaled 90 % band covers 90 % of those runs'
 values (normalised conformal prediction; values within a run are correlated, so the level
-holds on average over runs, not as a per-value guarantee)."""
+holds on average over runs, not as a per-value guarantee). Each band level gets its own
+scale: the errors' tails are heavier than the samples', so one scale cannot fit the 50 %
+and the 90 % band at once (benchmarks/accuracy/NOTES.md)."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,14 +21,26 @@ def band(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def coverage(samples: np.ndarray, truth: np.ndarray, level: float) -> float:
+def calibrated_band(samples: np.ndarray, centre: np.ndarray, level: float, scale: float = 1.0):
+    """The samples' central `level` band, widened `scale` times about the point prediction."""
     lo, hi = band(samples, level)
+    return centre + scale * (lo - centre), centre + scale * (hi - centre)
+
+
+def coverage(samples: np.ndarray, truth: np.ndarray, level: float, centre: np.ndarray | None = None,
+             scale: float = 1.0) -> float:
+    lo, hi = band(samples, level) if centre is None else calibrated_band(samples, centre, level, scale)
     return float(((truth >= lo) & (truth <= hi)).mean())
 
 
 def scale_about(samples: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
     """Samples spread `scale` times as far from the point prediction `centre` (n, T, N)."""
     return centre[:, None] + scale * (samples - centre[:, None])
+
+
+def band_scales(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray) -> dict[float, float]:
+    """The conformal scale of each of LEVELS."""
+    return {level: spread_scale(samples, centre, truth, level) for level in LEVELS}
 
 
 def spread_scale(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray, level: float = 0.9) -> float:
@@ -59,16 +73,22 @@ def spread_and_error(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray)
     return spread, np.linalg.norm((centre - truth).reshape(n, -1), axis=1) / norm
 
 
-def calibration_metrics(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray) -> dict:
-    """Coverage of the 50 % and 90 % bands, CRPS, the spread-skill ratio (mean sample std over
-    the point prediction's RMSE) and the rank correlation of each run's spread with its error."""
+def calibration_metrics(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray,
+                        band_scales: dict[float, float] | None = None) -> dict:
+    """Coverage of the 50 % and 90 % bands (each widened about the point prediction by its
+    `band_scales` entry, as prediction writes them), CRPS, the spread-skill ratio (mean sample
+    std over the point prediction's RMSE) and the rank correlation of each run's spread with
+    its error."""
+    band_scales = band_scales or {}
     from scipy.stats import spearmanr
     n = len(truth)
     spread, error = spread_and_error(samples, centre, truth)
     rmse = float(np.sqrt(np.mean((centre - truth) ** 2)))
-    out = {f"coverage_{int(level * 100)}": coverage(samples, truth, level) for level in LEVELS}
+    out = {f"coverage_{int(level * 100)}": coverage(samples, truth, level, centre, band_scales.get(level, 1.0))
+           for level in LEVELS}
     out.update({"crps": crps(samples, truth),
                 "spread_skill": float(np.sqrt(samples.var(axis=1).mean()) / max(rmse, 1e-30)),
-                "spread_error_spearman": float(spearmanr(spread, error).statistic) if n > 2 else float("nan"),
+                "spread_error_spearman": (float(spearmanr(spread, error).statistic)
+                                          if n > 2 and np.ptp(spread) > 0 and np.ptp(error) > 0 else float("nan")),
                 "runs": n, "samples": samples.shape[1]})
     return out

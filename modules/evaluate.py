@@ -73,7 +73,8 @@ def _baselines(surrogate, truth: np.ndarray, raw: np.ndarray) -> dict:
 
 
 def evaluate(surrogate, raw: np.ndarray, files: list[str], truth_path: Path, out: Path, point: np.ndarray,
-             draws: np.ndarray | None, sampling: str, plot: int, domain: dict | None) -> dict:
+             draws: np.ndarray | None, sampling: str, band_scales: dict[float, float], plot: int,
+             domain: dict | None) -> dict:
     """point (n, T, N) and, with --samples, draws (n, K, T, N): the prediction's own arrays."""
     truth = load_truth(truth_path, len(point), point.shape[1:])
     n = len(truth)
@@ -90,7 +91,7 @@ def evaluate(surrogate, raw: np.ndarray, files: list[str], truth_path: Path, out
                 per_run["baseline_" + key.replace("_per_run", "")] = np.asarray(report["baselines"][key])
     if draws is not None:
         from modules.calibration import calibration_metrics
-        report["calibration"] = {"sampling": sampling, **calibration_metrics(draws, point, truth)}
+        report["calibration"] = {"sampling": sampling, **calibration_metrics(draws, point, truth, band_scales)}
     if domain is not None:
         per_run["out_of_domain"] = np.asarray(domain["out_of_domain"], dtype=bool)
     report["summary"] = {k: {"mean": float(np.mean(v)), "median": float(np.median(v)), "max": float(np.max(v))}

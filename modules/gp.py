@@ -131,6 +131,8 @@ class GPConditioner(nn.Module):
         # decoded draws spread this many times as far from the point prediction (calibrated on
         # the validation runs: modules/calibration.py)
         self.register_buffer("spread_scale", torch.ones((), dtype=f64))
+        # the 50 % and 90 % bands' own scales, relative to the scaled draws (prediction's bands file)
+        self.register_buffer("band_scales", torch.ones(2, dtype=f64))
 
     @torch.no_grad()
     def set_posterior(self, post: GPPosterior) -> "GPConditioner":

@@ -25,6 +25,7 @@ from modules.errors import UserError
 from modules.monitor import Monitor
 from modules.plots import Figures
 from modules.run import Paths, RunContext, new_run_id
+from modules.calibration import LEVELS
 from modules.stage import save_fitted
 
 log = logging.getLogger("simulgen")
@@ -359,6 +360,7 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
         out.update(_conditioner_report(evaluation, module, data, val_idx, figures))
         out.update(_calibrate_spread(surrogate(module), data, store, val_idx, cfg.seed, figures))
         final.spread_scale.fill_(out["lc_spread_scale"])
+        final.band_scales.copy_(torch.tensor([out["lc_band_scales"][str(level)] for level in LEVELS]))
         cal = out.get("calibration", {})
         ctx.monitor.scalars("conditioner", 0, {"val_rel_l2": out["lc_val_rel_l2"], "val_latent_mse": out["lc_val_latent_mse"],
                                                **{f"val_{k}": cal[k] for k in ("coverage_50", "coverage_90", "crps") if k in cal}})
@@ -376,21 +378,25 @@ CALIBRATION_MIN_RUNS = 3
 
 
 def _calibrate_spread(surrogate, data, store: FieldStore, val_idx: np.ndarray, seed: int, figures: Figures) -> dict:
-    """The predictive spread's scale, split-conformal on the validation runs (modules/calibration.py),
-    and the calibration numbers before and after it."""
-    from modules.calibration import calibration_metrics, scale_about, spread_scale
+    """The predictive spread's scale and each band's, split-conformal on the validation runs
+    (modules/calibration.py), and the calibration numbers before and after them."""
+    from modules.calibration import band_scales, calibration_metrics, scale_about
     from modules.train_conditioner import predictive_validation
     if len(val_idx) < CALIBRATION_MIN_RUNS:
         log.warning("only %d validation run(s): the predictive spread is left uncalibrated (raise val_split)",
                     len(val_idx))
-        return {"lc_spread_scale": 1.0}
+        return {"lc_spread_scale": 1.0, "lc_band_scales": {str(level): 1.0 for level in LEVELS}}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         draws, point, truth = predictive_validation(surrogate, data, store, torch.as_tensor(val_idx), seed=seed)
-    scale = spread_scale(draws, point, truth)
-    figures.calibration(scale_about(draws, point, scale), point, truth, "calibration")
-    return {"lc_spread_scale": scale, "calibration_unscaled": calibration_metrics(draws, point, truth),
-            "calibration": calibration_metrics(scale_about(draws, point, scale), point, truth)}
+    raw = band_scales(draws, point, truth)
+    scale = raw[0.9]                                        # the draws spread as the 90 % band needs
+    relative = {level: raw[level] / scale for level in LEVELS}
+    scaled = scale_about(draws, point, scale)
+    figures.calibration(scaled, point, truth, "calibration")
+    return {"lc_spread_scale": scale, "lc_band_scales": {str(k): v for k, v in relative.items()},
+            "calibration_unscaled": calibration_metrics(draws, point, truth),
+            "calibration": calibration_metrics(scaled, point, truth, relative)}
 
 
 BASELINE_MAX_BYTES = 2 * 2**30      # the training fields are held in float64 for the SVD

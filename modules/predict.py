@@ -133,6 +133,13 @@ class Surrogate:
         from modules.evaluate import reconstruct_fields
         return reconstruct_fields(self.decoder.vae, self.field_scaler, fields, self.device)
 
+    def band_scales(self, sampling: str) -> dict[float, float]:
+        """Each band level's calibrated scale relative to the drawn samples (predictive sampling)."""
+        if sampling != "predictive":
+            return {}
+        from modules.calibration import LEVELS
+        return dict(zip(LEVELS, self.conditioner.band_scales.tolist()))
+
     def prepare(self, raw: np.ndarray) -> torch.Tensor:
         """Raw inputs (CSV rows (n, F) or images (n, H, W) in [0, 1]) → model inputs."""
         if self.input_scaler is not None:
@@ -225,11 +232,14 @@ SAMPLING_MEANING = {
 }
 
 
-def band_arrays(samples: np.ndarray) -> dict[str, np.ndarray]:
-    """(n, K, T, N) samples → mean, std and quantile fields, (n, T, N) float32 each."""
-    q = np.percentile(samples, [5, 25, 50, 75, 95], axis=1)
-    out = {"mean": samples.mean(axis=1), "std": samples.std(axis=1)}
-    out.update({f"q{p:02d}": v for p, v in zip((5, 25, 50, 75, 95), q)})
+def band_arrays(samples: np.ndarray, centre: np.ndarray, band_scales: dict[float, float]) -> dict[str, np.ndarray]:
+    """(n, K, T, N) samples → mean, std, median and the 50 % and 90 % bands' edges, (n, T, N)
+    float32 each; each band widened about the point prediction `centre` by its calibrated
+    scale (modules/calibration.py; 1 where there is none)."""
+    from modules.calibration import calibrated_band
+    out = {"mean": samples.mean(axis=1), "std": samples.std(axis=1), "q50": np.median(samples, axis=1)}
+    for level, (lo, hi) in ((0.5, ("q25", "q75")), (0.9, ("q05", "q95"))):
+        out[lo], out[hi] = calibrated_band(samples, centre, level, band_scales.get(level, 1.0))
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
@@ -272,13 +282,16 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
                                      "(outside_columns, 0-based) or lies farther from every training run than "
                                      "any training run from its nearest neighbour (nearest_run_ratio > 1; "
                                      "scaled inputs); the surrogate extrapolates there"}
+    point = fields if samples == 1 else surrogate.fields(surrogate.prepare(raw))
+    scales = surrogate.band_scales(sampling)
     if samples > 1:
         bands = out.with_name(out.stem + "_bands.npz")
-        save_npz(bands, **band_arrays(fields))
+        save_npz(bands, **band_arrays(fields, point, scales))
         meta.update({"sampling": sampling, "sampling_meaning": SAMPLING_MEANING[sampling], "bands": str(bands),
-                     "bands_meaning": "per input, step and node over the K samples: mean, std, and the quantiles "
-                                      "q05 q25 q50 q75 q95 (the 50 % band is q25-q75, the 90 % band q05-q95), "
-                                      "each [n, T, N]"})
+                     "bands_meaning": "per input, step and node over the K samples: mean, std, median q50, the 50 % "
+                                      "band q25-q75 and the 90 % band q05-q95, each [n, T, N]"
+                                      + ("; each band calibrated on the validation runs (its own scale about the point "
+                                         "prediction)" if sampling == "predictive" else "")})
     if mesh is not None:
         from modules.mesh_io import write_prediction_series
         written = write_prediction_series(vtk, fields, mesh, samples)
@@ -286,9 +299,8 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
                      "vtk_fields": mesh.fields if samples == 1 else [f"{n}{s}" for n in mesh.fields for s in ("", "_std")]})
     if truth is not None:
         from modules.evaluate import evaluate
-        point = fields if samples == 1 else surrogate.fields(surrogate.prepare(raw))
         meta["evaluation"] = evaluate(surrogate, raw, files, truth, out, point, fields if samples > 1 else None,
-                                      sampling, plot, domain)
+                                      sampling, scales, plot, domain)
     save_json(out.with_suffix(".json"), {k: (v["files"] if k == "evaluation" else v) for k, v in meta.items()})
     return meta
 

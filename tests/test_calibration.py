@@ -45,3 +45,18 @@ def test_crps_equals_its_definition():
     np.testing.assert_allclose(crps(samples, truth), (first - 0.5 * pairwise).mean(), rtol=1e-12)
     # a sharper distribution centred on the truth scores better than a wide one
     assert crps(truth[:, None] + 0.1 * samples, truth) < crps(truth[:, None] + samples, truth)
+
+
+def test_each_band_gets_its_own_scale_when_the_errors_have_heavier_tails_than_the_samples():
+    """Student-t errors against Gaussian samples: one scale cannot make both bands right."""
+    from modules.calibration import band_scales
+    rng = np.random.default_rng(5)
+    centre = np.zeros((40, 3, 30))
+    truth = rng.standard_t(3, size=centre.shape)
+    samples = rng.normal(size=(40, 100, 3, 30))
+    scales = band_scales(samples, centre, truth)
+    assert scales[0.9] > 1.2 * scales[0.5]                      # the tails need more widening
+    m = calibration_metrics(samples, centre, truth, scales)
+    assert abs(m["coverage_50"] - 0.5) < 0.005 and abs(m["coverage_90"] - 0.9) < 0.005
+    one = calibration_metrics(scale_about(samples, centre, scales[0.9]), centre, truth)
+    assert one["coverage_50"] > 0.55                            # the 90 % scale alone over-covers the 50 % band

@@ -69,7 +69,8 @@ def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_pre
     cover 90 % of those runs' values; prediction draws from it and writes the bands."""
     work, _, summary, _ = trained
     raw, cal = summary["calibration_unscaled"], summary["calibration"]
-    assert abs(cal["coverage_90"] - 0.9) < 0.01 and cal["runs"] == 16
+    assert abs(cal["coverage_90"] - 0.9) < 0.01 and abs(cal["coverage_50"] - 0.5) < 0.01 and cal["runs"] == 16
+    assert summary["lc_band_scales"]["0.9"] == 1.0 and summary["lc_band_scales"]["0.5"] > 0
     assert summary["lc_spread_scale"] > 0 and 0 < raw["coverage_90"] < 1
     assert (raw["coverage_90"] < 0.9) == (summary["lc_spread_scale"] > 1)
     assert cal["crps"] > 0 and cal["spread_skill"] > 0
@@ -86,6 +87,8 @@ def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_pre
         assert set(bands.files) == {"mean", "std", "q05", "q25", "q50", "q75", "q95"}
         np.testing.assert_allclose(bands["mean"], draws.mean(axis=1), rtol=1e-5)
         np.testing.assert_allclose(bands["q95"], np.percentile(draws, 95, axis=1), rtol=1e-5)
+        half = (bands["q75"] - bands["q25"]) / (np.percentile(draws, 75, axis=1) - np.percentile(draws, 25, axis=1))
+        np.testing.assert_allclose(np.median(half), summary["lc_band_scales"]["0.5"], rtol=1e-3)   # its own scale
         assert (bands["q05"] <= bands["q50"]).all() and (bands["q50"] <= bands["q95"]).all()
     # an input outside the training range: one warning line, a flag, and a wider spread
     rows = np.loadtxt(work / "input_data/params.csv", delimiter=",")[:1].repeat(2, axis=0)

@@ -94,7 +94,6 @@ def stats(rel: np.ndarray, mean_rel: np.ndarray) -> dict:
 def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Path, work_root: Path,
                 tag: str) -> dict:
     from modules.baseline import classical_baselines, image_features, relative_l2
-    from modules.calibration import calibration_metrics
     from modules.cond_inputs import list_images, load_images
 
     problem = PROBLEMS[name]
@@ -147,10 +146,10 @@ def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Pa
         run_cli(work, ["--predict", str(source), "--out", str(out)], log)
         point = np.load(out)
         rel = relative_l2(point, test_fields)
-        drawn = work / f"pred_{route}_samples.npy"
-        run_cli(work, ["--predict", str(source), "--out", str(drawn), "--samples", str(SAMPLES)], log)
-        sampling = json.loads(drawn.with_suffix(".json").read_text())["sampling"]
-        calibration = {"sampling": sampling, **calibration_metrics(np.load(drawn), point, test_fields)}
+        drawn = work / f"pred_{route}_samples.npy"           # the tool's own --evaluate gives the calibration
+        run_cli(work, ["--predict", str(source), "--evaluate", str(work / "test_inputs" / "dataset1.npy"),
+                       "--out", str(drawn), "--samples", str(SAMPLES)], log)
+        calibration = json.loads(drawn.with_name(drawn.stem + "_evaluation.json").read_text())["calibration"]
         drawn.unlink()
         result["routes"][route] = {**stats(rel, base.rel_l2["mean"]), "seconds": seconds, "calibration": calibration,
                                    "over_pod_gpr": float(rel.mean() / base.mean("pod_gpr")),
