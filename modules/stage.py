@@ -239,6 +239,7 @@ class StageTrainer:
             saved_now = self._saved_epoch != epoch
             if saved_now:
                 self.save(epoch)
+            self.ctx.monitor.flush()        # the TensorBoard events up to this epoch, as the checkpoint
             raise interrupt.Stopped(interrupt.stop_message(saved_now), interrupt.exit_code())
         if due and self._saved_epoch != epoch:
             self.save(epoch)
