@@ -350,9 +350,10 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     arch = ctx.conditioner_architecture()
     held_out = build_from_architecture({**arch, "num_runs": len(train_idx)})
     held_out.set_posterior(GPPosterior.condition(hyper, x[train_idx], y[train_idx]))
-    final = build_from_architecture(arch).set_posterior(GPPosterior.condition(fit_hyperparameters(x, y, cfg.seed), x, y))
-    out: dict = {"conditioner": "csvs (gp)", "lc_gp_length_scales": hyper.length.tolist(),
-                 "lc_gp_noise": hyper.noise.tolist()}
+    saved = fit_hyperparameters(x, y, cfg.seed)
+    final = build_from_architecture(arch).set_posterior(GPPosterior.condition(saved, x, y))
+    out: dict = {"conditioner": "csvs (gp)", "lc_gp_length_scales": saved.length.tolist(),
+                 "lc_gp_noise": saved.noise.tolist()}
     if ctx.dist.is_main:
         module = held_out.to(ctx.device)
         evaluation = evaluate_surrogate(surrogate(module), data, store, torch.as_tensor(train_idx),
@@ -390,7 +391,7 @@ def _calibrate_spread(surrogate, data, store: FieldStore, val_idx: np.ndarray, s
         torch.manual_seed(seed)
         draws, point, truth = predictive_validation(surrogate, data, store, torch.as_tensor(val_idx), seed=seed)
     raw = band_scales(draws, point, truth)
-    scale = raw[0.9]                                        # the draws spread as the 90 % band needs
+    scale = raw[0.9] if raw[0.9] > 0 else 1.0               # the draws spread as the 90 % band needs
     relative = {level: raw[level] / scale for level in LEVELS}
     scaled = scale_about(draws, point, scale)
     figures.calibration(scaled, point, truth, "calibration")

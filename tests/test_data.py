@@ -586,7 +586,8 @@ def test_demo_files_match_condition_txt():
     assert arr.dtype == np.float32
     assert int(cfg["n_sample"]) == p and int(cfg["Dim2_red"]) <= t and int(cfg["Dim3_red"]) <= n
 
-    images = REPO / cfg["param_dir"].lstrip("/")                 # the original's cwd + param_dir
+    assert cfg["input_type"] == "csvs" and cfg["param_dir"] == "/input_data/params.csv"   # the demo's route
+    images = REPO / "input_data" / "images"                     # the picture routes' param_dir
     pngs = sorted(images.glob("*" + cfg["param_data_type"]))
     assert len(pngs) == p and {f.stem for f in pngs} == {str(i) for i in range(1, p + 1)}
     with Image.open(pngs[0]) as im:

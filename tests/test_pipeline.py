@@ -138,7 +138,7 @@ def test_the_classical_baseline_is_fitted_on_the_training_runs_and_reported(trai
 def test_image_conditioners_train_from_the_saved_vae_and_predict_from_a_folder(trained, tmp_path, kind, epochs):
     work = tmp_path / "copy"              # keep the MLP run intact for the prediction tests
     shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("runs"))
-    result = run_cli(work, "--preset=1", "--plot=2", "--lc_only=1", "--set", f"input_type={kind}",
+    result = run_cli(work, "--preset=1", "--plot=2", "--lc_only=1", "--set", f"input_type={kind}", "--set", "param_dir=/input_data/images",
                      "--set", f"n_epoch={epochs}", "--set", "lc_flip_prob=0")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = sorted((work / "runs").iterdir())[-1]
