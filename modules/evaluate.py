@@ -34,8 +34,9 @@ def load_truth(path: Path, runs: int, shape: tuple[int, int]) -> np.ndarray:
     """The held-out true fields (runs, T, N), as float64; the training's step and node
     reduction (the first T steps and N nodes) is applied when the file holds more."""
     from modules.data import open_dataset, reduce
-    if not path.is_file():
-        raise UserError(f"--evaluate {path} not found; give the held-out runs' true fields as a .npy [n, T, N].")
+    if not path.is_file() or path.suffix not in (".npy", ".pickle", ".pkl"):
+        raise UserError(f"--evaluate {path} {'not found' if not path.is_file() else 'is not a .npy file'}; give the "
+                        f"held-out runs' true fields as a .npy [n, T, N].")
     array = open_dataset(path)
     if array.ndim != 3:
         raise UserError(f"--evaluate {path} holds an array of shape {array.shape}; it must be [n, T, N] like the "
