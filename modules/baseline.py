@@ -21,6 +21,7 @@ import numpy as np
 from modules.gp import fit_predict as gp_fit_predict
 
 ENERGY = 0.999           # POD modes kept: the smallest number holding this fraction of the variance
+BASELINE_MAX_BYTES = 2 * 2**30      # the in-run baselines' limit: the training fields are held in float64 for the SVD
 
 
 def relative_l2(pred: np.ndarray, true: np.ndarray) -> np.ndarray:

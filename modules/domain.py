@@ -30,21 +30,18 @@ def _nearest(a: np.ndarray, b: np.ndarray, exclude_self: bool = False) -> np.nda
 class InputDomain:
     low: np.ndarray             # (d,) training minimum per column (raw units)
     high: np.ndarray            # (d,) training maximum
-    runs: np.ndarray | None     # (P, d) the training inputs, scaled; None: the range check only
+    runs: np.ndarray | None     # (P, d) the training inputs (raw units); None: the range check only
 
     def _scaled(self, x: np.ndarray) -> np.ndarray:
         span = np.where(self.high > self.low, self.high - self.low, 1.0)
         return (x - self.low) / span
 
-    def raw_runs(self) -> np.ndarray:
-        """The training inputs in their own units."""
-        return self.low + self.runs * np.where(self.high > self.low, self.high - self.low, 1.0)
-
     def threshold(self) -> float | None:
         """The largest nearest-neighbour distance among the training runs (scaled units)."""
         if self.runs is None or len(self.runs) < 2:
             return None
-        return float(_nearest(self.runs, self.runs, exclude_self=True).max())
+        runs = self._scaled(self.runs)
+        return float(_nearest(runs, runs, exclude_self=True).max())
 
     def check(self, raw: np.ndarray) -> dict:
         """Per row: columns outside the training range, and the nearest training run's distance
@@ -56,7 +53,7 @@ class InputDomain:
         result = {"outside_columns": [np.flatnonzero(row).tolist() for row in outside]}
         limit = self.threshold()
         if limit is not None and limit > 0:
-            ratio = _nearest(self._scaled(raw), self.runs) / limit
+            ratio = _nearest(self._scaled(raw), self._scaled(self.runs)) / limit
             result["nearest_run_ratio"] = ratio.tolist()
             far = ratio > 1.0
         else:

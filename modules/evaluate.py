@@ -53,9 +53,8 @@ def load_truth(path: Path, runs: int, shape: tuple[int, int]) -> np.ndarray:
 
 def _baselines(surrogate, truth: np.ndarray, raw: np.ndarray) -> dict:
     """Mean field and POD + GPR fitted on every training run (CSV inputs)."""
-    from modules.baseline import classical_baselines
+    from modules.baseline import BASELINE_MAX_BYTES, classical_baselines
     from modules.data import open_dataset, reduce
-    from modules.pipeline import BASELINE_MAX_BYTES
     if surrogate.dataset is None or not surrogate.dataset.is_file():
         return {"skipped": f"the training dataset {surrogate.dataset} is not there"}
     train = open_dataset(surrogate.dataset)
@@ -65,7 +64,7 @@ def _baselines(surrogate, truth: np.ndarray, raw: np.ndarray) -> dict:
     domain = surrogate.domain
     inputs = domain is not None and domain.runs is not None and len(domain.runs) == len(train)
     methods = ("mean", "pod_gpr") if inputs else ("mean",)
-    result = classical_baselines(train, truth, domain.raw_runs() if inputs else None, raw if inputs else None,
+    result = classical_baselines(train, truth, domain.runs if inputs else None, raw if inputs else None,
                                  methods=methods)
     out = {f"{k}_rel_l2_per_run": v.tolist() for k, v in result.rel_l2.items()}
     out.update({f"{k}_rel_l2": float(v.mean()) for k, v in result.rel_l2.items()})

@@ -400,14 +400,11 @@ def _calibrate_spread(surrogate, data, store: FieldStore, val_idx: np.ndarray, s
             "calibration": calibration_metrics(scaled, point, truth, relative)}
 
 
-BASELINE_MAX_BYTES = 2 * 2**30      # the training fields are held in float64 for the SVD
-
-
 def classical_baseline(runs: np.ndarray, raw_inputs: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
                        seed: int) -> dict:
     """POD + GPR fitted on the training runs, scored on the validation runs (modules/baseline.py):
     on the CSV parameters, or on simple features of the pictures."""
-    from modules.baseline import classical_baselines, image_features
+    from modules.baseline import BASELINE_MAX_BYTES, classical_baselines, image_features
     need = len(train_idx) * runs.shape[1] * runs.shape[2] * 8
     if need > BASELINE_MAX_BYTES:
         log.info("classical baseline skipped: the training fields need %.1f GiB (limit %.0f GiB)",

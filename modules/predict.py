@@ -179,11 +179,9 @@ class Surrogate:
         hier_scaler = MinMaxScaler.from_state_dict(_prefixed(scalers, "hier_"))
         input_scaler = (MinMaxScaler.from_state_dict(_prefixed(scalers, "input_"))
                         if "input_data_min" in scalers else None)
-        domain = None
-        if input_scaler is not None:         # files of earlier versions lack the runs: the range check only
-            runs = scalers.get("domain_runs")
-            low, high = input_scaler.data_min, input_scaler.data_max
-            domain = InputDomain(low, high, None if runs is None else (runs - low) / np.where(high > low, high - low, 1.0))
+        domain = None                        # files of earlier versions lack the runs: the range check only
+        if input_scaler is not None:
+            domain = InputDomain(input_scaler.data_min, input_scaler.data_max, scalers.get("domain_runs"))
         config = cond_state["run"]["config"]
         if "param_data_type" not in config:
             raise UserError(f"{cond_path} lacks the config it was trained with (param_data_type); {_TRAIN_HINT}.")
