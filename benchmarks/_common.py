@@ -170,19 +170,19 @@ def vae_context(code_root: Path, workdir: Path, data_path: Path, *, runs: int, s
     overrides += list(extra)
     cfg = parse_condition(Path(code_root) / "input_data" / "condition.txt", overrides)
     preset = Preset(1, 0, tuple(int(f) for f in filters), (16, 32, 64, 128))
-    seed_everything(cfg.seed)
+    seed_everything(cfg.run.seed)
     paths = Paths(Path(workdir))
     ctx = RunContext(cfg, preset, small, load_all, 2, __import__("torch").device("cpu"), SINGLE, paths, "bench")
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    ctx.monitor = Monitor(ctx.run_dir if monitor else None, monitor, cfg.log_every)
-    ctx.monitor.text("config", "\n".join(f"{k}: {v}" for k, v in ctx.describe()["config"].items()))
+    ctx.monitor = Monitor(ctx.run_dir if monitor else None, monitor, cfg.run.log_every)
+    ctx.monitor.text("config", "\n".join(f"{k}: {v}" for k, v in ctx.cfg.flat().items()))
     array = open_dataset(data_path)
     check_dataset(array, (runs, steps, nodes), data_path)
     data = reduce(array, steps, nodes)
     scaler = FieldScaler.fit_streaming(data)
     store = FieldStore(data, scaler, preload=load_all, device="cpu")
-    train_idx, val_idx = split_indices(runs, cfg.val_split, cfg.seed)
+    train_idx, val_idx = split_indices(runs, cfg.run.val_split, cfg.run.seed)
     return ctx, store, train_idx, val_idx
 
 

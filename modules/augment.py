@@ -29,10 +29,10 @@ class SeriesAugmentation:
 
     @classmethod
     def from_config(cls, cfg) -> "SeriesAugmentation":
-        return cls(cfg.aug_noise_prob, cfg.aug_noise_level, cfg.aug_scale_prob, cfg.aug_scale_min,
-                   cfg.aug_scale_max, cfg.aug_shift_prob, cfg.aug_shift_max, cfg.aug_mixup_prob,
-                   cfg.aug_mixup_alpha, cfg.aug_cutout_prob, cfg.aug_cutout_max,
-                   cfg.aug_mixup_lambda_min, cfg.aug_mixup_lambda_max)
+        return cls(cfg.augment.aug_noise_prob, cfg.augment.aug_noise_level, cfg.augment.aug_scale_prob, cfg.augment.aug_scale_min,
+                   cfg.augment.aug_scale_max, cfg.augment.aug_shift_prob, cfg.augment.aug_shift_max, cfg.augment.aug_mixup_prob,
+                   cfg.augment.aug_mixup_alpha, cfg.augment.aug_cutout_prob, cfg.augment.aug_cutout_max,
+                   cfg.augment.aug_mixup_lambda_min, cfg.augment.aug_mixup_lambda_max)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
@@ -160,8 +160,8 @@ class ConditionerAugmentation:
 
     @classmethod
     def from_config(cls, cfg) -> "ConditionerAugmentation":
-        return cls(cfg.lc_mixup_prob, cfg.lc_mixup_alpha, cfg.lc_input_noise_prob, cfg.lc_input_noise,
-                   cfg.lc_image_aug_prob, cfg.lc_flip_prob)
+        return cls(cfg.conditioner.lc_mixup_prob, cfg.conditioner.lc_mixup_alpha, cfg.conditioner.lc_input_noise_prob, cfg.conditioner.lc_input_noise,
+                   cfg.conditioner.lc_image_aug_prob, cfg.conditioner.lc_flip_prob)
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x, *targets = batch

@@ -15,7 +15,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from modules.errors import UserError
 
@@ -27,10 +27,10 @@ _DERIVED = None
 
 
 def _key(default: Any = _REQUIRED, *, lo=None, hi=None, lo_open=False, choices=None,
-         section: str, help: str, reserved: bool = False):
+         help: str, reserved: bool = False):
     return field(default=None if default is _REQUIRED else default,
                  metadata=dict(required=default is _REQUIRED, lo=lo, hi=hi, lo_open=lo_open,
-                               choices=choices, section=section, help=help, reserved=reserved))
+                               choices=choices, help=help, reserved=reserved))
 
 
 _COMMON, _VAE, _AUG, _LC, _ENGINE, _RUN = ("data", "VAE", "augmentation", "conditioner",
@@ -42,220 +42,311 @@ LOSS_TYPES = {1: "MSE", 2: "MAE", 3: "SmoothL1", 4: "Huber"}
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
-    # --- the original's keys -------------------------------------------------------------
-    Dim1: int = _key(lo=1, section=_COMMON, help="number of runs P in the dataset")
-    Dim2: int = _key(lo=1, section=_COMMON, help="time steps T per run")
-    Dim3: int = _key(lo=1, section=_COMMON, help="nodes N per time step")
-    num_var: int = _key(1, lo=1, hi=1, section=_COMMON,
+class DataConfig:
+    """The dataset's shape and the part of it that is used."""
+    SECTION: ClassVar[str] = _COMMON
+
+    Dim1: int = _key(lo=1, help="number of runs P in the dataset")
+    Dim2: int = _key(lo=1, help="time steps T per run")
+    Dim3: int = _key(lo=1, help="nodes N per time step")
+    num_var: int = _key(1, lo=1, hi=1,
                         help="variables per node; only 1 is supported (stack variables as extra nodes)")
-    Training_epochs: int = _key(lo=1, section=_VAE, help="VAE training epochs")
-    Batch_size: int = _key(lo=1, section=_VAE,
-                           help="VAE batch size (global: divided across DDP ranks)")
-    LearningR: float = _key(lo=0.0, lo_open=True, section=_VAE, help="VAE learning rate")
-    Latent_dim: int = _key(lo=1, section=_VAE, help="size of each hierarchical latent")
-    Latent_dim_end: int = _key(lo=1, section=_VAE, help="size of the main latent")
-    Loss_type: int = _key(1, lo=1, hi=4, section=_VAE,
-                          help="reconstruction loss: 1 MSE, 2 MAE, 3 SmoothL1, 4 Huber")
-    Stretch: int = _key(0, lo=0, hi=1, section=_AUG,
-                        help="1 = offline augmentation doubling the dataset with noisy/shifted copies")
-    alpha: float = _key(lo=0.0, lo_open=True, section=_VAE,
-                        help="weight of the reconstruction loss")
-    num_aug_f: int = _key(0, lo=0, section=_VAE, help="reserved (unused, as in the original)",
-                          reserved=True)
-    num_aug_a: int = _key(0, lo=0, section=_VAE, help="reserved (unused, as in the original)",
-                          reserved=True)
-    rec_graph: int = _key(0, lo=0, hi=1, section=_VAE,
-                          help="reserved; reconstruction figures follow --plot", reserved=True)
-    Recon_iter: int = _key(1, lo=1, section=_VAE,
-                           help="latent draws per run at extraction; the best reconstruction is kept")
-    Dim2_red: int = _key(_DERIVED, lo=1, section=_COMMON,
+    Dim2_red: int = _key(_DERIVED, lo=1,
                          help="keep only the first T' time steps (default: Dim2)")
-    Dim3_red: int = _key(_DERIVED, lo=1, section=_COMMON,
+    Dim3_red: int = _key(_DERIVED, lo=1,
                          help="keep only the first N' nodes (default: Dim3)")
-    num_param: int = _key(lo=1, section=_LC, help="number of CSV input columns")
-    n_sample: int = _key(_DERIVED, lo=1, section=_LC,
-                         help="number of conditioner samples; must equal Dim1 (default: Dim1)")
-    param_dir: str = _key(section=_LC,
-                          help="CSV file or image folder; a leading / that does not exist as an "
-                               "absolute path is relative to the working directory")
-    n_epoch: int = _key(lo=1, section=_LC, help="conditioner training epochs")
-    latent_conditioner_lr: float = _key(lo=0.0, lo_open=True, section=_LC,
-                                        help="conditioner learning rate")
-    latent_conditioner_batch: int = _key(lo=1, section=_LC, help="conditioner batch size (global)")
-    latent_conditioner_weight_decay: float = _key(1e-4, lo=0.0, section=_LC,
-                                                  help="conditioner AdamW weight decay")
-    latent_conditioner_dropout_rate: float = _key(0.2, lo=0.0, hi=0.95, section=_LC,
-                                                  help="dropout of the CNN (DropBlock) and the ViT")
-    use_spatial_attention: bool = _key(True, section=_LC,
-                                       help="squeeze-excitation attention in the CNN (0/1)")
-    input_type: str = _key(choices=INPUT_TYPES, section=_LC,
-                           help="csvs (MLP; csv accepted), image (CNN) or image_vit (ViT)")
-    param_data_type: str = _key(".png", choices=(".png", ".jpg"), section=_LC,
-                                help="image file extension")
 
-    # --- data and run --------------------------------------------------------------------
-    dataset_dir: str = _key("", section=_RUN,
-                            help="folder of dataset<d>.npy / .pickle (default: the working directory)")
-    recipe: str = _key("default", choices=("default", "original"), section=_RUN,
-                       help="original: every optional key the file does not set takes the original v1.4.3's value "
-                            "instead of the port's default (README, 'Recipes')")
-    baseline: bool = _key(True, section=_RUN,
-                          help="fit the classical POD + GPR baseline on the training runs and report it beside the "
-                               "surrogate (skipped when the training fields exceed 2 GiB)")
-    seed: int = _key(42, lo=0, section=_RUN, help="seed of every RNG and of the data split")
-    val_split: float = _key(0.2, lo=0.0, hi=0.9, lo_open=True, section=_RUN,
-                            help="fraction of runs held out for validation")
-    checkpoint_every: int = _key(100, lo=1, section=_RUN,
-                                 help="write a resumable checkpoint every N epochs (and at the end)")
-    checkpoint_minutes: float = _key(10.0, lo=0.0, section=_RUN,
-                                     help="also write one at the first epoch end N minutes after the last (0 = off)")
-    keep_runs: int = _key(5, lo=1, section=_RUN,
-                          help="earlier runs' checkpoints kept in checkpoints/history/ (unfinished runs are dropped "
-                               "first; a finished model is never dropped for an unfinished one)")
-    log_every: int = _key(10, lo=1, section=_RUN,
-                          help="progress line / TensorBoard scalars every N epochs")
+    def check(self, where) -> None:
+        if self.Dim2_red > self.Dim2:
+            raise UserError(f"{where('Dim2_red')}, key 'Dim2_red': {self.Dim2_red} is larger than Dim2 = {self.Dim2}; it keeps the first T' of the {self.Dim2} steps, so set it to {self.Dim2} or less.")
+        if self.Dim3_red > self.Dim3:
+            raise UserError(f"{where('Dim3_red')}, key 'Dim3_red': {self.Dim3_red} is larger than Dim3 = {self.Dim3}; it keeps the first N' of the {self.Dim3} nodes, so set it to {self.Dim3} or less.")
+        if self.Dim1 < 2:
+            raise UserError(f"{where('Dim1')}, key 'Dim1': at least 2 runs are needed (one to train on, one to validate).")
 
-    # --- VAE recipe ----------------------------------------------------------------------
-    weight_decay: float = _key(5e-4, lo=0.0, section=_VAE, help="VAE AdamW weight decay")
-    grad_clip: float = _key(10.0, lo=0.0, section=_VAE, help="VAE gradient-norm clip (0 = off)")
-    beta_start: float = _key(1e-4, lo=0.0, lo_open=True, section=_VAE,
+
+@dataclass(frozen=True, kw_only=True)
+class VAEConfig:
+    """The VAE: size, loss, KL schedule, optimiser and the port's recipe switches."""
+    SECTION: ClassVar[str] = _VAE
+
+    Training_epochs: int = _key(lo=1, help="VAE training epochs")
+    Batch_size: int = _key(lo=1,
+                           help="VAE batch size (global: divided across DDP ranks)")
+    LearningR: float = _key(lo=0.0, lo_open=True, help="VAE learning rate")
+    Latent_dim: int = _key(lo=1, help="size of each hierarchical latent")
+    Latent_dim_end: int = _key(lo=1, help="size of the main latent")
+    Loss_type: int = _key(1, lo=1, hi=4,
+                          help="reconstruction loss: 1 MSE, 2 MAE, 3 SmoothL1, 4 Huber")
+    alpha: float = _key(lo=0.0, lo_open=True,
+                        help="weight of the reconstruction loss")
+    num_aug_f: int = _key(0, lo=0, help="reserved (unused, as in the original)",
+                          reserved=True)
+    num_aug_a: int = _key(0, lo=0, help="reserved (unused, as in the original)",
+                          reserved=True)
+    rec_graph: int = _key(0, lo=0, hi=1,
+                          help="reserved; reconstruction figures follow --plot", reserved=True)
+    Recon_iter: int = _key(1, lo=1,
+                           help="latent draws per run at extraction; the best reconstruction is kept")
+    weight_decay: float = _key(5e-4, lo=0.0, help="VAE AdamW weight decay")
+    grad_clip: float = _key(10.0, lo=0.0, help="VAE gradient-norm clip (0 = off)")
+    beta_start: float = _key(1e-4, lo=0.0, lo_open=True,
                              help="initial KL weight (a preset's k > 0 overrides it with 10^-k)")
-    beta_end: float = _key(1e-2, lo=0.0, lo_open=True, section=_VAE, help="final KL weight")
-    beta_ramp_start: float = _key(0.3, lo=0.0, hi=1.0, section=_VAE,
+    beta_end: float = _key(1e-2, lo=0.0, lo_open=True, help="final KL weight")
+    beta_ramp_start: float = _key(0.3, lo=0.0, hi=1.0,
                                   help="fraction of epochs at which the KL weight starts rising")
-    beta_ramp_end: float = _key(0.8, lo=0.0, hi=1.0, section=_VAE,
+    beta_ramp_end: float = _key(0.8, lo=0.0, hi=1.0,
                                 help="fraction of epochs at which the KL weight reaches beta_end")
-    lr_restart_epochs: int = _key(0, lo=0, section=_VAE,
+    lr_restart_epochs: int = _key(0, lo=0,
                                   help="first cosine-restart period T_0 (0 = Training_epochs//4)")
-    lr_restart_mult: int = _key(2, lo=1, section=_VAE, help="cosine-restart period multiplier")
-    lr_min_factor: float = _key(1e-4, lo=0.0, hi=1.0, section=_VAE,
+    lr_restart_mult: int = _key(2, lo=1, help="cosine-restart period multiplier")
+    lr_min_factor: float = _key(1e-4, lo=0.0, hi=1.0,
                                 help="minimum LR as a fraction of LearningR")
-    field_scaling: str = _key("centered", choices=("centered", "minmax"), section=_VAE,
+    field_scaling: str = _key("centered", choices=("centered", "minmax"),
                               help="centered: subtract the training runs' mean field, one scale for the whole field; "
                                    "minmax: the original's per-node min-max to [-0.9, 0.9]")
-    kl_normalize: str = _key("values", choices=("values", "none"), section=_VAE,
+    kl_normalize: str = _key("values", choices=("values", "none"),
                              help="values: divide the KL term by the N·T field values of a run, so the balance of "
                                   "alpha·recon (a mean over values) and beta·KL does not depend on the mesh size; "
                                   "none: the original's per-run KL, under which large meshes collapse the posterior")
-    latent_target: str = _key("mu", choices=("mu", "draw"), section=_VAE,
+    latent_target: str = _key("mu", choices=("mu", "draw"),
                               help="conditioner targets: the encoder's mean mu, or the original's best of Recon_iter "
                                    "random draws")
-    vae_keep_best: bool = _key(True, section=_VAE,
+    vae_keep_best: bool = _key(True,
                                help="export the VAE weights of the best validation reconstruction (0: the last epoch's)")
-    lr_schedule: str = _key("cosine", choices=("cosine", "restarts"), section=_VAE,
+    lr_schedule: str = _key("cosine", choices=("cosine", "restarts"),
                             help="VAE LR: one cosine decay to LearningR*lr_min_factor, or the original's warm restarts")
-    logvar_init: float = _key(-8.0, section=_VAE,
+    logvar_init: float = _key(-8.0,
                               help="initial log-variance of the posterior and the level priors (0: the original's "
                                    "unit variance)")
-    linear_modes: int = _key(64, lo=0, section=_VAE,
+    linear_modes: int = _key(64, lo=0,
                              help="a linear POD encoder/decoder beside the networks through this many frame modes, "
                                   "started as the POD of the training runs (0: the original network alone)")
-    pod_init: bool = _key(True, section=_VAE,
+    pod_init: bool = _key(True,
                           help="start the encoder's first and the decoder's last 1×1 convolution from the leading "
                                "POD modes of the training snapshots (0: the original's random He initialisation)")
-    vae_norm: str = _key("group", choices=("group", "none"), section=_VAE,
+    vae_norm: str = _key("group", choices=("group", "none"),
                          help="normalisation inside the VAE's blocks: the original's GroupNorm, or none")
-    spectral_norm: bool = _key(True, section=_VAE, help="spectral normalisation of every VAE Conv/Linear (the original's)")
-    output_norm: bool = _key(False, section=_VAE,
+    spectral_norm: bool = _key(True, help="spectral normalisation of every VAE Conv/Linear (the original's)")
+    output_norm: bool = _key(False,
                              help="GroupNorm on the decoder's output (the original's); 0 removes it, which "
                                   "fields whose runs differ mainly in amplitude need")
-    val_every: int = _key(10, lo=1, section=_VAE,
+    val_every: int = _key(10, lo=1,
                           help="validate every N epochs (and at the last epoch)")
-
-    # --- VAE augmentation (training runs only) --------------------------------------------
-    use_augmentation: bool = _key(True, section=_AUG, help="master switch of the augmentations")
-    aug_noise_prob: float = _key(0.2, lo=0.0, hi=1.0, section=_AUG, help="Gaussian-noise probability")
-    aug_noise_level: float = _key(0.03, lo=0.0, section=_AUG, help="noise std (fraction of the range)")
-    aug_scale_prob: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG, help="amplitude-scaling probability")
-    aug_scale_min: float = _key(0.9, lo=0.0, lo_open=True, section=_AUG, help="smallest scale factor")
-    aug_scale_max: float = _key(1.1, lo=0.0, lo_open=True, section=_AUG, help="largest scale factor")
-    aug_shift_prob: float = _key(0.0, lo=0.0, hi=1.0, section=_AUG, help="time-shift probability")
-    aug_shift_max: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG,
-                                help="largest time shift (fraction of the steps)")
-    aug_mixup_prob: float = _key(0.2, lo=0.0, hi=1.0, section=_AUG, help="mixup probability")
-    aug_mixup_alpha: float = _key(0.2, lo=0.0, lo_open=True, section=_AUG, help="mixup Beta(a, a)")
-    aug_mixup_lambda_min: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG,
-                                       help="smallest mixup weight λ of the run itself (draws below are clipped)")
-    aug_mixup_lambda_max: float = _key(0.9, lo=0.0, hi=1.0, section=_AUG,
-                                       help="largest mixup weight λ of the run itself (draws above are clipped)")
-    aug_cutout_prob: float = _key(0.0, lo=0.0, hi=1.0, section=_AUG, help="cutout probability")
-    aug_cutout_max: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG,
-                                 help="longest cutout (fraction of the steps)")
-    stretch_noise_level: float = _key(0.03, lo=0.0, section=_AUG,
-                                      help="Stretch copies: noise std (fraction of the range)")
-    stretch_shift_max: float = _key(0.1, lo=0.0, hi=1.0, section=_AUG,
-                                    help="Stretch copies: largest time shift (fraction of the steps)")
-
-    # --- conditioner recipe --------------------------------------------------------------
-    lc_warmup_epochs: int = _key(10, lo=0, section=_LC, help="linear LR warm-up epochs")
-    lc_warmup_start: float = _key(0.01, lo=0.0, hi=1.0, lo_open=True, section=_LC,
-                                  help="warm-up starts at this fraction of the LR")
-    lc_lr_min: float = _key(1e-8, lo=0.0, section=_LC, help="LR at the end of the cosine decay")
-    lc_grad_clip: float = _key(1.0, lo=0.0, section=_LC, help="gradient-norm clip (0 = off)")
-    lc_label_smoothing: float = _key(0.0, lo=0.0, hi=1.0, section=_LC,
-                                     help="shrink latent targets towards 0 by this fraction")
-    lc_label_noise: float = _key(0.01, lo=0.0, section=_LC, help="std of noise added to the targets")
-    lc_mixup_prob: float = _key(0.15, lo=0.0, hi=1.0, section=_LC, help="mixup probability")
-    lc_mixup_alpha: float = _key(0.2, lo=0.0, lo_open=True, section=_LC, help="mixup Beta(a, a)")
-    lc_input_noise_prob: float = _key(0.1, lo=0.0, hi=1.0, section=_LC, help="input-noise probability")
-    lc_input_noise: float = _key(0.01, lo=0.0, section=_LC, help="input-noise std")
-    lc_image_aug_prob: float = _key(0.8, lo=0.0, hi=1.0, section=_LC,
-                                    help="probability of outline-safe image augmentation (flip, ±1-px shift)")
-    lc_flip_prob: float = _key(0.0, lo=0.0, hi=1.0, section=_LC,
-                               help="horizontal-flip probability within image augmentation "
-                                    "(set 0 when a mirrored geometry gives a different field)")
-    lc_target_scaling: str = _key("column", choices=("joint", "column"), section=_LC,
-                                  help="latent targets to [-0.9, 0.9]: joint keeps the latents' relative sizes (one "
-                                       "range for all), column is the original's per-column min-max")
-    csv_conditioner: str = _key("gp", choices=("gp", "mlp"), section=_LC,
-                                help="input_type csvs: one Gaussian process per latent value (ARD kernel, fitted in "
-                                     "seconds; README, \"Recipes\") or the original's MLP")
-    lc_patience: int = _key(20000, lo=1, section=_LC,
-                            help="early stopping: epochs without validation improvement")
-    use_e2e_training: bool = _key(False, section=_LC,
-                                  help="fine-tune end to end through the frozen VAE decoder")
-    e2e_epochs: int = _key(_DERIVED, lo=1, section=_LC,
-                           help="end-to-end fine-tuning epochs (default: n_epoch//4)")
-    latent_reg_weight: float = _key(0.1, lo=0.0, section=_LC,
-                                    help="weight of the latent loss during end-to-end fine-tuning")
-
-    # --- training engine (both stages) ---------------------------------------------------
-    precision: str = _key("auto", choices=("auto", "fp32", "bf16", "fp16"), section=_ENGINE,
-                          help="auto: bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on CPU")
-    use_sam: bool = _key(False, section=_ENGINE, help="sharpness-aware minimisation (two passes a step)")
-    sam_rho: float = _key(0.05, lo=0.0, lo_open=True, section=_ENGINE, help="SAM neighbourhood size")
-    use_ema: bool = _key(False, section=_ENGINE,
-                         help="EMA of the weights, used for validation, latents, prediction and saving")
-    ema_decay: float = _key(0.999, lo=0.0, hi=1.0, lo_open=True, section=_ENGINE, help="EMA decay")
-    ema_warmup: bool = _key(True, section=_ENGINE,
-                            help="EMA decay min(ema_decay, (1+n)/(10+n)) after n updates, so short runs "
-                                 "are not averaged towards their initial weights")
-    compile: bool = _key(False, section=_ENGINE, help="torch.compile the model")
-    cuda_graphs: bool = _key(False, section=_ENGINE,
-                             help="capture the training step in a CUDA graph (CUDA only)")
-    use_progressive_dropout: bool = _key(False, section=_ENGINE,
-                                         help="schedule the conditioner's dropout from dropout_start to dropout_end")
-    dropout_start: float = _key(0.3, lo=0.0, hi=0.95, section=_ENGINE, help="progressive dropout: first rate")
-    dropout_end: float = _key(0.1, lo=0.0, hi=0.95, section=_ENGINE, help="progressive dropout: last rate")
 
     @property
     def loss_name(self) -> str:
         return LOSS_TYPES[self.Loss_type]
 
+    def check(self, where) -> None:
+        if self.beta_ramp_end < self.beta_ramp_start:
+            raise UserError(f"{where('beta_ramp_end')}, key 'beta_ramp_end': {self.beta_ramp_end} is before beta_ramp_start = {self.beta_ramp_start}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+    """The VAE's augmentations of the training runs."""
+    SECTION: ClassVar[str] = _AUG
+
+    Stretch: int = _key(0, lo=0, hi=1,
+                        help="1 = offline augmentation doubling the dataset with noisy/shifted copies")
+    use_augmentation: bool = _key(True, help="master switch of the augmentations")
+    aug_noise_prob: float = _key(0.2, lo=0.0, hi=1.0, help="Gaussian-noise probability")
+    aug_noise_level: float = _key(0.03, lo=0.0, help="noise std (fraction of the range)")
+    aug_scale_prob: float = _key(0.1, lo=0.0, hi=1.0, help="amplitude-scaling probability")
+    aug_scale_min: float = _key(0.9, lo=0.0, lo_open=True, help="smallest scale factor")
+    aug_scale_max: float = _key(1.1, lo=0.0, lo_open=True, help="largest scale factor")
+    aug_shift_prob: float = _key(0.0, lo=0.0, hi=1.0, help="time-shift probability")
+    aug_shift_max: float = _key(0.1, lo=0.0, hi=1.0,
+                                help="largest time shift (fraction of the steps)")
+    aug_mixup_prob: float = _key(0.2, lo=0.0, hi=1.0, help="mixup probability")
+    aug_mixup_alpha: float = _key(0.2, lo=0.0, lo_open=True, help="mixup Beta(a, a)")
+    aug_mixup_lambda_min: float = _key(0.1, lo=0.0, hi=1.0,
+                                       help="smallest mixup weight λ of the run itself (draws below are clipped)")
+    aug_mixup_lambda_max: float = _key(0.9, lo=0.0, hi=1.0,
+                                       help="largest mixup weight λ of the run itself (draws above are clipped)")
+    aug_cutout_prob: float = _key(0.0, lo=0.0, hi=1.0, help="cutout probability")
+    aug_cutout_max: float = _key(0.1, lo=0.0, hi=1.0,
+                                 help="longest cutout (fraction of the steps)")
+    stretch_noise_level: float = _key(0.03, lo=0.0,
+                                      help="Stretch copies: noise std (fraction of the range)")
+    stretch_shift_max: float = _key(0.1, lo=0.0, hi=1.0,
+                                    help="Stretch copies: largest time shift (fraction of the steps)")
+
+    def check(self, where) -> None:
+        for low, high in (("aug_scale_min", "aug_scale_max"), ("aug_mixup_lambda_min", "aug_mixup_lambda_max")):
+            if getattr(self, high) < getattr(self, low):
+                raise UserError(f"{where(high)}, key '{high}': {getattr(self, high)} is smaller than {low} = {getattr(self, low)}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConditionerConfig:
+    """The latent conditioner: its inputs, model and training recipe."""
+    SECTION: ClassVar[str] = _LC
+
+    num_param: int = _key(lo=1, help="number of CSV input columns")
+    n_sample: int = _key(_DERIVED, lo=1,
+                         help="number of conditioner samples; must equal Dim1 (default: Dim1)")
+    param_dir: str = _key(
+                          help="CSV file or image folder; a leading / that does not exist as an "
+                               "absolute path is relative to the working directory")
+    n_epoch: int = _key(lo=1, help="conditioner training epochs")
+    latent_conditioner_lr: float = _key(lo=0.0, lo_open=True,
+                                        help="conditioner learning rate")
+    latent_conditioner_batch: int = _key(lo=1, help="conditioner batch size (global)")
+    latent_conditioner_weight_decay: float = _key(1e-4, lo=0.0,
+                                                  help="conditioner AdamW weight decay")
+    latent_conditioner_dropout_rate: float = _key(0.2, lo=0.0, hi=0.95,
+                                                  help="dropout of the CNN (DropBlock) and the ViT")
+    use_spatial_attention: bool = _key(True,
+                                       help="squeeze-excitation attention in the CNN (0/1)")
+    input_type: str = _key(choices=INPUT_TYPES,
+                           help="csvs (MLP; csv accepted), image (CNN) or image_vit (ViT)")
+    param_data_type: str = _key(".png", choices=(".png", ".jpg"),
+                                help="image file extension")
+    lc_warmup_epochs: int = _key(10, lo=0, help="linear LR warm-up epochs")
+    lc_warmup_start: float = _key(0.01, lo=0.0, hi=1.0, lo_open=True,
+                                  help="warm-up starts at this fraction of the LR")
+    lc_lr_min: float = _key(1e-8, lo=0.0, help="LR at the end of the cosine decay")
+    lc_grad_clip: float = _key(1.0, lo=0.0, help="gradient-norm clip (0 = off)")
+    lc_label_smoothing: float = _key(0.0, lo=0.0, hi=1.0,
+                                     help="shrink latent targets towards 0 by this fraction")
+    lc_label_noise: float = _key(0.01, lo=0.0, help="std of noise added to the targets")
+    lc_mixup_prob: float = _key(0.15, lo=0.0, hi=1.0, help="mixup probability")
+    lc_mixup_alpha: float = _key(0.2, lo=0.0, lo_open=True, help="mixup Beta(a, a)")
+    lc_input_noise_prob: float = _key(0.1, lo=0.0, hi=1.0, help="input-noise probability")
+    lc_input_noise: float = _key(0.01, lo=0.0, help="input-noise std")
+    lc_image_aug_prob: float = _key(0.8, lo=0.0, hi=1.0,
+                                    help="probability of outline-safe image augmentation (flip, ±1-px shift)")
+    lc_flip_prob: float = _key(0.0, lo=0.0, hi=1.0,
+                               help="horizontal-flip probability within image augmentation "
+                                    "(set 0 when a mirrored geometry gives a different field)")
+    lc_target_scaling: str = _key("column", choices=("joint", "column"),
+                                  help="latent targets to [-0.9, 0.9]: joint keeps the latents' relative sizes (one "
+                                       "range for all), column is the original's per-column min-max")
+    csv_conditioner: str = _key("gp", choices=("gp", "mlp"),
+                                help="input_type csvs: one Gaussian process per latent value (ARD kernel, fitted in "
+                                     "seconds; README, \"Recipes\") or the original's MLP")
+    lc_patience: int = _key(20000, lo=1,
+                            help="early stopping: epochs without validation improvement")
+    use_e2e_training: bool = _key(False,
+                                  help="fine-tune end to end through the frozen VAE decoder")
+    e2e_epochs: int = _key(_DERIVED, lo=1,
+                           help="end-to-end fine-tuning epochs (default: n_epoch//4)")
+    latent_reg_weight: float = _key(0.1, lo=0.0,
+                                    help="weight of the latent loss during end-to-end fine-tuning")
+
     @property
-    def conditioner_type(self) -> str:
+    def kind(self) -> str:
+        """csvs, image or image_vit (`csv` is a spelling of `csvs`)."""
         return "csvs" if self.input_type == "csv" else self.input_type
 
     @property
-    def gp_conditioner(self) -> bool:
-        return self.conditioner_type == "csvs" and self.csv_conditioner == "gp"
+    def uses_gp(self) -> bool:
+        return self.kind == "csvs" and self.csv_conditioner == "gp"
 
-    def to_dict(self) -> dict[str, Any]:
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """The training engine shared by both stages: precision, SAM, EMA, compile, graphs."""
+    SECTION: ClassVar[str] = _ENGINE
+
+    precision: str = _key("auto", choices=("auto", "fp32", "bf16", "fp16"),
+                          help="auto: bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on CPU")
+    use_sam: bool = _key(False, help="sharpness-aware minimisation (two passes a step)")
+    sam_rho: float = _key(0.05, lo=0.0, lo_open=True, help="SAM neighbourhood size")
+    use_ema: bool = _key(False,
+                         help="EMA of the weights, used for validation, latents, prediction and saving")
+    ema_decay: float = _key(0.999, lo=0.0, hi=1.0, lo_open=True, help="EMA decay")
+    ema_warmup: bool = _key(True,
+                            help="EMA decay min(ema_decay, (1+n)/(10+n)) after n updates, so short runs "
+                                 "are not averaged towards their initial weights")
+    compile: bool = _key(False, help="torch.compile the model")
+    cuda_graphs: bool = _key(False,
+                             help="capture the training step in a CUDA graph (CUDA only)")
+    use_progressive_dropout: bool = _key(False,
+                                         help="schedule the conditioner's dropout from dropout_start to dropout_end")
+    dropout_start: float = _key(0.3, lo=0.0, hi=0.95, help="progressive dropout: first rate")
+    dropout_end: float = _key(0.1, lo=0.0, hi=0.95, help="progressive dropout: last rate")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Where the data lives, seeding, the split, checkpoints, logging and the baseline."""
+    SECTION: ClassVar[str] = _RUN
+
+    dataset_dir: str = _key("",
+                            help="folder of dataset<d>.npy / .pickle (default: the working directory)")
+    recipe: str = _key("default", choices=("default", "original"),
+                       help="original: every optional key the file does not set takes the original v1.4.3's value "
+                            "instead of the port's default (README, 'Recipes')")
+    baseline: bool = _key(True,
+                          help="fit the classical POD + GPR baseline on the training runs and report it beside the "
+                               "surrogate (skipped when the training fields exceed 2 GiB)")
+    seed: int = _key(42, lo=0, help="seed of every RNG and of the data split")
+    val_split: float = _key(0.2, lo=0.0, hi=0.9, lo_open=True,
+                            help="fraction of runs held out for validation")
+    checkpoint_every: int = _key(100, lo=1,
+                                 help="write a resumable checkpoint every N epochs (and at the end)")
+    checkpoint_minutes: float = _key(10.0, lo=0.0,
+                                     help="also write one at the first epoch end N minutes after the last (0 = off)")
+    keep_runs: int = _key(5, lo=1,
+                          help="earlier runs' checkpoints kept in checkpoints/history/ (unfinished runs are dropped "
+                               "first; a finished model is never dropped for an unfinished one)")
+    log_every: int = _key(10, lo=1,
+                          help="progress line / TensorBoard scalars every N epochs")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "vae": VAEConfig, "augment": AugmentConfig,
+                              "conditioner": ConditionerConfig, "engine": EngineConfig, "run": RunConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration: one frozen section per part of the tool. Every key keeps the name
+    it has in `condition.txt`; `FIELDS` says which section holds it."""
+    data: DataConfig
+    vae: VAEConfig
+    augment: AugmentConfig
+    conditioner: ConditionerConfig
+    engine: EngineConfig
+    run: RunConfig
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
+    def flat(self) -> dict[str, Any]:
+        """Every key with its value, in section order (the file's names, one level)."""
+        return {k: v for section in self.to_dict().values() for k, v in section.items()}
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+    def replace(self, **keys: Any) -> Config:
+        """A copy with some keys changed, given by their file names (e.g. Dim1=10)."""
+        unknown = [k for k in keys if k not in FIELDS]
+        if unknown:
+            raise KeyError(f"unknown config keys {unknown}")
+        changed = {}
+        for attr in SECTIONS:
+            mine = {k: v for k, v in keys.items() if SECTION_OF[k] == attr}
+            if mine:
+                changed[attr] = dataclasses.replace(getattr(self, attr), **mine)
+        return dataclasses.replace(self, **changed)
+
+
+# key name -> its dataclass field, and -> the attribute of Config that holds its section
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+SECTION_OF: dict[str, str] = {f.name: attr for attr, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def stored_sections(stored: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A checkpoint's `config` entry in the section layout. Checkpoints written before the
+    sections hold one flat key -> value dict; their keys are sorted into sections here."""
+    if stored and set(stored) <= set(SECTIONS):
+        return stored
+    nested: dict[str, dict[str, Any]] = {attr: {} for attr in SECTIONS}
+    for key, value in stored.items():
+        if key in SECTION_OF:
+            nested[SECTION_OF[key]][key] = value
+    return nested
 # `recipe original`: the original v1.4.3's values of the optional keys whose port default differs
 # (measured on benchmarks/accuracy/; README, "Recipes").
 ORIGINAL_RECIPE: dict[str, Any] = {
@@ -390,16 +481,21 @@ def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             values[name] = ORIGINAL_RECIPE[name]
         elif f.metadata["required"]:
             raise UserError(f"{path}: required key '{name}' is missing; add a line '{name} <value>' ({f.metadata['help']}).")
-    cfg = Config(**values)
-    cfg = dataclasses.replace(
-        cfg,
-        Dim2_red=cfg.Dim2 if cfg.Dim2_red is None else cfg.Dim2_red,
-        Dim3_red=cfg.Dim3 if cfg.Dim3_red is None else cfg.Dim3_red,
-        n_sample=cfg.Dim1 if cfg.n_sample is None else cfg.n_sample,
-        e2e_epochs=max(1, cfg.n_epoch // 4) if cfg.e2e_epochs is None else cfg.e2e_epochs,
-    )
+    data = DataConfig(**_section(values, DataConfig))
+    data = dataclasses.replace(data, Dim2_red=data.Dim2 if data.Dim2_red is None else data.Dim2_red,
+                               Dim3_red=data.Dim3 if data.Dim3_red is None else data.Dim3_red)
+    cond = ConditionerConfig(**_section(values, ConditionerConfig))
+    cond = dataclasses.replace(cond, n_sample=data.Dim1 if cond.n_sample is None else cond.n_sample,
+                               e2e_epochs=max(1, cond.n_epoch // 4) if cond.e2e_epochs is None else cond.e2e_epochs)
+    cfg = Config(data=data, vae=VAEConfig(**_section(values, VAEConfig)),
+                 augment=AugmentConfig(**_section(values, AugmentConfig)), conditioner=cond,
+                 engine=EngineConfig(**_section(values, EngineConfig)), run=RunConfig(**_section(values, RunConfig)))
     _check_consistency(cfg, lambda key: raw[key][1] if key in raw else str(path))
     return cfg
+
+
+def _section(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}
 
 
 def train_split_size(num_runs: int, val_split: float) -> int:
@@ -409,25 +505,16 @@ def train_split_size(num_runs: int, val_split: float) -> int:
 
 
 def _check_consistency(cfg: Config, where) -> None:
-    if cfg.Dim2_red > cfg.Dim2:
-        raise UserError(f"{where('Dim2_red')}, key 'Dim2_red': {cfg.Dim2_red} is larger than Dim2 = {cfg.Dim2}; it keeps the first T' of the {cfg.Dim2} steps, so set it to {cfg.Dim2} or less.")
-    if cfg.Dim3_red > cfg.Dim3:
-        raise UserError(f"{where('Dim3_red')}, key 'Dim3_red': {cfg.Dim3_red} is larger than Dim3 = {cfg.Dim3}; it keeps the first N' of the {cfg.Dim3} nodes, so set it to {cfg.Dim3} or less.")
-    if cfg.n_sample != cfg.Dim1:
-        raise UserError(f"{where('n_sample')}, key 'n_sample': {cfg.n_sample} differs from Dim1 = {cfg.Dim1}; the conditioner needs one input per run, so set n_sample {cfg.Dim1}.")
-    if cfg.Dim1 < 2:
-        raise UserError(f"{where('Dim1')}, key 'Dim1': at least 2 runs are needed (one to train on, one to validate).")
-    n_train = train_split_size(cfg.Dim1, cfg.val_split)
-    for key in ("Batch_size", "latent_conditioner_batch"):
-        batch = getattr(cfg, key)
+    """Each section's own checks, then the ones that span sections."""
+    for attr in ("data", "vae", "augment"):
+        getattr(cfg, attr).check(where)
+    data, cond = cfg.data, cfg.conditioner
+    if cond.n_sample != data.Dim1:
+        raise UserError(f"{where('n_sample')}, key 'n_sample': {cond.n_sample} differs from Dim1 = {data.Dim1}; the conditioner needs one input per run, so set n_sample {data.Dim1}.")
+    n_train = train_split_size(data.Dim1, cfg.run.val_split)
+    for key, batch in (("Batch_size", cfg.vae.Batch_size), ("latent_conditioner_batch", cond.latent_conditioner_batch)):
         if batch > n_train:
-            raise UserError(f"{where(key)}, key '{key}': {batch} is larger than the {n_train} training runs ({cfg.Dim1} runs, val_split {cfg.val_split}); set it to {n_train} or less.")
-    if cfg.beta_ramp_end < cfg.beta_ramp_start:
-        raise UserError(f"{where('beta_ramp_end')}, key 'beta_ramp_end': {cfg.beta_ramp_end} is before beta_ramp_start = {cfg.beta_ramp_start}.")
-    if cfg.aug_scale_max < cfg.aug_scale_min:
-        raise UserError(f"{where('aug_scale_max')}, key 'aug_scale_max': {cfg.aug_scale_max} is smaller than aug_scale_min = {cfg.aug_scale_min}.")
-    if cfg.aug_mixup_lambda_max < cfg.aug_mixup_lambda_min:
-        raise UserError(f"{where('aug_mixup_lambda_max')}, key 'aug_mixup_lambda_max': {cfg.aug_mixup_lambda_max} is smaller than aug_mixup_lambda_min = {cfg.aug_mixup_lambda_min}.")
+            raise UserError(f"{where(key)}, key '{key}': {batch} is larger than the {n_train} training runs ({data.Dim1} runs, val_split {cfg.run.val_split}); set it to {n_train} or less.")
 
 
 # --- preset.txt --------------------------------------------------------------------------
@@ -519,6 +606,7 @@ def key_table() -> list[tuple[str, str, str, str]]:
     """(section, key, default, help) rows for --list_keys and the README."""
     rows = []
     for name, f in FIELDS.items():
+        section = SECTIONS[SECTION_OF[name]].SECTION
         meta = f.metadata
         if meta["required"]:
             default = "required"
@@ -528,5 +616,5 @@ def key_table() -> list[tuple[str, str, str, str]]:
             default = str(int(f.default))
         else:
             default = repr(f.default) if isinstance(f.default, str) else str(f.default)
-        rows.append((meta["section"], name, default, meta["help"]))
+        rows.append((section, name, default, meta["help"]))
     return rows

@@ -43,10 +43,10 @@ class EngineSettings:
 
     @classmethod
     def from_config(cls, cfg, device: torch.device, grad_clip: float) -> "EngineSettings":
-        return cls(precision=resolve_precision(cfg.precision, device), grad_clip=grad_clip,
-                   use_sam=cfg.use_sam, sam_rho=cfg.sam_rho, use_ema=cfg.use_ema,
-                   ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, compile=cfg.compile,
-                   cuda_graphs=cfg.cuda_graphs)
+        return cls(precision=resolve_precision(cfg.engine.precision, device), grad_clip=grad_clip,
+                   use_sam=cfg.engine.use_sam, sam_rho=cfg.engine.sam_rho, use_ema=cfg.engine.use_ema,
+                   ema_decay=cfg.engine.ema_decay, ema_warmup=cfg.engine.ema_warmup, compile=cfg.engine.compile,
+                   cuda_graphs=cfg.engine.cuda_graphs)
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:

@@ -56,7 +56,7 @@ def _peek(path: Path, kind: str, what: str, hint: str) -> dict | None:
 def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     dist_info, device = init_distributed(flags.use_ddp, flags.device)
     paths = Paths(workdir)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.run.seed)
     if flags.run is not None:
         if not (flags.lc_only or flags.resume):
             raise UserError(f"--run {flags.run} picks an earlier run to continue (--resume) or to train a conditioner "
@@ -64,24 +64,24 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
         from modules.history import locate, restore
         locate(paths, flags.run)                    # a one-line error on every rank when it does not exist
         if dist_info.is_main:
-            restore(paths, flags.run, cfg.keep_runs)
+            restore(paths, flags.run, cfg.run.keep_runs)
         barrier()
 
     # --- every input, before anything is written ------------------------------------------
     from modules.train_conditioner import read_conditioner_inputs
     from modules.engine import EngineSettings, graphs_in_use
     from modules.train_vae import per_rank_batch
-    data_dir = (workdir / cfg.dataset_dir) if cfg.dataset_dir else workdir
+    data_dir = (workdir / cfg.run.dataset_dir) if cfg.run.dataset_dir else workdir
     data_path = find_dataset(data_dir, preset.dataset_number)
     array = open_dataset(data_path)
-    check_dataset(array, (cfg.Dim1, cfg.Dim2, cfg.Dim3), data_path)
-    runs = reduce(array, cfg.Dim2_red, cfg.Dim3_red)                      # (P, T', N'), a view
+    check_dataset(array, (cfg.data.Dim1, cfg.data.Dim2, cfg.data.Dim3), data_path)
+    runs = reduce(array, cfg.data.Dim2_red, cfg.data.Dim3_red)                      # (P, T', N'), a view
     inputs = read_conditioner_inputs(cfg, workdir)
     if not flags.lc_only:       # the global batches must split evenly over the DDP processes
-        per_rank_batch(cfg.Batch_size, dist_info.world_size, "Batch_size")
-    per_rank_batch(cfg.latent_conditioner_batch, dist_info.world_size, "latent_conditioner_batch")
+        per_rank_batch(cfg.vae.Batch_size, dist_info.world_size, "Batch_size")
+    per_rank_batch(cfg.conditioner.latent_conditioner_batch, dist_info.world_size, "latent_conditioner_batch")
     graphs_in_use(EngineSettings.from_config(cfg, device, grad_clip=0.0), device, dist_info.enabled)  # refuses graphs + DDP
-    train_idx, val_idx = split_indices(cfg.Dim1, cfg.val_split, cfg.seed)
+    train_idx, val_idx = split_indices(cfg.data.Dim1, cfg.run.val_split, cfg.run.seed)
     vae_state = _peek(paths.vae, "vae", "VAE checkpoint", _VAE_HINT)
     if flags.lc_only:
         if vae_state is None or not vae_state.get("finished"):
@@ -113,15 +113,15 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
         try:
             if fresh_vae:
                 from modules.history import archive_current
-                archive_current(paths, cfg.keep_runs)
+                archive_current(paths, cfg.run.keep_runs)
             ctx.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot write to {exc.filename or paths.checkpoints} ({exc.strerror or exc}); "
                             f"make it writable (or free disk space) and run again.") from None
         save_json(ctx.run_dir / "config.json", ctx.describe())
     barrier()
-    ctx.monitor = Monitor(ctx.run_dir, dist_info.is_main, cfg.log_every)
-    ctx.monitor.text("config", "\n".join(f"{k}: {v}" for k, v in ctx.describe()["config"].items()))
+    ctx.monitor = Monitor(ctx.run_dir, dist_info.is_main, cfg.run.log_every)
+    ctx.monitor.text("config", "\n".join(f"{k}: {v}" for k, v in ctx.cfg.flat().items()))
     figures = Figures(flags.plot, ctx.run_dir, dist_info.is_main, dataset=data_path)
     if dist_info.is_main:
         _print_config(ctx, data_path)
@@ -136,8 +136,8 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     else:
         latents = _vae_stage(ctx, store, train_idx, val_idx, figures, summary)
     summary.update(_conditioner_stage(ctx, inputs, latents, store, train_idx, val_idx, vae_run_id, figures))
-    if dist_info.is_main and cfg.baseline:
-        summary.update(classical_baseline(runs, inputs.raw, train_idx, val_idx, cfg.seed))
+    if dist_info.is_main and cfg.run.baseline:
+        summary.update(classical_baseline(runs, inputs.raw, train_idx, val_idx, cfg.run.seed))
     summary["seconds_total"] = time.perf_counter() - started
     summary["figures"] = [str(p) for p in figures.saved]
     if dist_info.is_main:
@@ -175,7 +175,7 @@ def _check_checkpoints_fit(ctx: RunContext, flags: Flags, vae_state: dict | None
     if not flags.resume:
         return
     stages = [(paths.conditioner, cond_state)]
-    if ctx.cfg.use_e2e_training and not ctx.cfg.gp_conditioner:
+    if ctx.cfg.conditioner.use_e2e_training and not ctx.cfg.conditioner.uses_gp:
         stages.append((paths.conditioner_e2e, _peek(paths.conditioner_e2e, "conditioner_e2e", "conditioner checkpoint",
                                                     _COND_HINT)))
     for path, state in stages:
@@ -219,7 +219,7 @@ def _field_scaler(ctx: RunContext, runs: np.ndarray, lc_only: bool, train_idx: n
         if scaler.num_nodes != runs.shape[2]:
             raise UserError(f"{ctx.paths.field_scaler} covers {scaler.num_nodes} nodes, the data {runs.shape[2]}; {_VAE_HINT}.")
         return scaler
-    scaler = FieldScaler.fit(runs, ctx.cfg.field_scaling, train_idx,                # streamed: a memmap is never
+    scaler = FieldScaler.fit(runs, ctx.cfg.vae.field_scaling, train_idx,                # streamed: a memmap is never
                              blocks=_imported_field_count(data_path, runs.shape[2]))  # read whole
     if ctx.dist.is_main:
         save_npz(ctx.paths.field_scaler, **scaler.state_dict())
@@ -231,12 +231,12 @@ def _vae_stage(ctx: RunContext, store: FieldStore, train_idx, val_idx, figures: 
     cfg = ctx.cfg
     trainer = VAETrainer(ctx, store, train_idx, val_idx)
     if ctx.dist.enabled:
-        seed_everything(cfg.seed + ctx.dist.rank)    # same initial weights, different augmentation streams
+        seed_everything(cfg.run.seed + ctx.dist.rank)    # same initial weights, different augmentation streams
     trainer.fit()
     model = trainer.best_module()
     if ctx.dist.is_main:
-        recon_iter = 0 if cfg.latent_target == "mu" else cfg.Recon_iter
-        latents = extract_latents(model, store, recon_iter, max(cfg.Batch_size, 1))
+        recon_iter = 0 if cfg.vae.latent_target == "mu" else cfg.vae.Recon_iter
+        latents = extract_latents(model, store, recon_iter, max(cfg.vae.Batch_size, 1))
         save_latents(ctx.paths.latents, latents)
         history = trainer.history
         summary.update({
@@ -269,7 +269,7 @@ def _conditioner_stage(ctx: RunContext, inputs, latents: dict, store: FieldStore
     from modules.train_vae import build_vae
     cfg, paths = ctx.cfg, ctx.paths
     data = ConditionerData.build(inputs, latents["main"], latents["hierarchical"], ctx.device,
-                                 joint_targets=cfg.lc_target_scaling == "joint")
+                                 joint_targets=cfg.conditioner.lc_target_scaling == "joint")
     if ctx.dist.is_main:
         data.save_scalers(paths.conditioner_scalers)
     vae_state = load_checkpoint(paths.vae, "vae", "VAE checkpoint", _VAE_HINT)
@@ -279,25 +279,25 @@ def _conditioner_stage(ctx: RunContext, inputs, latents: dict, store: FieldStore
     decoder = LatentDecoder(vae, data.main_scaler, data.hier_scaler, ctx.device)
 
     def surrogate(module) -> Surrogate:
-        return Surrogate(module, decoder, store.scaler, data.input_scaler, cfg.conditioner_type, cfg.num_param,
-                         cfg.param_data_type, ctx.device, {})
+        return Surrogate(module, decoder, store.scaler, data.input_scaler, cfg.conditioner.kind, cfg.conditioner.num_param,
+                         cfg.conditioner.param_data_type, ctx.device, {})
 
-    if cfg.gp_conditioner:
+    if cfg.conditioner.uses_gp:
         return _gp_conditioner_stage(ctx, data, surrogate, store, train_idx, val_idx, vae_run_id, figures)
     resume = ctx.resume and _belongs_to(paths.conditioner, "conditioner", vae_run_id)
     ctx_stage = _with_resume(ctx, resume)
     trainer = ConditionerTrainer(ctx_stage, data, train_idx, val_idx, vae_run_id=vae_run_id)
     if ctx.dist.enabled:
-        seed_everything(cfg.seed + ctx.dist.rank)
+        seed_everything(cfg.run.seed + ctx.dist.rank)
     trainer.fit()
     best = trainer.best_module()
-    out: dict = {"conditioner": cfg.conditioner_type, "lc_epochs": len(trainer.history.get("epoch", [])),
+    out: dict = {"conditioner": cfg.conditioner.kind, "lc_epochs": len(trainer.history.get("epoch", [])),
                  "lc_best_val_loss": trainer.best_val, "lc_seconds": trainer.seconds, "lc_rollbacks": trainer.rollbacks}
 
     val_t = torch.as_tensor(val_idx)
     train_t = torch.as_tensor(train_idx)
     evaluation = evaluate_surrogate(surrogate(best), data, store, train_t, val_t) if ctx.dist.is_main else {}
-    if cfg.use_e2e_training:
+    if cfg.conditioner.use_e2e_training:
         if ctx.dist.is_main:
             out["lc_val_rel_l2_before_e2e"] = evaluation["lc_val_rel_l2"]
         e2e_resume = ctx.resume and _belongs_to(paths.conditioner_e2e, "conditioner_e2e", vae_run_id)
@@ -340,17 +340,17 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     from modules.gp import GPPosterior, fit_hyperparameters
     from modules.train_conditioner import evaluate_surrogate
     cfg, paths = ctx.cfg, ctx.paths
-    if cfg.use_e2e_training:
+    if cfg.conditioner.use_e2e_training:
         log.warning("use_e2e_training 1 has no effect with csv_conditioner gp (the GP has nothing to fine-tune)")
     started = time.perf_counter()
     x = data.inputs.double().cpu().numpy()
     y = torch.cat([data.main, data.hier.flatten(1)], 1).double().cpu().numpy()
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
-    hyper = fit_hyperparameters(x[train_idx], y[train_idx], cfg.seed)
+    hyper = fit_hyperparameters(x[train_idx], y[train_idx], cfg.run.seed)
     arch = ctx.conditioner_architecture()
     held_out = build_from_architecture({**arch, "num_runs": len(train_idx)})
     held_out.set_posterior(GPPosterior.condition(hyper, x[train_idx], y[train_idx]))
-    saved = fit_hyperparameters(x, y, cfg.seed)
+    saved = fit_hyperparameters(x, y, cfg.run.seed)
     final = build_from_architecture(arch).set_posterior(GPPosterior.condition(saved, x, y))
     out: dict = {"conditioner": "csvs (gp)", "lc_gp_length_scales": saved.length.tolist(),
                  "lc_gp_noise": saved.noise.tolist()}
@@ -359,7 +359,7 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
         evaluation = evaluate_surrogate(surrogate(module), data, store, torch.as_tensor(train_idx),
                                         torch.as_tensor(val_idx))
         out.update(_conditioner_report(evaluation, module, data, val_idx, figures))
-        out.update(_calibrate_spread(surrogate(module), data, store, val_idx, cfg.seed, figures))
+        out.update(_calibrate_spread(surrogate(module), data, store, val_idx, cfg.run.seed, figures))
         final.spread_scale.fill_(out["lc_spread_scale"])
         final.band_scales.copy_(torch.tensor([out["lc_band_scales"][str(level)] for level in LEVELS]))
         cal = out.get("calibration", {})
@@ -446,23 +446,23 @@ def _last_finite(values: list[float]) -> float | None:
 
 def _print_config(ctx: RunContext, data_path: Path) -> None:
     cfg, p = ctx.cfg, ctx.preset
-    print(f"SimulGenVAE run {ctx.run_id}: {cfg.Dim1} runs × {cfg.Dim2_red} steps × {cfg.Dim3_red} nodes from {data_path}")
-    print(f"  VAE {'small' if ctx.small else 'large'}, filters {list(p.encoder_filters)}, latents {cfg.Latent_dim_end} + "
-          f"{len(p.encoder_filters) - 1}×{cfg.Latent_dim}; {cfg.Training_epochs} epochs, batch {cfg.Batch_size}, lr {cfg.LearningR}")
-    if cfg.gp_conditioner:
-        print(f"  conditioner csvs: a Gaussian process per latent value ({cfg.Latent_dim_end} + "
-              f"{len(p.encoder_filters) - 1}×{cfg.Latent_dim}), ARD kernels fitted on the training runs")
+    print(f"SimulGenVAE run {ctx.run_id}: {cfg.data.Dim1} runs × {cfg.data.Dim2_red} steps × {cfg.data.Dim3_red} nodes from {data_path}")
+    print(f"  VAE {'small' if ctx.small else 'large'}, filters {list(p.encoder_filters)}, latents {cfg.vae.Latent_dim_end} + "
+          f"{len(p.encoder_filters) - 1}×{cfg.vae.Latent_dim}; {cfg.vae.Training_epochs} epochs, batch {cfg.vae.Batch_size}, lr {cfg.vae.LearningR}")
+    if cfg.conditioner.uses_gp:
+        print(f"  conditioner csvs: a Gaussian process per latent value ({cfg.vae.Latent_dim_end} + "
+              f"{len(p.encoder_filters) - 1}×{cfg.vae.Latent_dim}), ARD kernels fitted on the training runs")
     else:
-        print(f"  conditioner {cfg.conditioner_type}, filters {list(p.conditioner_filters)}; {cfg.n_epoch} epochs, "
-              f"batch {cfg.latent_conditioner_batch}, lr {cfg.latent_conditioner_lr}")
-    print(f"  device {ctx.device}, world size {ctx.dist.world_size}, precision {cfg.precision}; outputs in "
+        print(f"  conditioner {cfg.conditioner.kind}, filters {list(p.conditioner_filters)}; {cfg.conditioner.n_epoch} epochs, "
+              f"batch {cfg.conditioner.latent_conditioner_batch}, lr {cfg.conditioner.latent_conditioner_lr}")
+    print(f"  device {ctx.device}, world size {ctx.dist.world_size}, precision {cfg.engine.precision}; outputs in "
           f"{ctx.paths.checkpoints} and {ctx.run_dir} (resolved config: {ctx.run_dir / 'config.json'})")
     print(resolved_config_text(cfg), flush=True)
 
 
 def resolved_config_text(cfg: Config, width: int = 100) -> str:
-    """Every resolved key=value once, in the Config field order, several per line."""
-    pairs = " ".join(f"{f.name}={_config_value(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg))
+    """Every resolved key=value once, section by section, several per line."""
+    pairs = " ".join(f"{key}={_config_value(value)}" for key, value in cfg.flat().items())
     return "\n".join(textwrap.wrap(pairs, width=width, initial_indent="  config: ", subsequent_indent="    ",
                                    break_long_words=False, break_on_hyphens=False))
 

@@ -17,6 +17,7 @@ from torch import nn
 from modules.checkpoint import (atomic_write, build_from_checkpoint, ensure_writable, load_checkpoint, load_model_state,
                                load_npz, save_json, save_npz)
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images
+from modules.config import stored_sections
 from modules.data import FieldScaler, load_field_scaler
 from modules.domain import InputDomain
 from modules.errors import UserError
@@ -182,18 +183,18 @@ class Surrogate:
         domain = None                        # files of earlier versions lack the runs: the range check only
         if input_scaler is not None:
             domain = InputDomain(input_scaler.data_min, input_scaler.data_max, scalers.get("domain_runs"))
-        config = cond_state["run"]["config"]
-        if "param_data_type" not in config:
+        config = stored_sections(cond_state["run"]["config"])
+        if "param_data_type" not in config["conditioner"]:
             raise UserError(f"{cond_path} lacks the config it was trained with (param_data_type); {_TRAIN_HINT}.")
         preset = cond_state["run"].get("preset", {})
-        dataset = (paths.workdir / config.get("dataset_dir", "") /
+        dataset = (paths.workdir / config["run"].get("dataset_dir", "") /
                    f"dataset{preset.get('dataset_number', 1)}.npy")
         return cls(conditioner, LatentDecoder(vae, main_scaler, hier_scaler, device),
                    field, input_scaler, arch["input_type"], arch["num_param"],
-                   config["param_data_type"], device,
+                   config["conditioner"]["param_data_type"], device,
                    {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
                     "conditioner_scalers": str(paths.conditioner_scalers),
-                    "weights": "EMA" if config.get("use_ema") else "trained"}, dataset, domain)
+                    "weights": "EMA" if config["engine"].get("use_ema") else "trained"}, dataset, domain)
 
 
 def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

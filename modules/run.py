@@ -92,26 +92,26 @@ class RunContext:
     def beta_start(self) -> float:
         """A preset exponent k > 0 starts the KL weight at 10^-k."""
         k = self.preset.beta_exponent
-        return 10.0 ** (-k) if k > 0 else self.cfg.beta_start
+        return 10.0 ** (-k) if k > 0 else self.cfg.vae.beta_start
 
     def vae_architecture(self) -> dict:
         """What fixes the VAE's shapes; a checkpoint must agree on all of it."""
-        return {"num_nodes": self.cfg.Dim3_red, "num_time": self.cfg.Dim2_red,
-                "filters": list(self.preset.encoder_filters), "latent_dim_end": self.cfg.Latent_dim_end,
-                "latent_dim": self.cfg.Latent_dim, "small": self.small, "output_norm": self.cfg.output_norm,
-                "spectral_norm": self.cfg.spectral_norm, "norm": self.cfg.vae_norm, "logvar_init": self.cfg.logvar_init,
-                "linear_modes": self.cfg.linear_modes}
+        return {"num_nodes": self.cfg.data.Dim3_red, "num_time": self.cfg.data.Dim2_red,
+                "filters": list(self.preset.encoder_filters), "latent_dim_end": self.cfg.vae.Latent_dim_end,
+                "latent_dim": self.cfg.vae.Latent_dim, "small": self.small, "output_norm": self.cfg.vae.output_norm,
+                "spectral_norm": self.cfg.vae.spectral_norm, "norm": self.cfg.vae.vae_norm, "logvar_init": self.cfg.vae.logvar_init,
+                "linear_modes": self.cfg.vae.linear_modes}
 
     def conditioner_architecture(self) -> dict:
         cfg = self.cfg
-        if cfg.gp_conditioner:
-            return {"input_type": "csvs", "model": "gp", "num_param": cfg.num_param, "num_runs": cfg.Dim1,
-                    "latent_dim_end": cfg.Latent_dim_end, "latent_dim": cfg.Latent_dim,
+        if cfg.conditioner.uses_gp:
+            return {"input_type": "csvs", "model": "gp", "num_param": cfg.conditioner.num_param, "num_runs": cfg.data.Dim1,
+                    "latent_dim_end": cfg.vae.Latent_dim_end, "latent_dim": cfg.vae.Latent_dim,
                     "num_levels": len(self.preset.encoder_filters) - 1}
-        return {"input_type": cfg.conditioner_type, "num_param": cfg.num_param,
-                "filters": list(self.preset.conditioner_filters), "latent_dim_end": cfg.Latent_dim_end,
-                "latent_dim": cfg.Latent_dim, "num_levels": len(self.preset.encoder_filters) - 1,
-                "dropout_rate": cfg.latent_conditioner_dropout_rate, "use_se": cfg.use_spatial_attention}
+        return {"input_type": cfg.conditioner.kind, "num_param": cfg.conditioner.num_param,
+                "filters": list(self.preset.conditioner_filters), "latent_dim_end": cfg.vae.Latent_dim_end,
+                "latent_dim": cfg.vae.Latent_dim, "num_levels": len(self.preset.encoder_filters) - 1,
+                "dropout_rate": cfg.conditioner.latent_conditioner_dropout_rate, "use_se": cfg.conditioner.use_spatial_attention}
 
     def describe(self) -> dict:
         return {"config": self.cfg.to_dict(), "preset": dataclasses.asdict(self.preset),

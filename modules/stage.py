@@ -215,7 +215,7 @@ class StageTrainer:
                 if stop:
                     log.info("%s: early stop at epoch %d (no validation improvement)", self.title, epoch)
                     break
-                if epoch % ctx.cfg.checkpoint_every == 0 and epoch < self.epochs:
+                if epoch % ctx.cfg.run.checkpoint_every == 0 and epoch < self.epochs:
                     self.save(epoch)
         finally:
             progress.close()
@@ -227,7 +227,7 @@ class StageTrainer:
         """Before each epoch: stop after saving if a signal came (interrupt.py), and write a
         checkpoint when `checkpoint_minutes` have passed since the last one. Under DDP the
         ranks agree first (one all-reduce), so all of them save and stop at the same epoch."""
-        minutes = self.ctx.cfg.checkpoint_minutes
+        minutes = self.ctx.cfg.run.checkpoint_minutes
         due = minutes > 0 and time.monotonic() - self._last_save >= 60.0 * minutes
         signum = interrupt.signal_number()
         if dist.is_initialized():
@@ -255,7 +255,7 @@ class StageTrainer:
         done = len(self.history.get("epoch", []))
         for key in self.history.keys() | row.keys():      # one column per key, NaN where absent
             self.history.setdefault(key, [math.nan] * done).append(row.get(key, math.nan))
-        if (epoch + 1) % self.ctx.cfg.log_every == 0 or val is not None or epoch + 1 == self.epochs:
+        if (epoch + 1) % self.ctx.cfg.run.log_every == 0 or val is not None or epoch + 1 == self.epochs:
             scalars = {k: v for k, v in row.items() if k != "epoch" and math.isfinite(v)}
             self.ctx.monitor.scalars(self.stage, epoch + 1, {**scalars, "epoch_time_s": seconds})
 

@@ -35,10 +35,10 @@ class ConditionerInputs:
 
 def read_conditioner_inputs(cfg, workdir: Path) -> ConditionerInputs:
     """The run inputs named by param_dir; every problem is a one-line UserError."""
-    path = resolve_param_dir(cfg.param_dir, workdir)
-    if cfg.conditioner_type == "csvs":
-        return ConditionerInputs(load_csv(path, cfg.num_param, cfg.n_sample), [str(path)])
-    files = list_images(path, cfg.param_data_type, cfg.n_sample)
+    path = resolve_param_dir(cfg.conditioner.param_dir, workdir)
+    if cfg.conditioner.kind == "csvs":
+        return ConditionerInputs(load_csv(path, cfg.conditioner.num_param, cfg.conditioner.n_sample), [str(path)])
+    files = list_images(path, cfg.conditioner.param_data_type, cfg.conditioner.n_sample)
     return ConditionerInputs(load_images(files, IMAGE_SIZE), [str(f) for f in files])
 
 
@@ -95,8 +95,8 @@ class ConditionerTrainer(StageTrainer):
         model = build_from_architecture(arch).to(ctx.device)
         if initial_state is not None:
             model.load_state_dict(initial_state)
-        latent_weight = cfg.latent_reg_weight
-        recon_loss = RECON_LOSSES[cfg.loss_name]
+        latent_weight = cfg.conditioner.latent_reg_weight
+        recon_loss = RECON_LOSSES[cfg.vae.loss_name]
 
         def latent_loss(main, hier, y_main, y_hier):
             return F.mse_loss(main.float(), y_main), F.mse_loss(hier.float(), y_hier)
@@ -115,16 +115,16 @@ class ConditionerTrainer(StageTrainer):
                 return lm + lh, {"main": lm.detach(), "hier": lh.detach()}
 
         self.decoder = decoder
-        settings = EngineSettings.from_config(cfg, ctx.device, cfg.lc_grad_clip)
-        engine = TrainingEngine(model, loss_fn, lr=cfg.latent_conditioner_lr, weight_decay=cfg.latent_conditioner_weight_decay,
+        settings = EngineSettings.from_config(cfg, ctx.device, cfg.conditioner.lc_grad_clip)
+        engine = TrainingEngine(model, loss_fn, lr=cfg.conditioner.latent_conditioner_lr, weight_decay=cfg.conditioner.latent_conditioner_weight_decay,
                                 settings=settings, device=ctx.device, ddp=ctx.dist.enabled)
         checkpoint = ctx.paths.conditioner_e2e if self.e2e else ctx.paths.conditioner
-        super().__init__(ctx, engine, cfg.e2e_epochs if self.e2e else cfg.n_epoch, checkpoint, arch,
+        super().__init__(ctx, engine, cfg.conditioner.e2e_epochs if self.e2e else cfg.conditioner.n_epoch, checkpoint, arch,
                          "train the conditioner first (--lc_only=1)")
-        self.batch = per_rank_batch(cfg.latent_conditioner_batch, ctx.dist.world_size, "latent_conditioner_batch")
+        self.batch = per_rank_batch(cfg.conditioner.latent_conditioner_batch, ctx.dist.world_size, "latent_conditioner_batch")
         self.augment = ConditionerAugmentation.from_config(cfg)
-        self.best_metric, self.patience = "loss", cfg.lc_patience
-        self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.seed,
+        self.best_metric, self.patience = "loss", cfg.conditioner.lc_patience
+        self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.run.seed,
                                                  rank=ctx.dist.rank, world_size=ctx.dist.world_size))
 
     # --- data ---------------------------------------------------------------------------
@@ -136,7 +136,7 @@ class ConditionerTrainer(StageTrainer):
 
     def train_batches(self, epoch: int):
         d = self.ctx.dist
-        for idx in batch_indices(self.train_idx, self.batch, epoch=epoch, seed=self.ctx.cfg.seed,
+        for idx in batch_indices(self.train_idx, self.batch, epoch=epoch, seed=self.ctx.cfg.run.seed,
                                  rank=d.rank, world_size=d.world_size):
             yield self._batch(idx)
 
@@ -149,22 +149,22 @@ class ConditionerTrainer(StageTrainer):
         x, y_main, y_hier, *rest = self.augment(batch)
         cfg = self.ctx.cfg
         # Label smoothing: shrink the latent targets towards 0, plus a little noise.
-        keep = 1.0 - cfg.lc_label_smoothing
-        y_main = y_main * keep + cfg.lc_label_noise * torch.randn_like(y_main)
-        y_hier = y_hier * keep + cfg.lc_label_noise * torch.randn_like(y_hier)
+        keep = 1.0 - cfg.conditioner.lc_label_smoothing
+        y_main = y_main * keep + cfg.conditioner.lc_label_noise * torch.randn_like(y_main)
+        y_hier = y_hier * keep + cfg.conditioner.lc_label_noise * torch.randn_like(y_hier)
         return (x, y_main, y_hier, *rest)
 
     # --- hooks ----------------------------------------------------------------------------
     def schedule(self, epoch: int, lr_epoch: int) -> dict[str, float]:
         cfg = self.ctx.cfg
-        lr = self.lr_scale * warmup_cosine(lr_epoch, self.epochs, cfg.latent_conditioner_lr, cfg.lc_warmup_epochs,
-                                           cfg.lc_warmup_start, cfg.lc_lr_min)
+        lr = self.lr_scale * warmup_cosine(lr_epoch, self.epochs, cfg.conditioner.latent_conditioner_lr, cfg.conditioner.lc_warmup_epochs,
+                                           cfg.conditioner.lc_warmup_start, cfg.conditioner.lc_lr_min)
         self.engine.set_lr(lr)
         values = {"lr": lr}
-        if cfg.use_progressive_dropout:
-            rate = progressive_dropout(epoch, self.epochs, cfg.dropout_start, cfg.dropout_end)
+        if cfg.engine.use_progressive_dropout:
+            rate = progressive_dropout(epoch, self.epochs, cfg.engine.dropout_start, cfg.engine.dropout_end)
             # every layer's own rate times rate/start: the layers keep their ratios
-            reference = max(cfg.dropout_start, cfg.dropout_end)
+            reference = max(cfg.engine.dropout_start, cfg.engine.dropout_end)
             scale_dropout_rates(self.engine.module, rate / reference if reference > 0 else 0.0)
             values["dropout"] = rate
         return values
@@ -176,7 +176,7 @@ class ConditionerTrainer(StageTrainer):
                 main, hier = module(x)
                 field_mse = F.mse_loss(self.decoder(main, hier).float(), field)
                 latent = F.mse_loss(main.float(), y_main) + F.mse_loss(hier.float(), y_hier)
-                return {"loss": field_mse + self.ctx.cfg.latent_reg_weight * latent, "field_mse": field_mse}
+                return {"loss": field_mse + self.ctx.cfg.conditioner.latent_reg_weight * latent, "field_mse": field_mse}
         else:
             def metrics(module, batch: Batch):
                 x, y_main, y_hier = batch

@@ -94,16 +94,16 @@ class VAETrainer(StageTrainer):
         self.train_idx = torch.as_tensor(train_idx, dtype=torch.long)
         self.val_idx = torch.as_tensor(val_idx, dtype=torch.long)
         self.num_runs = store.num_runs
-        if cfg.Stretch:
+        if cfg.augment.Stretch:
             # Stretch: a second, fixed noisy/time-shifted copy of every training run (index + P).
             self.train_idx = torch.cat([self.train_idx, self.train_idx + self.num_runs])
         model = build_vae(ctx.vae_architecture()).to(ctx.device)
-        init_from_training_runs(model, store, torch.as_tensor(train_idx), cfg.pod_init, cfg.seed)
+        init_from_training_runs(model, store, torch.as_tensor(train_idx), cfg.vae.pod_init, cfg.run.seed)
         self.beta = torch.tensor(0.0, device=ctx.device)     # a tensor: compile/graphs see updates
-        recon_loss = RECON_LOSSES[cfg.loss_name]
-        alpha = cfg.alpha
+        recon_loss = RECON_LOSSES[cfg.vae.loss_name]
+        alpha = cfg.vae.alpha
         # the KL is a sum over a run's latents, the reconstruction a mean over its N·T values
-        kl_unit = 1.0 / (store.num_nodes * store.num_time) if cfg.kl_normalize == "values" else 1.0
+        kl_unit = 1.0 / (store.num_nodes * store.num_time) if cfg.vae.kl_normalize == "values" else 1.0
         self.kl_unit = kl_unit
 
         def loss_fn(net, batch: Batch):
@@ -113,33 +113,33 @@ class VAETrainer(StageTrainer):
             kl = (out.kl_main + out.kl_levels) * kl_unit
             return alpha * recon + self.beta * kl, {"recon": recon.detach(), "kl": kl.detach()}
 
-        settings = EngineSettings.from_config(cfg, ctx.device, cfg.grad_clip)
-        engine = TrainingEngine(model, loss_fn, lr=cfg.LearningR, weight_decay=cfg.weight_decay,
+        settings = EngineSettings.from_config(cfg, ctx.device, cfg.vae.grad_clip)
+        engine = TrainingEngine(model, loss_fn, lr=cfg.vae.LearningR, weight_decay=cfg.vae.weight_decay,
                                 settings=settings, device=ctx.device, ddp=ctx.dist.enabled)
-        super().__init__(ctx, engine, cfg.Training_epochs, ctx.paths.vae, ctx.vae_architecture(),
+        super().__init__(ctx, engine, cfg.vae.Training_epochs, ctx.paths.vae, ctx.vae_architecture(),
                          "train the VAE first (--lc_only=0)")
-        self.batch = per_rank_batch(cfg.Batch_size, ctx.dist.world_size, "Batch_size")
-        self.augment = SeriesAugmentation.from_config(cfg) if cfg.use_augmentation else None
-        self.best_metric = "recon_mse" if cfg.vae_keep_best else None
+        self.batch = per_rank_batch(cfg.vae.Batch_size, ctx.dist.world_size, "Batch_size")
+        self.augment = SeriesAugmentation.from_config(cfg) if cfg.augment.use_augmentation else None
+        self.best_metric = "recon_mse" if cfg.vae.vae_keep_best else None
         self.initial_val: dict[str, float] | None = None
-        self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.seed,
+        self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.run.seed,
                                                  rank=ctx.dist.rank, world_size=ctx.dist.world_size))
 
     # --- data --------------------------------------------------------------------------
     def fetch(self, indices: torch.Tensor) -> torch.Tensor:
         """Scaled runs (B, N, T); indices ≥ P are the Stretch copies of run index - P."""
-        if not self.ctx.cfg.Stretch:
+        if not self.ctx.cfg.augment.Stretch:
             return self.store.get(indices)
         x = self.store.get(indices % self.num_runs)
         for row in torch.nonzero(indices >= self.num_runs).flatten().tolist():
-            gen = torch.Generator().manual_seed(self.ctx.cfg.seed * 1_000_003 + int(indices[row]))
-            x[row:row + 1] = stretch_copy(x[row:row + 1], gen, self.ctx.cfg.stretch_noise_level,
-                                          self.ctx.cfg.stretch_shift_max)
+            gen = torch.Generator().manual_seed(self.ctx.cfg.run.seed * 1_000_003 + int(indices[row]))
+            x[row:row + 1] = stretch_copy(x[row:row + 1], gen, self.ctx.cfg.augment.stretch_noise_level,
+                                          self.ctx.cfg.augment.stretch_shift_max)
         return x
 
     def train_batches(self, epoch: int):
         d = self.ctx.dist
-        for idx in batch_indices(self.train_idx, self.batch, epoch=epoch, seed=self.ctx.cfg.seed,
+        for idx in batch_indices(self.train_idx, self.batch, epoch=epoch, seed=self.ctx.cfg.run.seed,
                                  rank=d.rank, world_size=d.world_size):
             yield (self.fetch(idx),)
 
@@ -155,19 +155,19 @@ class VAETrainer(StageTrainer):
     # --- hooks ---------------------------------------------------------------------------
     def schedule(self, epoch: int, lr_epoch: int) -> dict[str, float]:
         cfg = self.ctx.cfg
-        beta = kl_weight(epoch, self.epochs, self.ctx.beta_start, cfg.beta_end, cfg.beta_ramp_start, cfg.beta_ramp_end)
-        if cfg.lr_schedule == "cosine":
-            lr = cosine_decay(lr_epoch, self.epochs, cfg.LearningR, cfg.lr_min_factor)
+        beta = kl_weight(epoch, self.epochs, self.ctx.beta_start, cfg.vae.beta_end, cfg.vae.beta_ramp_start, cfg.vae.beta_ramp_end)
+        if cfg.vae.lr_schedule == "cosine":
+            lr = cosine_decay(lr_epoch, self.epochs, cfg.vae.LearningR, cfg.vae.lr_min_factor)
         else:
-            lr = cosine_warm_restarts(lr_epoch, self.epochs, cfg.LearningR, cfg.lr_restart_epochs,
-                                      cfg.lr_restart_mult, cfg.lr_min_factor)
+            lr = cosine_warm_restarts(lr_epoch, self.epochs, cfg.vae.LearningR, cfg.vae.lr_restart_epochs,
+                                      cfg.vae.lr_restart_mult, cfg.vae.lr_min_factor)
         lr *= self.lr_scale
         self.beta.fill_(beta)
         self.engine.set_lr(lr)
         return {"beta": beta, "lr": lr}
 
     def should_validate(self, epoch: int) -> bool:
-        return (epoch + 1) % self.ctx.cfg.val_every == 0 or epoch + 1 == self.epochs
+        return (epoch + 1) % self.ctx.cfg.vae.val_every == 0 or epoch + 1 == self.epochs
 
     def validate(self) -> dict[str, float]:
         """Deterministic (`fix`) reconstruction of the validation runs, no augmentation."""

@@ -12,6 +12,7 @@ import pytest
 
 from modules.augment import ConditionerAugmentation, SeriesAugmentation
 from modules.config import (
+    SECTIONS,
     Config,
     Preset,
     key_table,
@@ -89,10 +90,10 @@ def test_original_condition_parses_with_the_verbatim_values():
         param_data_type=".png",
     )
     for key, value in expected.items():
-        got = getattr(cfg, key)
+        got = cfg.flat()[key]
         assert got == value and type(got) is type(value), (key, got, value)
-    assert cfg.loss_name == "MSE"
-    assert cfg.conditioner_type == "image"
+    assert cfg.vae.loss_name == "MSE"
+    assert cfg.conditioner.kind == "image"
 
 
 def test_original_title_line_only_warns_and_reserved_lines_are_accepted(caplog):
@@ -115,11 +116,11 @@ def test_recipe_original_gives_every_optional_key_the_original_value_and_the_def
         lr_schedule="restarts", spectral_norm=True, output_norm=True, pod_init=False, logvar_init=0.0,
         linear_modes=0, vae_norm="group", lc_label_smoothing=0.2, lc_flip_prob=0.5)
     for key, value in expected.items():
-        assert getattr(cfg, key) == value, (key, getattr(cfg, key), value)
-    differ = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(default, f.name)}
-    assert differ == set(ORIGINAL_RECIPE) - {k for k, v in ORIGINAL_RECIPE.items() if getattr(default, k) == v} | {"recipe"}
+        assert cfg.flat()[key] == value, (key, cfg.flat()[key], value)
+    differ = {k for k, v in cfg.flat().items() if v != default.flat()[k]}
+    assert differ == set(ORIGINAL_RECIPE) - {k for k, v in ORIGINAL_RECIPE.items() if default.flat()[k] == v} | {"recipe"}
     # a key the file sets wins over the recipe
-    assert parse_condition(ORIGINAL_CONDITION, ["recipe=original", "latent_target=mu"]).latent_target == "mu"
+    assert parse_condition(ORIGINAL_CONDITION, ["recipe=original", "latent_target=mu"]).vae.latent_target == "mu"
 
 
 def test_defaults_of_optional_keys_are_the_original_values():
@@ -136,7 +137,7 @@ def test_defaults_of_optional_keys_are_the_original_values():
         sam_rho=0.05, ema_decay=0.999, dropout_start=0.3, dropout_end=0.1, dataset_dir="",
     )
     for key, value in expected.items():
-        assert getattr(cfg, key) == value, (key, getattr(cfg, key), value)
+        assert cfg.flat()[key] == value, (key, cfg.flat()[key], value)
     # The augmentations really receive those defaults.
     assert SeriesAugmentation.from_config(cfg) == SeriesAugmentation(
         noise_prob=0.2, noise_level=0.03, scale_prob=0.1, scale_min=0.9, scale_max=1.1,
@@ -149,7 +150,7 @@ def test_defaults_of_optional_keys_are_the_original_values():
 def test_config_is_frozen():
     cfg = parse_condition(ORIGINAL_CONDITION)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.Dim1 = 3
+        cfg.data.Dim1 = 3
 
 
 def test_original_preset_parses():
@@ -160,8 +161,8 @@ def test_original_preset_parses():
 
 def test_shipped_condition_and_preset_parse():
     cfg = parse_condition(REPO / "input_data" / "condition.txt")
-    assert (cfg.Dim1, cfg.Dim2, cfg.Dim3) == (80, 32, 256)
-    assert cfg.dataset_dir == "input_data"
+    assert (cfg.data.Dim1, cfg.data.Dim2, cfg.data.Dim3) == (80, 32, 256)
+    assert cfg.run.dataset_dir == "input_data"
     preset = parse_preset(REPO / "preset.txt", 1)
     assert preset.encoder_filters == (64, 32, 16, 8)
     assert preset.conditioner_filters == (16, 32, 64, 128)
@@ -219,7 +220,7 @@ def test_out_of_range_optional_key(tmp_path):
 
 def test_whole_number_written_as_float_is_accepted(tmp_path):
     path, _ = write_condition(tmp_path, replace={"Training_epochs": "1e3"})
-    assert parse_condition(path).Training_epochs == 1000
+    assert parse_condition(path).vae.Training_epochs == 1000
 
 
 def test_typo_gets_did_you_mean(tmp_path):
@@ -239,7 +240,7 @@ def test_unknown_unrelated_line_only_warns(tmp_path, caplog):
     path, lines = write_condition(tmp_path, extra=["completely unrelated words 42"])
     with caplog.at_level(logging.WARNING, logger="simulgen"):
         cfg = parse_condition(path)
-    assert cfg.Dim1 == 484
+    assert cfg.data.Dim1 == 484
     warnings = [r.getMessage() for r in caplog.records
                 if r.name == "simulgen" and r.levelno == logging.WARNING]
     assert any(f"line {len(lines)}" in w and "completely unrelated" in w for w in warnings), warnings
@@ -249,7 +250,7 @@ def test_comments_and_section_markers_are_skipped(tmp_path):
     path, _ = write_condition(tmp_path, replace={"Batch_size": "8 # comment with Batch_size 99"},
                               extra=["% Dim1 3", "' Dim1 3", "# Dim1 3"])
     cfg = parse_condition(path)
-    assert cfg.Batch_size == 8 and cfg.Dim1 == 484
+    assert cfg.vae.Batch_size == 8 and cfg.data.Dim1 == 484
 
 
 def test_windows_line_endings_parse(tmp_path):
@@ -261,7 +262,7 @@ def test_windows_line_endings_parse(tmp_path):
 def test_utf8_byte_order_mark_is_accepted(tmp_path):
     path = tmp_path / "condition.txt"
     path.write_text("\n".join(original_lines()[1:]) + "\n", encoding="utf-8-sig")   # Dim1 on line 1
-    assert parse_condition(path).Dim1 == 484
+    assert parse_condition(path).data.Dim1 == 484
 
 
 def test_key_without_value(tmp_path):
@@ -274,7 +275,7 @@ def test_key_without_value(tmp_path):
 def test_repeated_key_warns_and_the_later_value_wins(tmp_path, caplog):
     path, lines = write_condition(tmp_path, extra=["Batch_size 8"])
     with caplog.at_level(logging.WARNING, logger="simulgen"):
-        assert parse_condition(path).Batch_size == 8
+        assert parse_condition(path).vae.Batch_size == 8
     assert any("Batch_size" in r.getMessage() and f"line {len(lines)}" in r.getMessage()
                for r in caplog.records if r.name == "simulgen")
 
@@ -317,7 +318,7 @@ def test_batch_larger_than_the_training_split(tmp_path, key):
     n_train = train_split_size(484, 0.2)
     assert n_train == 387
     path, lines = write_condition(tmp_path, replace={key: str(n_train)})
-    assert getattr(parse_condition(path), key) == n_train          # the largest that fits
+    assert parse_condition(path).flat()[key] == n_train          # the largest that fits
     path, lines = write_condition(tmp_path, replace={key: str(n_train + 1)})
     msg = error_of(path)
     assert_names_file_line_key(msg, path, line_of(lines, key), key)
@@ -330,7 +331,7 @@ def test_batch_check_follows_val_split(tmp_path):
                                                  "latent_conditioner_batch": "4"},
                               extra=["val_split 0.5"])
     assert "'Batch_size'" in error_of(path)
-    assert parse_condition(path, overrides=["Batch_size=5"]).Batch_size == 5
+    assert parse_condition(path, overrides=["Batch_size=5"]).vae.Batch_size == 5
 
 
 # -----------------------------------------------------------------------------
@@ -339,13 +340,13 @@ def test_batch_check_follows_val_split(tmp_path):
 
 def test_override_replaces_the_file_value():
     cfg = parse_condition(ORIGINAL_CONDITION, overrides=["Training_epochs=5", "aug_mixup_prob=0"])
-    assert cfg.Training_epochs == 5 and cfg.aug_mixup_prob == 0.0
+    assert cfg.vae.Training_epochs == 5 and cfg.augment.aug_mixup_prob == 0.0
 
 
 def test_a_key_set_twice_on_the_command_line_warns_and_the_later_value_wins(caplog):
     with caplog.at_level(logging.WARNING, logger="simulgen"):
         cfg = parse_condition(ORIGINAL_CONDITION, overrides=["Training_epochs=5", "Training_epochs=7"])
-    assert cfg.Training_epochs == 7
+    assert cfg.vae.Training_epochs == 7
     warnings = [r.getMessage() for r in caplog.records if r.name == "simulgen" and r.levelname == "WARNING"]
     assert warnings == ["--set Training_epochs=7: key 'Training_epochs' set twice on the command line; the later "
                         "value wins (first --set Training_epochs=5)"]
@@ -387,7 +388,7 @@ def test_override_malformed(bad):
 @pytest.mark.parametrize("written", ["csv", "csvs", "CSV"])
 def test_csv_is_an_alias_of_csvs(tmp_path, written):
     path, _ = write_condition(tmp_path, replace={"input_type": written})
-    assert parse_condition(path).conditioner_type == "csvs"
+    assert parse_condition(path).conditioner.kind == "csvs"
 
 
 @pytest.mark.parametrize("written, expected", [
@@ -395,24 +396,24 @@ def test_csv_is_an_alias_of_csvs(tmp_path, written):
 ])
 def test_param_data_type_normalisation(tmp_path, written, expected):
     path, _ = write_condition(tmp_path, replace={"param_data_type": written})
-    assert parse_condition(path).param_data_type == expected
+    assert parse_condition(path).conditioner.param_data_type == expected
 
 
 def test_old_pinn_names_are_accepted(tmp_path):
     path, _ = write_condition(tmp_path, drop=("latent_conditioner_lr",), extra=["pinn_lr 0.002"])
-    assert parse_condition(path).latent_conditioner_lr == 0.002
+    assert parse_condition(path).conditioner.latent_conditioner_lr == 0.002
 
 
 def test_derived_defaults(tmp_path):
     path, _ = write_condition(tmp_path, drop=("Dim2_red", "Dim3_red", "n_sample"),
                               replace={"n_epoch": "403"})
     cfg = parse_condition(path)
-    assert cfg.Dim2_red == 200 and cfg.Dim3_red == 95008
-    assert cfg.n_sample == 484
-    assert cfg.e2e_epochs == 403 // 4
-    assert parse_condition(ORIGINAL_CONDITION).e2e_epochs == 20000 // 4
-    assert parse_condition(path, overrides=["e2e_epochs=7"]).e2e_epochs == 7
-    assert parse_condition(path, overrides=["Dim2_red=50"]).Dim2_red == 50
+    assert cfg.data.Dim2_red == 200 and cfg.data.Dim3_red == 95008
+    assert cfg.conditioner.n_sample == 484
+    assert cfg.conditioner.e2e_epochs == 403 // 4
+    assert parse_condition(ORIGINAL_CONDITION).conditioner.e2e_epochs == 20000 // 4
+    assert parse_condition(path, overrides=["e2e_epochs=7"]).conditioner.e2e_epochs == 7
+    assert parse_condition(path, overrides=["Dim2_red=50"]).data.Dim2_red == 50
 
 
 # -----------------------------------------------------------------------------
@@ -511,7 +512,7 @@ def test_no_preset_on_a_terminal_asks_and_retries_bad_answers(monkeypatch, capsy
 def test_key_table_lists_every_field_once_with_section_and_help():
     rows = key_table()
     names = [row[1] for row in rows]
-    fields = [f.name for f in dataclasses.fields(Config)]
+    fields = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     assert sorted(names) == sorted(fields) and len(names) == len(set(names))
     sections = {"data", "VAE", "augmentation", "conditioner", "engine", "run"}
     for section, name, default, help_text in rows:

@@ -52,8 +52,8 @@ def poisoned(trainer, bad, how="nan_loss"):
 
 def conditioner_lr(ctx, lr_epoch, epochs):
     cfg = ctx.cfg
-    return warmup_cosine(lr_epoch, epochs, cfg.latent_conditioner_lr, cfg.lc_warmup_epochs, cfg.lc_warmup_start,
-                         cfg.lc_lr_min)
+    return warmup_cosine(lr_epoch, epochs, cfg.conditioner.latent_conditioner_lr, cfg.conditioner.lc_warmup_epochs, cfg.conditioner.lc_warmup_start,
+                         cfg.conditioner.lc_lr_min)
 
 
 def test_one_non_finite_loss_rolls_back_once_with_half_the_learning_rate(tmp_path):
@@ -66,7 +66,7 @@ def test_one_non_finite_loss_rolls_back_once_with_half_the_learning_rate(tmp_pat
     cfg = ctx.cfg
     for epoch, lr in zip(trainer.history["epoch"], trainer.history["lr"]):
         scale = 1.0 if epoch < 2 else 0.5
-        assert lr == pytest.approx(scale * cosine_warm_restarts(epoch, 6, cfg.LearningR))
+        assert lr == pytest.approx(scale * cosine_warm_restarts(epoch, 6, cfg.vae.LearningR))
     state = load_torch(ctx.paths.vae, "VAE checkpoint", "")
     assert state["finished"] and state["lr_scale"] == 0.5
     assert all(torch.isfinite(v).all() for v in state["model"].values())

@@ -36,7 +36,7 @@ def test_vae_reconstructs_near_the_pod_floor_and_outputs_are_complete(trained):
     assert latents["recon_error"].shape == (80,)
     assert np.isfinite(latents["main"]).all()
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["config"]["csv_conditioner"] == "gp" and config["preset"]["encoder_filters"] == [64, 32, 16, 8]
+    assert config["config"]["conditioner"]["csv_conditioner"] == "gp" and config["preset"]["encoder_filters"] == [64, 32, 16, 8]
     for name in ("vae_losses", "vae_reconstruction", "calibration", "conditioner_latents", "conditioner_prediction"):
         assert (run_dir / f"{name}.png").stat().st_size > 10_000
     assert list(run_dir.glob("events.out.tfevents.*"))
@@ -260,7 +260,7 @@ def test_seed_flag_changes_the_split_and_is_recorded(trained, short_runs):
     seven = torch.load(short_runs[1] / "checkpoints/vae.pt", weights_only=True)["extra"]["split"]["val"]
     assert not torch.equal(torch.sort(default).values, torch.sort(seven).values)
     config = json.loads(next((short_runs[1] / "runs").iterdir()).joinpath("config.json").read_text())
-    assert config["config"]["seed"] == 7
+    assert config["config"]["run"]["seed"] == 7
 
 
 def test_end_to_end_fine_tuning_through_the_cli_is_what_prediction_uses(trained, tmp_path):

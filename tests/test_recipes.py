@@ -38,8 +38,8 @@ def test_vae_validates_every_val_every_epochs_and_at_the_last_epoch(tmp_path, ep
     overrides = [f"Training_epochs={epochs}"] + ([f"val_every={val_every}"] if val_every else [])
     ctx, store, train_idx, val_idx = demo_context(tmp_path, overrides)
     if val_every is None:
-        assert ctx.cfg.val_every == 10            # SPEC §4: every 10 epochs by default
-    every = ctx.cfg.val_every
+        assert ctx.cfg.vae.val_every == 10            # SPEC §4: every 10 epochs by default
+    every = ctx.cfg.vae.val_every
     trainer = VAETrainer(ctx, store, train_idx, val_idx)
     trainer.fit()
     history = trainer.history
@@ -78,7 +78,7 @@ def test_vae_training_batches_reaching_the_model_are_augmented_only_when_on(tmp_
     trainer.engine.module.register_forward_pre_hook(
         lambda module, args: seen.append(args[0].detach().clone()) if module.training else None)
     trainer.fit()
-    stored = [store.get(idx) for idx in batch_indices(trainer.train_idx, trainer.batch, epoch=0, seed=ctx.cfg.seed)]
+    stored = [store.get(idx) for idx in batch_indices(trainer.train_idx, trainer.batch, epoch=0, seed=ctx.cfg.run.seed)]
     assert len(seen) == len(stored) > 0
     if case == "off":
         assert all(torch.equal(a, b) for a, b in zip(seen, stored))
@@ -99,7 +99,7 @@ def test_stretch_copies_follow_stretch_noise_level_and_stretch_shift_max(tmp_pat
         P = store.num_runs
         assert torch.equal(trainer.train_idx, torch.cat([torch.as_tensor(train_idx), torch.as_tensor(train_idx) + P]))
         runs = torch.as_tensor(train_idx[:16])
-        return trainer.fetch(runs + P), store.get(runs), ctx.cfg.Dim2_red
+        return trainer.fetch(runs + P), store.get(runs), ctx.cfg.data.Dim2_red
 
     copy, run, _ = copies("none", stretch_noise_level=0, stretch_shift_max=0)
     assert torch.equal(copy, run)
@@ -297,8 +297,8 @@ def demo_config(*overrides):
 
 def test_mixup_lambda_and_stretch_keys_default_to_the_original_and_are_validated():
     cfg = demo_config()
-    assert (cfg.aug_mixup_lambda_min, cfg.aug_mixup_lambda_max) == (0.1, 0.9)       # SPEC §6
-    assert (cfg.stretch_noise_level, cfg.stretch_shift_max) == (0.03, 0.1)
+    assert (cfg.augment.aug_mixup_lambda_min, cfg.augment.aug_mixup_lambda_max) == (0.1, 0.9)       # SPEC §6
+    assert (cfg.augment.stretch_noise_level, cfg.augment.stretch_shift_max) == (0.03, 0.1)
     aug = SeriesAugmentation.from_config(cfg)
     assert (aug.mixup_lambda_min, aug.mixup_lambda_max) == (0.1, 0.9)
     for bad, key in ((["aug_mixup_lambda_min=0.6", "aug_mixup_lambda_max=0.4"], "aug_mixup_lambda_max"),

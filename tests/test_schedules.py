@@ -120,7 +120,7 @@ def test_preset_exponent_sets_the_kl_start(tmp_path):
     # the preset wins over the config key when k > 0
     assert make_context(tmp_path, 2, ["beta_start=2e-3"]).beta_start == pytest.approx(1e-2)
     ctx = make_context(tmp_path, 3)
-    assert kl_weight(0, 100, ctx.beta_start, ctx.cfg.beta_end) == pytest.approx(1e-3)
+    assert kl_weight(0, 100, ctx.beta_start, ctx.cfg.vae.beta_end) == pytest.approx(1e-3)
 
 
 # -----------------------------------------------------------------------------

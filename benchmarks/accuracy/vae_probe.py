@@ -52,30 +52,30 @@ def main() -> None:
     cfg = parse_condition(HERE.parents[1] / "input_data" / "condition.txt", [
         f"Dim1={len(train)}", f"Dim2={fields.shape[1]}", f"Dim3={fields.shape[2]}", f"Dim2_red={fields.shape[1]}",
         f"Dim3_red={fields.shape[2]}", f"n_sample={len(train)}", *args.overrides])
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     train_fields = fields[train]
-    scaler = FieldScaler.fit(train_fields, cfg.field_scaling)
+    scaler = FieldScaler.fit(train_fields, cfg.vae.field_scaling)
     store = FieldStore(train_fields, scaler, preload=True)
     filters = [int(f) for f in args.filters.split()]
     arch = {"num_nodes": fields.shape[2], "num_time": fields.shape[1], "filters": filters,
-            "latent_dim_end": cfg.Latent_dim_end, "latent_dim": cfg.Latent_dim, "small": True,
-            "output_norm": cfg.output_norm, "spectral_norm": cfg.spectral_norm, "norm": cfg.vae_norm,
-            "logvar_init": cfg.logvar_init, "linear_modes": cfg.linear_modes}
+            "latent_dim_end": cfg.vae.Latent_dim_end, "latent_dim": cfg.vae.Latent_dim, "small": True,
+            "output_norm": cfg.vae.output_norm, "spectral_norm": cfg.vae.spectral_norm, "norm": cfg.vae.vae_norm,
+            "logvar_init": cfg.vae.logvar_init, "linear_modes": cfg.vae.linear_modes}
     model = build_vae(arch)
     from modules.train_vae import init_from_training_runs
-    init_from_training_runs(model, store, torch.arange(len(train)), cfg.pod_init, cfg.seed)
-    kl_unit = 1.0 / (fields.shape[1] * fields.shape[2]) if cfg.kl_normalize == "values" else 1.0
+    init_from_training_runs(model, store, torch.arange(len(train)), cfg.vae.pod_init, cfg.run.seed)
+    kl_unit = 1.0 / (fields.shape[1] * fields.shape[2]) if cfg.vae.kl_normalize == "values" else 1.0
     beta = torch.tensor(0.0)
-    recon_loss = RECON_LOSSES[cfg.loss_name]
+    recon_loss = RECON_LOSSES[cfg.vae.loss_name]
 
     def loss_fn(net, batch):
         (x,) = batch
         out = net(x, mode=args.train_mode)
         recon = recon_loss(out.x_hat.float(), x)
-        return cfg.alpha * recon + beta * (out.kl_main + out.kl_levels) * kl_unit, {"recon": recon.detach()}
+        return cfg.vae.alpha * recon + beta * (out.kl_main + out.kl_levels) * kl_unit, {"recon": recon.detach()}
 
-    engine = TrainingEngine(model, loss_fn, lr=cfg.LearningR, weight_decay=cfg.weight_decay,
-                            settings=EngineSettings.from_config(cfg, torch.device("cpu"), cfg.grad_clip),
+    engine = TrainingEngine(model, loss_fn, lr=cfg.vae.LearningR, weight_decay=cfg.vae.weight_decay,
+                            settings=EngineSettings.from_config(cfg, torch.device("cpu"), cfg.vae.grad_clip),
                             device=torch.device("cpu"), ddp=False)
     idx = torch.arange(len(train))
     test_x = scaler.transform(torch.from_numpy(fields[test]), node_axis=-1).transpose(1, 2).contiguous()
@@ -91,14 +91,14 @@ def main() -> None:
 
     started = time.perf_counter()
     for epoch in range(args.epochs):
-        beta.fill_(kl_weight(epoch, args.epochs, cfg.beta_start, cfg.beta_end, cfg.beta_ramp_start, cfg.beta_ramp_end))
-        engine.set_lr(cosine_decay(epoch, args.epochs, cfg.LearningR, cfg.lr_min_factor))
-        batches = [(store.get(i),) for i in batch_indices(idx, cfg.Batch_size, epoch=epoch, seed=cfg.seed)]
+        beta.fill_(kl_weight(epoch, args.epochs, cfg.vae.beta_start, cfg.vae.beta_end, cfg.vae.beta_ramp_start, cfg.vae.beta_ramp_end))
+        engine.set_lr(cosine_decay(epoch, args.epochs, cfg.vae.LearningR, cfg.vae.lr_min_factor))
+        batches = [(store.get(i),) for i in batch_indices(idx, cfg.vae.Batch_size, epoch=epoch, seed=cfg.run.seed)]
         result = engine.train_epoch(batches)
         if (epoch + 1) % max(1, args.epochs // 6) == 0 or epoch + 1 == args.epochs:
             print(f"epoch {epoch + 1}: train recon {result.metrics['recon']:.3e}  test rel-L2 {test_error():.4f}  "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
-    latent_values = cfg.Latent_dim_end + (len(filters) - 2) * cfg.Latent_dim
+    latent_values = cfg.vae.Latent_dim_end + (len(filters) - 2) * cfg.vae.Latent_dim
     pod = POD.fit(fields[train].astype(np.float64), energy=1.0, max_modes=latent_values)
     floor = relative_l2(pod.reconstruct(pod.coefficients(fields[test].astype(np.float64)), fields.shape[1:]),
                         fields[test]).mean()

@@ -17,10 +17,10 @@ def demo_context(workdir: Path, overrides=(), dist: DistInfo = SINGLE, device=to
     """(ctx, store, train_idx, val_idx) for the demo data, outputs under `workdir`."""
     cfg = parse_condition(ROOT / "input_data/condition.txt", list(overrides))
     preset = load_preset(ROOT / "preset.txt", 1)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.run.seed)
     ctx = RunContext(cfg, preset, True, True, 2, device, dist, Paths(Path(workdir)), "test-run")
     ctx.monitor = Monitor(None, False)
-    runs = reduce(open_dataset(ROOT / "input_data/dataset1.npy"), cfg.Dim2_red, cfg.Dim3_red)
-    train_idx, val_idx = split_indices(cfg.Dim1, cfg.val_split, cfg.seed)
-    store = FieldStore(runs, FieldScaler.fit(runs, cfg.field_scaling, train_idx), preload=True, device=device)
+    runs = reduce(open_dataset(ROOT / "input_data/dataset1.npy"), cfg.data.Dim2_red, cfg.data.Dim3_red)
+    train_idx, val_idx = split_indices(cfg.data.Dim1, cfg.run.val_split, cfg.run.seed)
+    store = FieldStore(runs, FieldScaler.fit(runs, cfg.vae.field_scaling, train_idx), preload=True, device=device)
     return ctx, store, train_idx, val_idx

@@ -88,15 +88,15 @@ def main(workdir: str, out: str) -> None:
         x = batch[0]
         o = net(x, mode="fix")
         recon = F.mse_loss(o.x_hat, x)
-        return cfg.alpha * recon + beta * (o.kl_main + o.kl_levels), {"recon": recon.detach()}
+        return cfg.vae.alpha * recon + beta * (o.kl_main + o.kl_levels), {"recon": recon.detach()}
 
     vae.engine.loss_fn = posterior_mean_loss
     vae.fit()
     vae_one_run = validate_on_one_run(vae)
 
     rng = np.random.default_rng(0)
-    latents_main = rng.normal(size=(cfg.Dim1, cfg.Latent_dim_end)).astype(np.float32)
-    latents_hier = rng.normal(size=(cfg.Dim1, len(preset.encoder_filters) - 1, cfg.Latent_dim)).astype(np.float32)
+    latents_main = rng.normal(size=(cfg.data.Dim1, cfg.vae.Latent_dim_end)).astype(np.float32)
+    latents_hier = rng.normal(size=(cfg.data.Dim1, len(preset.encoder_filters) - 1, cfg.vae.Latent_dim)).astype(np.float32)
     params = np.loadtxt(ROOT / "input_data/params.csv", delimiter=",", dtype=np.float32)
     data = ConditionerData.build(ConditionerInputs(params, []), latents_main, latents_hier, device)
     data.inputs, data.main, data.hier = data.inputs.double(), data.main.double(), data.hier.double()
