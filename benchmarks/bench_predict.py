@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_predict.py --quick    # smoke run
 
 Builds the real prediction path with random weights (no training needed): an MLP
-conditioner (`csvs`) and the hierarchical VAE, wrapped in modules.predict.LatentDecoder and
+conditioner (`csvs`) and the hierarchical VAE, wrapped in modules.surrogate.LatentDecoder and
 Surrogate exactly as `--predict` does, and times Surrogate.fields, which includes the input
 → latents → decoded field → inverse scaling → numpy path. Reports the latency of one run
 (batch 1) and the throughput at batch 64, medians of many repeats, in fp32.
@@ -26,20 +26,19 @@ def build(code_root: Path, nodes: int, steps: int, filters, num_param: int = 4, 
     import numpy as np
     import torch
     from modules.cond_inputs import MinMaxScaler
-    from modules.conditioners import build_conditioner
+    from modules.conditioners import ConditionerArchitecture, build_conditioner
     from modules.data import FieldScaler
-    from modules.predict import LatentDecoder, Surrogate
-    from modules.train_vae import build_vae
+    from modules.surrogate import LatentDecoder, Surrogate
+    from modules.vae import HierarchicalVAE, VAEArchitecture
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = torch.device("cpu")
     levels = len(filters) - 1
-    vae = build_vae({"num_nodes": nodes, "num_time": steps, "filters": list(filters), "latent_dim_end": 32,
-                     "latent_dim": 8, "small": True, "output_norm": True}).eval().requires_grad_(False)
-    conditioner = build_conditioner("csvs", num_param=num_param, image_size=256, filters=(16, 32, 64, 128),
-                                    latent_dim_end=32, latent_dim=8, num_levels=levels, dropout_rate=0.2,
-                                    use_se=False).eval()
+    vae = HierarchicalVAE(VAEArchitecture(nodes, steps, filters, latent_dim_end=32, latent_dim=8))
+    vae.eval().requires_grad_(False)
+    conditioner = build_conditioner(ConditionerArchitecture("csvs", num_param=num_param, latent_dim_end=32, latent_dim=8,
+                                                            num_levels=levels, filters=(16, 32, 64, 128))).eval()
     main = MinMaxScaler().fit(rng.normal(size=(64, 32)))
     hier = MinMaxScaler().fit(rng.normal(size=(64, levels, 8)))
     inputs = MinMaxScaler().fit(rng.uniform(size=(64, num_param)))

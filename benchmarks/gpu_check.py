@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modules.data import FieldScaler, FieldStore  # noqa: E402
 from modules.engine import EngineSettings, TrainingEngine  # noqa: E402
-from modules.train_vae import build_vae  # noqa: E402
+from modules.vae import HierarchicalVAE, VAEArchitecture  # noqa: E402
 
 
 def sync(device):
@@ -50,8 +50,7 @@ def vae_loss(beta, mode="random"):
 
 
 def arch(nodes, time_steps, filters, small=True):
-    return {"num_nodes": nodes, "num_time": time_steps, "filters": list(filters), "latent_dim_end": 32,
-            "latent_dim": 8, "small": small, "output_norm": True}
+    return VAEArchitecture(nodes, time_steps, filters, latent_dim_end=32, latent_dim=8, small=small)
 
 
 def time_steps(engine, batches, device, warmup):
@@ -74,7 +73,7 @@ def part1(device, quick):
     g = torch.Generator(device="cpu").manual_seed(0)
     data = [(torch.rand(batch, nodes, steps_t, generator=g).mul_(1.8).sub_(0.9).to(device),) for _ in range(n_steps)]
     torch.manual_seed(0)
-    init = build_vae(arch(nodes, steps_t, filters)).state_dict()
+    init = HierarchicalVAE(arch(nodes, steps_t, filters)).state_dict()
     # Trained on the posterior means (`fix`), so every path sees the same numbers and the
     # loss differences measure numerics; the last rows use random sampling, as training does.
     modes = {
@@ -96,7 +95,7 @@ def part1(device, quick):
         if device.type != "cuda" and (settings.cuda_graphs or settings.precision == "fp16"):
             continue
         torch.manual_seed(1)
-        model = build_vae(arch(nodes, steps_t, filters)).to(device)
+        model = HierarchicalVAE(arch(nodes, steps_t, filters)).to(device)
         model.load_state_dict(init)
         beta = torch.tensor(1e-3, device=device)
         loss_fn = vae_loss(beta, "random" if name.startswith("random") else "fix")
@@ -169,7 +168,7 @@ def part2(device, quick, workdir):
     rows = []
     for small in (True, False):
         torch.manual_seed(0)
-        model = build_vae(arch(nodes, steps_t, filters, small)).to(device)
+        model = HierarchicalVAE(arch(nodes, steps_t, filters, small)).to(device)
         params = sum(p.numel() for p in model.parameters())
         engine = TrainingEngine(model, vae_loss(torch.tensor(1e-3, device=device)), lr=5e-4, weight_decay=5e-4,
                                 settings=EngineSettings(precision=precision, grad_clip=10.0), device=device)

@@ -5,9 +5,12 @@ ops over the whole batch: no Python loop over samples and no host synchronisatio
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from modules.config import AugmentConfig, ConditionerConfig
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,10 @@ class SeriesAugmentation:
     mixup_lambda_max: float = 0.9
 
     @classmethod
-    def from_config(cls, cfg) -> "SeriesAugmentation":
-        return cls(cfg.augment.aug_noise_prob, cfg.augment.aug_noise_level, cfg.augment.aug_scale_prob, cfg.augment.aug_scale_min,
-                   cfg.augment.aug_scale_max, cfg.augment.aug_shift_prob, cfg.augment.aug_shift_max, cfg.augment.aug_mixup_prob,
-                   cfg.augment.aug_mixup_alpha, cfg.augment.aug_cutout_prob, cfg.augment.aug_cutout_max,
-                   cfg.augment.aug_mixup_lambda_min, cfg.augment.aug_mixup_lambda_max)
+    def from_config(cls, aug: AugmentConfig) -> SeriesAugmentation:
+        """Each field from the config key of the same name with `aug_` in front (by name, so
+        no two values can be swapped)."""
+        return cls(**{f.name: getattr(aug, "aug_" + f.name) for f in dataclasses.fields(cls)})
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
@@ -159,9 +161,9 @@ class ConditionerAugmentation:
     flip_prob: float = 0.5
 
     @classmethod
-    def from_config(cls, cfg) -> "ConditionerAugmentation":
-        return cls(cfg.conditioner.lc_mixup_prob, cfg.conditioner.lc_mixup_alpha, cfg.conditioner.lc_input_noise_prob, cfg.conditioner.lc_input_noise,
-                   cfg.conditioner.lc_image_aug_prob, cfg.conditioner.lc_flip_prob)
+    def from_config(cls, cond: ConditionerConfig) -> ConditionerAugmentation:
+        return cls(mixup_prob=cond.lc_mixup_prob, mixup_alpha=cond.lc_mixup_alpha, noise_prob=cond.lc_input_noise_prob,
+                   noise=cond.lc_input_noise, image_prob=cond.lc_image_aug_prob, flip_prob=cond.lc_flip_prob)
 
     def __call__(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x, *targets = batch

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modules.cond_inputs import MinMaxScaler
 from modules.gp import fit_predict as gp_fit_predict
 
 ENERGY = 0.999           # POD modes kept: the smallest number holding this fraction of the variance
@@ -53,18 +54,6 @@ class POD:
 
     def reconstruct(self, coefficients: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return (self.mean + coefficients @ self.modes).reshape(len(coefficients), *shape)
-
-
-class InputScaler:
-    """Columns to [0, 1] by the training range (constant columns to 0)."""
-
-    def __init__(self, x: np.ndarray):
-        self.low = x.min(axis=0)
-        span = x.max(axis=0) - self.low
-        self.span = np.where(span > 0, span, 1.0)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.low) / self.span
 
 
 def _rbf_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
@@ -115,8 +104,8 @@ def classical_baselines(train_fields: np.ndarray, test_fields: np.ndarray, train
     if "pod_floor" in methods:
         out["pod_floor"] = relative_l2(pod.reconstruct(pod.coefficients(test_fields), shape), test_fields)
     if train_inputs is not None:
-        scale = InputScaler(train_inputs)
-        x_train, x_test = scale(train_inputs), scale(test_inputs)
+        scale = MinMaxScaler((0.0, 1.0)).fit(train_inputs)            # the training range to [0, 1]
+        x_train, x_test = (scale.transform(x).astype(np.float64) for x in (train_inputs, test_inputs))
         coeff = pod.coefficients(train_fields)
         if "pod_gpr" in methods:
             pred = gp_fit_predict(x_train, coeff, x_test, seed)

@@ -230,23 +230,33 @@ def load_model_state(module: torch.nn.Module, saved: dict[str, torch.Tensor], pa
                         f"{how_to_make}{_previous_hint(Path(path))}.") from None
 
 
-def build_from_checkpoint(build: Callable[[dict], torch.nn.Module], state: dict, path: str | Path, what: str,
+def build_from_checkpoint(arch_cls: type, state: dict, path: str | Path, what: str,
                           how_to_make: str) -> torch.nn.Module:
-    """The network `state['architecture']` describes, with an unusable description as a one-line UserError."""
+    """The network `state['architecture']` describes (`arch_cls.from_stored(...).build()`: a
+    VAEArchitecture or ConditionerArchitecture), with an unusable description as a one-line UserError."""
     try:
-        return build(state["architecture"])
+        return arch_cls.from_stored(state["architecture"]).build()
     except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, RuntimeError) as exc:
         reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:200]
         raise UserError(f"{what} {path}: its architecture entry does not describe a network this tool builds "
                         f"({reason}); delete it and {how_to_make}{_previous_hint(Path(path))}.") from None
 
 
-def check_architecture(saved: dict, current: dict, path: str | Path) -> None:
+def same_architecture(saved: dict, current) -> bool:
+    """Whether a checkpoint's stored architecture describes `current` (fields it predates take their defaults)."""
+    try:
+        return type(current).from_stored(saved) == current
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def check_architecture(saved: dict, current, path: str | Path) -> None:
     """A resumed stage must build the network its checkpoint was trained with."""
-    if saved != current:
-        keys = sorted(set(saved) | set(current))
-        diff = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-                         for k in keys if saved.get(k) != current.get(k))
+    if not same_architecture(saved, current):
+        now = current.stored()
+        keys = sorted(set(saved) | set(now))
+        diff = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
+                         for k in keys if saved.get(k) != now.get(k))
         raise UserError(f"{path} was trained with a different architecture ({diff}); "
                         f"restore the config it was made with, or start afresh without --resume.")
 

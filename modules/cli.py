@@ -36,7 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="SimulGen-VAE.py", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
                 description="Train a hierarchical-VAE surrogate of transient simulations and a latent conditioner "
                             "that predicts it from run parameters or geometry images; or predict new runs.")
-    g = p.add_argument_group("the original's flags")
+    _original_flags(p.add_argument_group("the original's flags"))
+    _port_flags(p.add_argument_group("additions of the port"))
+    _prediction_flags(p.add_argument_group("prediction (no training)"))
+    _import_flags(p.add_argument_group("import of solver files (no training)"))
+    return p
+
+
+def _original_flags(g) -> None:
     g.add_argument("--preset", type=int, default=None, metavar="N",
                    help="use preset block N of the preset file; without it, ask on a terminal (error otherwise)")
     g.add_argument("--plot", type=int, choices=(0, 1, 2), default=2,
@@ -52,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use_ddp", action="store_true",
                    help="DistributedDataParallel over the processes started by torchrun (NCCL on GPUs, Gloo on CPUs)")
     g.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)   # old launchers pass it
-    a = p.add_argument_group("additions of the port")
+
+
+def _port_flags(a) -> None:
     a.add_argument("--config", type=Path, default=Path("input_data/condition.txt"), metavar="PATH",
                    help="condition file (default input_data/condition.txt)")
     a.add_argument("--preset_file", type=Path, default=Path("preset.txt"), metavar="PATH",
@@ -72,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads per process (default: OMP_NUM_THREADS if set, else one per physical "
                         "core, shared among torchrun's processes on this machine)")
     a.add_argument("--list_keys", action="store_true", help="print every condition-file key with its default and exit")
-    q = p.add_argument_group("prediction (no training)")
+
+
+def _prediction_flags(q) -> None:
     q.add_argument("--predict", type=Path, default=None, metavar="PATH",
                    help="CSV of new parameter rows, or a folder of new images, matching the trained input_type")
     q.add_argument("--out", type=Path, default=None, metavar="FILE.npy",
@@ -92,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vtk", type=Path, default=None, metavar="DIR",
                    help="also write DIR/run_<i>.xdmf (+ .h5) per input on the mesh.vtu beside the training dataset, "
                         "for ParaView")
-    m = p.add_argument_group("import of solver files (no training)")
+
+
+def _import_flags(m) -> None:
     m.add_argument("--import_runs", nargs="+", default=None, metavar="GLOB",
                    help="one run per match, in natural order: an XDMF time series or a folder of per-step mesh files "
                         "(.vtu, .vtk, ...); writes dataset1.npy, mesh.vtu and dataset1.fields.json to the working "
@@ -100,7 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--field", action="append", default=[], metavar="NAME",
                    help="point-data array to import: NAME, NAME:<component> or NAME:mag; repeat to stack several "
                         "fields as extra nodes")
-    return p
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -139,8 +151,16 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.list_keys:
         from modules.config import key_table
+        lines, current = [], None
         for section, key, default, text in key_table():
-            print(f"{section:<13} {key:<34} {default:<10} {text}")
+            if section != current:
+                lines += [""] * (current is not None) + [f"[{section}]"]
+                current = section
+            lines.append(f"  {key:<34} {default:<10} {text}")
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:                  # `--list_keys | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads {args.threads}: give a whole number of at least 1.")

@@ -50,6 +50,22 @@ _COLUMNS_FIX = ("(the num_param key in condition.txt); make every row have num_p
                 "or change num_param")
 
 
+def _cell(path: Path, line: int, column: int, cell: str, first_row: bool) -> float:
+    """One CSV cell as a finite number, or a UserError naming its line and column."""
+    try:
+        v = float(cell)
+    except ValueError:
+        hint = " (the CSV must have no header line)" if first_row else ""
+        raise UserError(
+            f"{path}, line {line}, column {column + 1}: {cell.strip()!r} is not a number{hint}; fix that cell"
+        ) from None
+    if not math.isfinite(v):
+        raise UserError(
+            f"{path}, line {line}, column {column + 1}: {cell.strip()!r} is not a finite number; replace NaN/Inf values"
+        )
+    return v
+
+
 def load_csv(path: str | Path, num_param: int, n_expected: int | None,
              columns_fix: str = _COLUMNS_FIX) -> np.ndarray:
     """Read the parameter CSV (no header) as float32 (P, num_param); n_expected=None: any row count.
@@ -81,21 +97,7 @@ def load_csv(path: str | Path, num_param: int, n_expected: int | None,
             raise UserError(
                 f"{path}, line {line}: found {len(row)} columns, expected {num_param} {columns_fix}"
             )
-        for j, cell in enumerate(row):
-            try:
-                v = float(cell)
-            except ValueError:
-                hint = " (the CSV must have no header line)" if k == 0 else ""
-                raise UserError(
-                    f"{path}, line {line}, column {j + 1}: {cell.strip()!r} is not a number{hint}; "
-                    "fix that cell"
-                ) from None
-            if not math.isfinite(v):
-                raise UserError(
-                    f"{path}, line {line}, column {j + 1}: {cell.strip()!r} is not a finite "
-                    "number; replace NaN/Inf values"
-                )
-            values[k, j] = v
+        values[k] = [_cell(path, line, j, cell, first_row=k == 0) for j, cell in enumerate(row)]
 
     if not rows:
         raise UserError(f"{path} holds no data rows; put one row of {num_param} values per run in it")
@@ -246,14 +248,14 @@ class MinMaxScaler:
             self.data_min, self.data_max = centre - half, centre + half
         return self
 
-    def _affine(self) -> tuple[np.ndarray, np.ndarray, float, float]:
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(a, b), float64 per column: inverse_transform(y) = y·a + b, transform(x) = (x − b)/a."""
         if self.data_min is None or self.data_max is None:
             raise RuntimeError("MinMaxScaler is not fitted")
         lo, hi = self.feature_range
-        centre = (self.data_max + self.data_min) / 2
         half = (self.data_max - self.data_min) / 2
-        half = np.where(half > 0, half, 1.0)  # constant column
-        return centre, half, (hi + lo) / 2, (hi - lo) / 2
+        a = np.where(half > 0, half, 1.0) / ((hi - lo) / 2)          # a constant column: no division by 0
+        return a, (self.data_max + self.data_min) / 2 - (hi + lo) / 2 * a
 
     def _check(self, x: np.ndarray) -> None:
         assert self.data_min is not None
@@ -263,19 +265,16 @@ class MinMaxScaler:
             )
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        centre, half, mid, span = self._affine()
+        a, b = self.affine()
         x = np.asarray(x, dtype=np.float64)
         self._check(x)
-        return ((x - centre) / half * span + mid).astype(np.float32)
+        return ((x - b) / a).astype(np.float32)
 
     def inverse_transform(self, y: np.ndarray) -> np.ndarray:
-        centre, half, mid, span = self._affine()
+        a, b = self.affine()
         y = np.asarray(y, dtype=np.float64)
         self._check(y)
-        return ((y - mid) / span * half + centre).astype(np.float32)
-
-    def fit_transform(self, x: np.ndarray) -> np.ndarray:
-        return self.fit(x).transform(x)
+        return (y * a + b).astype(np.float32)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         if self.data_min is None or self.data_max is None:

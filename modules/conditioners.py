@@ -15,14 +15,51 @@ and CSV runs never need it.
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from modules.config import INPUT_TYPES
 from modules.errors import UserError
+from modules.layers import he_init, largest_divisor
+
+
+
+@dataclass(frozen=True)
+class ConditionerArchitecture:
+    """What fixes a conditioner's shapes. Its checkpoint stores it (`stored()`), a resumed
+    stage must agree on all of it, and `build_conditioner` builds from it alone."""
+    input_type: str                      # csvs, image or image_vit
+    num_param: int
+    latent_dim_end: int
+    latent_dim: int
+    num_levels: int
+    filters: tuple[int, ...] = ()        # the preset's conditioner filters (networks)
+    dropout_rate: float = 0.0            # CNN DropBlock / ViT dropout
+    use_se: bool = True                  # CNN squeeze-excitation
+    image_size: int = 256                # images are resized to this square side
+    model: str = "network"               # or "gp": one Gaussian process per latent value (csvs)
+    num_runs: int = 0                    # gp: the runs the posterior is conditioned on
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))   # a list from JSON or a test
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> ConditionerArchitecture:
+        """From a checkpoint's `architecture` entry (older ones lack the later fields)."""
+        return cls(**stored)
+
+    def stored(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "filters": list(self.filters)}
+
+    def build(self) -> nn.Module:
+        return build_conditioner(self)
+
 
 # -----------------------------------------------------------------------------
 # scheduled dropout
@@ -130,16 +167,8 @@ _WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
 def _he_init(root: nn.Module) -> None:
-    """He (Kaiming-uniform, ReLU gain) weights and zero biases on every Conv2d/Linear.
-
-    The original's trainer applied this to the whole conditioner before training.
-    Call it before spectral_norm so the power iteration starts from the final weights.
-    """
-    for m in root.modules():
-        if isinstance(m, _WEIGHTED):
-            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    """He init of every Conv2d/Linear: the original's trainer applied it to the whole conditioner."""
+    he_init(root, _WEIGHTED)
 
 
 def _apply_spectral_norm(layers: Sequence[nn.Module]) -> None:
@@ -183,30 +212,21 @@ class MLPConditioner(nn.Module):
     32:1 bottleneck. The original used fixed dropout rates here, not the config's.
     """
 
-    def __init__(
-        self,
-        *,
-        num_param: int,
-        filters: Sequence[int],
-        latent_dim_end: int,
-        latent_dim: int,
-        num_levels: int,
-        **_unused: object,  # uniform builder signature: image_size, dropout_rate, use_se
-    ) -> None:
+    def __init__(self, arch: ConditionerArchitecture) -> None:
         super().__init__()
-        c = _check_filters(filters, 2)
-        self.num_levels = num_levels
-        self.latent_dim = latent_dim
+        c = _check_filters(arch.filters, 2)
+        self.num_levels = arch.num_levels
+        self.latent_dim = arch.latent_dim
 
-        body: list[nn.Module] = [nn.Linear(num_param, c[0])]
+        body: list[nn.Module] = [nn.Linear(arch.num_param, c[0])]
         for i in range(1, len(c) - 1):
             body += [nn.Linear(c[i - 1], c[i]), nn.LeakyReLU(0.2), ScheduledDropout(0.1)]
         self.body = nn.Sequential(*body)
 
         features = c[-2]
         hidden = max(8, features // 32)
-        self.main_head = _TanhHead(features, hidden, latent_dim_end, 0.2, 0.15)
-        self.hier_head = _TanhHead(features, hidden, num_levels * latent_dim, 0.2, 0.15)
+        self.main_head = _TanhHead(features, hidden, arch.latent_dim_end, 0.2, 0.15)
+        self.hier_head = _TanhHead(features, hidden, arch.num_levels * arch.latent_dim, 0.2, 0.15)
         _he_init(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -226,10 +246,7 @@ _SE_REDUCTION = 16
 
 def _cnn_groups(c: int) -> int:
     """Largest divisor of c not above min(16, max(2, c // 2)) (the original's count)."""
-    g = min(16, max(2, c // 2))
-    while c % g:
-        g -= 1
-    return g
+    return largest_divisor(c, min(16, max(2, c // 2)))
 
 
 def _gn(c: int) -> nn.GroupNorm:
@@ -296,20 +313,11 @@ class CNNConditioner(nn.Module):
     other sizes still run as long as their maps are not smaller.
     """
 
-    def __init__(
-        self,
-        *,
-        image_size: int,
-        filters: Sequence[int],
-        latent_dim_end: int,
-        latent_dim: int,
-        num_levels: int,
-        dropout_rate: float,
-        use_se: bool,
-        **_unused: object,  # uniform builder signature: num_param
-    ) -> None:
+    def __init__(self, arch: ConditionerArchitecture) -> None:
         super().__init__()
-        c = _check_filters(filters, 1)
+        c = _check_filters(arch.filters, 1)
+        image_size, latent_dim_end, latent_dim = arch.image_size, arch.latent_dim_end, arch.latent_dim
+        num_levels, dropout_rate, use_se = arch.num_levels, arch.dropout_rate, arch.use_se
         c_last = c[-1]
         if c_last < 4:
             raise UserError(
@@ -327,7 +335,14 @@ class CNNConditioner(nn.Module):
             # the original kept the stem's DropBlock light for stability
             ScheduledDropBlock2d(max(0.01, dropout_rate / 10), _block_size(side)),
         )
+        self._build_stages(c, side, dropout_rate, use_se)
+        spectral = self._build_heads(c_last, len(c), latent_dim_end, num_levels * latent_dim, dropout_rate)
+        _he_init(self)
+        _apply_spectral_norm(spectral)
 
+    def _build_stages(self, c: list[int], side: int, dropout_rate: float, use_se: bool) -> None:
+        """Two residual blocks per filter value (stride 2 from the second on), each stage
+        with a 1×1 projection of its pooled features to c_last/4 channels."""
         self.stages = nn.ModuleList()
         self.projections = nn.ModuleList()
         c_in = c[0]
@@ -342,10 +357,14 @@ class CNNConditioner(nn.Module):
                     _ResidualBlock(c_out, c_out, 1, dropout_rate, bs, use_se),
                 )
             )
-            self.projections.append(nn.Conv2d(c_out, c_last // 4, 1))
+            self.projections.append(nn.Conv2d(c_out, c[-1] // 4, 1))
             c_in = c_out
 
-        fused_in = c_last + (c_last // 4) * len(c)
+    def _build_heads(self, c_last: int, num_stages: int, main_out_dim: int, hier_out_dim: int,
+                     dropout_rate: float) -> list[nn.Module]:
+        """Fusion of the pooled features, then the main and hierarchical pathways and Tanh
+        heads; returns the Linears that get spectral norm."""
+        fused_in = c_last + (c_last // 4) * num_stages
         fuse = nn.Linear(fused_in, c_last)
         # the original wrote `dropout_rate // 2` and `// 3` (floor division: 0 for any rate
         # below 1); the port uses the halved / thirded rates it meant
@@ -354,9 +373,9 @@ class CNNConditioner(nn.Module):
 
         enc = c_last // 2
         main_a, main_b = nn.Linear(c_last, enc), nn.Linear(enc, enc // 2)
-        main_out = nn.Linear(enc // 2, latent_dim_end)
+        main_out = nn.Linear(enc // 2, main_out_dim)
         hier_a, hier_b = nn.Linear(c_last, enc), nn.Linear(enc, enc)
-        hier_out = nn.Linear(enc, num_levels * latent_dim)
+        hier_out = nn.Linear(enc, hier_out_dim)
         self.main_path = nn.Sequential(
             main_a, nn.SiLU(), ScheduledDropout(dropout_rate / 3), main_b, nn.SiLU()
         )
@@ -365,9 +384,7 @@ class CNNConditioner(nn.Module):
         )
         self.main_head = nn.Sequential(main_out, nn.Tanh())
         self.hier_head = nn.Sequential(hier_out, nn.Tanh())
-
-        _he_init(self)
-        _apply_spectral_norm([fuse, main_a, main_b, main_out, hier_a, hier_b, hier_out])
+        return [fuse, main_a, main_b, main_out, hier_a, hier_b, hier_out]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x = self.stem(x)  # (B, c0, H/2, W/2)
@@ -454,17 +471,9 @@ class ViTConditioner(nn.Module):
     bottleneck. Built for one `image_size` (the position embedding has one row per patch).
     """
 
-    def __init__(
-        self,
-        *,
-        image_size: int,
-        latent_dim_end: int,
-        latent_dim: int,
-        num_levels: int,
-        dropout_rate: float,
-        **_unused: object,  # uniform builder signature: num_param, filters, use_se
-    ) -> None:
+    def __init__(self, arch: ConditionerArchitecture) -> None:
         super().__init__()
+        image_size, num_levels, latent_dim, dropout_rate = arch.image_size, arch.num_levels, arch.latent_dim, arch.dropout_rate
         if image_size % _PATCH:
             raise UserError(
                 f"image size {image_size} is not a multiple of the ViT patch size {_PATCH}: "
@@ -484,7 +493,7 @@ class ViTConditioner(nn.Module):
         self.norm = nn.LayerNorm(_EMBED)
 
         hidden = max(4, _EMBED // 8)
-        self.main_head = _TanhHead(_EMBED, hidden, latent_dim_end, 0.6, 0.5)
+        self.main_head = _TanhHead(_EMBED, hidden, arch.latent_dim_end, 0.6, 0.5)
         self.hier_head = _TanhHead(_EMBED, hidden, num_levels * latent_dim, 0.6, 0.5)
 
         _he_init(self)
@@ -513,48 +522,18 @@ CONDITIONERS: dict[str, type[nn.Module]] = {
     "image": CNNConditioner,
     "image_vit": ViTConditioner,
 }
+assert set(CONDITIONERS) == set(INPUT_TYPES)         # config.py lists them without importing torch
 
 
-def build_conditioner(
-    input_type: str,
-    *,
-    num_param: int,
-    image_size: int,
-    filters: Sequence[int],
-    latent_dim_end: int,
-    latent_dim: int,
-    num_levels: int,
-    dropout_rate: float,
-    use_se: bool,
-) -> nn.Module:
-    """Build the conditioner for `input_type` (the condition.txt key of that name)."""
-    if input_type not in CONDITIONERS:
-        raise UserError(
-            f"unknown input_type {input_type!r} in condition.txt: "
-            f"use one of {', '.join(sorted(CONDITIONERS))}"
-        )
-    return CONDITIONERS[input_type](
-        num_param=num_param,
-        image_size=image_size,
-        filters=filters,
-        latent_dim_end=latent_dim_end,
-        latent_dim=latent_dim,
-        num_levels=num_levels,
-        dropout_rate=dropout_rate,
-        use_se=use_se,
-    )
-
-
-def build_from_architecture(arch: dict, image_size: int = 256) -> nn.Module:
-    """The conditioner a checkpoint's `architecture` entry describes (RunContext.conditioner_architecture)."""
-    if arch.get("model") == "gp":
+def build_conditioner(arch: ConditionerArchitecture) -> nn.Module:
+    """The conditioner `arch` describes: a GP (`model gp`) or the network for its input_type."""
+    if arch.model == "gp":
         from modules.gp import GPConditioner
-        return GPConditioner(arch["num_param"], arch["num_runs"], arch["latent_dim_end"], arch["latent_dim"],
-                             arch["num_levels"])
-    return build_conditioner(arch["input_type"], num_param=arch["num_param"], image_size=image_size,
-                             filters=arch["filters"], latent_dim_end=arch["latent_dim_end"],
-                             latent_dim=arch["latent_dim"], num_levels=arch["num_levels"],
-                             dropout_rate=arch["dropout_rate"], use_se=arch["use_se"])
+        return GPConditioner(arch)
+    if arch.input_type not in CONDITIONERS:
+        raise UserError(f"unknown input_type {arch.input_type!r} in condition.txt: "
+                        f"use one of {', '.join(sorted(CONDITIONERS))}")
+    return CONDITIONERS[arch.input_type](arch)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -564,13 +543,13 @@ def count_parameters(model: nn.Module) -> int:
 __all__ = [
     "CONDITIONERS",
     "CNNConditioner",
+    "ConditionerArchitecture",
     "MLPConditioner",
     "ScheduledDropBlock2d",
     "ScheduledDropPath",
     "ScheduledDropout",
     "ViTConditioner",
     "build_conditioner",
-    "build_from_architecture",
     "count_parameters",
     "scale_dropout_rates",
     "set_dropout_rate",

@@ -43,7 +43,7 @@ LOSS_TYPES = {1: "MSE", 2: "MAE", 3: "SmoothL1", 4: "Huber"}
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """The dataset's shape and the part of it that is used."""
+    """The dataset's shape, the part of it that is used, and how its fields are scaled."""
     SECTION: ClassVar[str] = _COMMON
 
     Dim1: int = _key(lo=1, help="number of runs P in the dataset")
@@ -55,6 +55,9 @@ class DataConfig:
                          help="keep only the first T' time steps (default: Dim2)")
     Dim3_red: int = _key(_DERIVED, lo=1,
                          help="keep only the first N' nodes (default: Dim3)")
+    field_scaling: str = _key("centered", choices=("centered", "minmax"),
+                              help="centered: subtract the training runs' mean field, one scale for the whole field; "
+                                   "minmax: the original's per-node min-max to [-0.9, 0.9]")
 
     def check(self, where) -> None:
         if self.Dim2_red > self.Dim2:
@@ -102,9 +105,6 @@ class VAEConfig:
     lr_restart_mult: int = _key(2, lo=1, help="cosine-restart period multiplier")
     lr_min_factor: float = _key(1e-4, lo=0.0, hi=1.0,
                                 help="minimum LR as a fraction of LearningR")
-    field_scaling: str = _key("centered", choices=("centered", "minmax"),
-                              help="centered: subtract the training runs' mean field, one scale for the whole field; "
-                                   "minmax: the original's per-node min-max to [-0.9, 0.9]")
     kl_normalize: str = _key("values", choices=("values", "none"),
                              help="values: divide the KL term by the N·T field values of a run, so the balance of "
                                   "alpha·recon (a mean over values) and beta·KL does not depend on the mesh size; "
@@ -131,8 +131,6 @@ class VAEConfig:
     output_norm: bool = _key(False,
                              help="GroupNorm on the decoder's output (the original's); 0 removes it, which "
                                   "fields whose runs differ mainly in amplitude need")
-    val_every: int = _key(10, lo=1,
-                          help="validate every N epochs (and at the last epoch)")
 
     @property
     def loss_name(self) -> str:
@@ -293,6 +291,8 @@ class RunConfig:
     keep_runs: int = _key(5, lo=1,
                           help="earlier runs' checkpoints kept in checkpoints/history/ (unfinished runs are dropped "
                                "first; a finished model is never dropped for an unfinished one)")
+    val_every: int = _key(10, lo=1,
+                          help="validate every N epochs (and at the last epoch)")
     log_every: int = _key(10, lo=1,
                           help="progress line / TensorBoard scalars every N epochs")
 
@@ -428,14 +428,39 @@ def _parse_override(text: str) -> tuple[str, str]:
 def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Parse a `condition.txt`, apply `--set KEY=VALUE` overrides, validate, return a Config."""
     path = Path(path)
+    raw = _read_condition(path)             # key -> (value text, where it was set)
+    _apply_overrides(raw, overrides)
+    values: dict[str, Any] = {}
+    original = "recipe" in raw and _convert("recipe", *raw["recipe"]) == "original"
+    for name, f in FIELDS.items():
+        if name in raw:
+            values[name] = _convert(name, raw[name][0], raw[name][1])
+        elif original and name in ORIGINAL_RECIPE:
+            values[name] = ORIGINAL_RECIPE[name]
+        elif f.metadata["required"]:
+            raise UserError(f"{path}: required key '{name}' is missing; add a line '{name} <value>' ({f.metadata['help']}).")
+    data = DataConfig(**_section(values, DataConfig))
+    data = dataclasses.replace(data, Dim2_red=data.Dim2 if data.Dim2_red is None else data.Dim2_red,
+                               Dim3_red=data.Dim3 if data.Dim3_red is None else data.Dim3_red)
+    cond = ConditionerConfig(**_section(values, ConditionerConfig))
+    cond = dataclasses.replace(cond, n_sample=data.Dim1 if cond.n_sample is None else cond.n_sample,
+                               e2e_epochs=max(1, cond.n_epoch // 4) if cond.e2e_epochs is None else cond.e2e_epochs)
+    cfg = Config(data=data, vae=VAEConfig(**_section(values, VAEConfig)),
+                 augment=AugmentConfig(**_section(values, AugmentConfig)), conditioner=cond,
+                 engine=EngineConfig(**_section(values, EngineConfig)), run=RunConfig(**_section(values, RunConfig)))
+    _check_consistency(cfg, lambda key: raw[key][1] if key in raw else str(path))
+    return cfg
+
+
+def _read_condition(path: Path) -> dict[str, tuple[str, str]]:
+    """The file's key -> (value text, 'FILE line N'), every line checked."""
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass --config PATH or run from the folder that holds input_data/condition.txt.")
     try:
         lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc.strerror}.") from None
-
-    raw: dict[str, tuple[str, str]] = {}   # key -> (value text, location)
+    raw: dict[str, tuple[str, str]] = {}
     for number, line in enumerate(lines, start=1):
         text = line.split("#", 1)[0].strip()
         if not text or text.startswith(("%", "'")):
@@ -460,7 +485,11 @@ def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         if key in raw:
             log.warning("%s: key '%s' repeated; the later value wins (first at %s)", where, key, raw[key][1])
         raw[key] = (parts[1], where)
+    return raw
 
+
+def _apply_overrides(raw: dict[str, tuple[str, str]], overrides) -> None:
+    """`--set KEY=VALUE` values over the file's, in order."""
     for text in overrides:
         key, value = _parse_override(text)
         key = ALIASES.get(key, key)
@@ -471,27 +500,6 @@ def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             log.warning("--set %s=%s: key '%s' set twice on the command line; the later value wins (first %s)",
                         key, value, key, raw[key][1])
         raw[key] = (value, f"--set {key}={value}")
-
-    values: dict[str, Any] = {}
-    original = "recipe" in raw and _convert("recipe", *raw["recipe"]) == "original"
-    for name, f in FIELDS.items():
-        if name in raw:
-            values[name] = _convert(name, raw[name][0], raw[name][1])
-        elif original and name in ORIGINAL_RECIPE:
-            values[name] = ORIGINAL_RECIPE[name]
-        elif f.metadata["required"]:
-            raise UserError(f"{path}: required key '{name}' is missing; add a line '{name} <value>' ({f.metadata['help']}).")
-    data = DataConfig(**_section(values, DataConfig))
-    data = dataclasses.replace(data, Dim2_red=data.Dim2 if data.Dim2_red is None else data.Dim2_red,
-                               Dim3_red=data.Dim3 if data.Dim3_red is None else data.Dim3_red)
-    cond = ConditionerConfig(**_section(values, ConditionerConfig))
-    cond = dataclasses.replace(cond, n_sample=data.Dim1 if cond.n_sample is None else cond.n_sample,
-                               e2e_epochs=max(1, cond.n_epoch // 4) if cond.e2e_epochs is None else cond.e2e_epochs)
-    cfg = Config(data=data, vae=VAEConfig(**_section(values, VAEConfig)),
-                 augment=AugmentConfig(**_section(values, AugmentConfig)), conditioner=cond,
-                 engine=EngineConfig(**_section(values, EngineConfig)), run=RunConfig(**_section(values, RunConfig)))
-    _check_consistency(cfg, lambda key: raw[key][1] if key in raw else str(path))
-    return cfg
 
 
 def _section(values: dict[str, Any], cls: type) -> dict[str, Any]:

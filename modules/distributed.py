@@ -109,3 +109,11 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
+    """The global batch `key` split evenly across the DDP processes."""
+    if global_batch % world_size:
+        raise UserError(f"{key} = {global_batch} is not divisible by the {world_size} DDP processes; "
+                        f"use a multiple of {world_size}.")
+    return global_batch // world_size

@@ -413,7 +413,7 @@ class EpochResult:
 
 
 def evaluate(module: nn.Module, batches: Iterable[Batch], metric_fn: Callable[[nn.Module, Batch], dict[str, torch.Tensor]],
-             device: torch.device, autocast_dtype=None) -> dict[str, float]:
+             device: torch.device) -> dict[str, float]:
     """Mean of `metric_fn` over batches (weighted by batch size), reduced over ranks.
 
     Any split of the validation runs over the ranks works, including ranks with no runs
@@ -424,10 +424,9 @@ def evaluate(module: nn.Module, batches: Iterable[Batch], metric_fn: Callable[[n
     module.eval()
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros((), dtype=torch.float64, device=device)
-    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     # cached(): the weights are fixed here, so each spectral-normalised W/σ is computed once,
     # not once per batch (eval mode runs no power iteration; the values are the same)
-    with torch.no_grad(), ctx, parametrize.cached():
+    with torch.no_grad(), parametrize.cached():
         for batch in batches:
             n = batch[0].shape[0]
             if n == 0:            # a rank without validation runs gets an empty split

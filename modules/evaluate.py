@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from modules.baseline import relative_l2
 from modules.checkpoint import atomic_write, save_json
@@ -158,17 +157,3 @@ def describe(report: dict) -> list[str]:
         lines.append(f"  {flagged} run(s) outside the training inputs (column out_of_domain in the CSV)")
     lines.append(f"  details: {', '.join(report['files'])}")
     return lines
-
-
-def reconstruct_fields(vae: torch.nn.Module, scaler, fields: np.ndarray, device: torch.device,
-                       batch: int = 16) -> np.ndarray:
-    """True fields (n, T, N), physical units → the VAE's encode (μ) → decode (`fix`), same units."""
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(fields), batch):
-            x = torch.from_numpy(np.asarray(fields[start:start + batch], np.float32)).to(device)
-            x = scaler.transform(x, node_axis=-1).transpose(1, 2)                   # (B, N, T)
-            mu, _, xs = vae.encode(x)
-            recon, _ = vae.decode(mu, xs, mode="fix")
-            out.append(scaler.inverse_transform(recon.double()).transpose(1, 2).cpu().numpy())
-    return np.concatenate(out)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from modules.conditioners import ConditionerArchitecture
+
 JITTER = 1e-10          # scikit-learn's default `alpha`: added to the kernel's diagonal
 
 
@@ -115,10 +117,11 @@ class GPConditioner(nn.Module):
     float64 buffers and evaluated in closed form, so prediction is a few small matmuls, and
     `predict` also gives the posterior std that `--sampling predictive` draws from."""
 
-    def __init__(self, num_param: int, num_runs: int, latent_dim_end: int, latent_dim: int, num_levels: int) -> None:
+    def __init__(self, arch: ConditionerArchitecture) -> None:
         super().__init__()
-        self.latent_dim_end, self.latent_dim, self.num_levels = latent_dim_end, latent_dim, num_levels
-        m = latent_dim_end + num_levels * latent_dim
+        self.latent_dim_end, self.latent_dim, self.num_levels = arch.latent_dim_end, arch.latent_dim, arch.num_levels
+        m = arch.latent_dim_end + arch.num_levels * arch.latent_dim
+        num_runs, num_param = arch.num_runs, arch.num_param
         f64 = torch.float64
         self.register_buffer("x", torch.zeros(num_runs, num_param, dtype=f64))
         self.register_buffer("inv_length", torch.ones(m, num_param, dtype=f64))

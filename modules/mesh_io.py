@@ -242,6 +242,23 @@ def import_runs(patterns: list[str], field_texts: list[str], out_dir: Path) -> I
                 folder.rmdir()
 
 
+def _step_row(step: Step, specs: list[FieldSpec]) -> np.ndarray:
+    """One step's requested fields stacked as node blocks (F·N,), every value nodal and finite."""
+    parts = [spec.values(step.point_data, step.where) for spec in specs]
+    for spec, part in zip(specs, parts):
+        if len(part) != len(step.points):
+            raise UserError(f"{step.where}: --field {spec.text} has {len(part)} values but the mesh "
+                            f"{len(step.points)} nodes; export it as point (nodal) data.")
+    row = np.concatenate(parts)
+    bad = ~np.isfinite(row)
+    if bad.any():
+        node = int(np.flatnonzero(bad)[0])
+        raise UserError(f"{step.where}: {int(bad.sum())} NaN/Inf value(s) in --field "
+                        f"{specs[node // len(step.points)].text} (first at node {node % len(step.points)}); "
+                        f"fix or leave out this run.")
+    return row
+
+
 def _import(runs: list[Path], specs: list[FieldSpec], dataset: Path, outputs: dict[Path, Path]) -> ImportResult:
     import meshio
     from numpy.lib.format import open_memmap
@@ -262,18 +279,7 @@ def _import(runs: list[Path], specs: list[FieldSpec], dataset: Path, outputs: di
             if reference is None:
                 reference = step
             _check_same_mesh(step.points, reference, step.where)
-            parts = [spec.values(step.point_data, step.where) for spec in specs]
-            for spec, part in zip(specs, parts):
-                if len(part) != len(step.points):
-                    raise UserError(f"{step.where}: --field {spec.text} has {len(part)} values but the mesh "
-                                    f"{len(step.points)} nodes; export it as point (nodal) data.")
-            row = np.concatenate(parts)                                                          # (F·N,)
-            bad = ~np.isfinite(row)
-            if bad.any():
-                node = int(np.flatnonzero(bad)[0])
-                raise UserError(f"{step.where}: {int(bad.sum())} NaN/Inf value(s) in --field "
-                                f"{specs[node // len(step.points)].text} (first at node {node % len(step.points)}); "
-                                f"fix or leave out this run.")
+            row = _step_row(step, specs)                                                         # (F·N,)
             if store is None:    # (P, T, F·N), written run by run: only one step is in memory at a time
                 store = open_memmap(outputs[dataset], mode="w+", dtype=np.float32,
                                     shape=(len(runs), num_steps, row.size))

@@ -10,11 +10,12 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from modules.checkpoint import (build_from_checkpoint, check_architecture, check_same_split, check_state_dict,
+from modules.checkpoint import (build_from_checkpoint, check_architecture, same_architecture, check_same_split, check_state_dict,
                                ensure_writable, load_checkpoint, load_model_state, load_npz, save_json, save_npz,
                                seed_everything)
 from modules.config import Config, Preset
@@ -27,6 +28,10 @@ from modules.plots import Figures
 from modules.run import Paths, RunContext, new_run_id
 from modules.calibration import LEVELS
 from modules.stage import save_fitted
+from modules.vae import VAEArchitecture
+
+if TYPE_CHECKING:
+    from modules.train_conditioner import ConditionerInputs
 
 log = logging.getLogger("simulgen")
 
@@ -58,21 +63,45 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     paths = Paths(workdir)
     seed_everything(cfg.run.seed)
     if flags.run is not None:
-        if not (flags.lc_only or flags.resume):
-            raise UserError(f"--run {flags.run} picks an earlier run to continue (--resume) or to train a conditioner "
-                            f"on (--lc_only=1), or to predict with (--predict); a fresh run starts a new run, so drop --run.")
-        from modules.history import locate, restore
-        locate(paths, flags.run)                    # a one-line error on every rank when it does not exist
-        if dist_info.is_main:
-            restore(paths, flags.run, cfg.run.keep_runs)
-        barrier()
+        _make_current(flags, paths, cfg.run.keep_runs, dist_info.is_main)
+    plan = _preflight(flags, cfg, preset, paths, dist_info, device)
+    figures = _first_writes(plan, flags)
+    return _train_stages(plan, flags, figures)
 
-    # --- every input, before anything is written ------------------------------------------
-    from modules.train_conditioner import read_conditioner_inputs
+
+@dataclass
+class _Plan:
+    """What the pre-flight checks established, before anything is written."""
+    ctx: RunContext
+    data_path: Path
+    runs: np.ndarray                 # (P, T', N'), a view of the dataset
+    inputs: ConditionerInputs        # CSV rows or pictures
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    fresh_vae: bool                  # this run trains a new VAE (and archives the current run)
+    vae_run_id: str                  # the run whose VAE the conditioner is trained on
+
+
+def _make_current(flags: Flags, paths: Paths, keep_runs: int, is_main: bool) -> None:
+    """--run RUN_ID: restore that archived run to checkpoints/ (modules/history.py)."""
+    if not (flags.lc_only or flags.resume):
+        raise UserError(f"--run {flags.run} picks an earlier run to continue (--resume) or to train a conditioner "
+                        f"on (--lc_only=1), or to predict with (--predict); a fresh run starts a new run, so drop --run.")
+    from modules.history import locate, restore
+    locate(paths, flags.run)                    # a one-line error on every rank when it does not exist
+    if is_main:
+        restore(paths, flags.run, keep_runs)
+    barrier()
+
+
+def _preflight(flags: Flags, cfg: Config, preset: Preset, paths: Paths, dist_info, device) -> _Plan:
+    """Every input checked before anything is written: dataset, conditioner inputs, batch
+    splits, engine options, and the checkpoints this run continues from."""
+    from modules.distributed import per_rank_batch
     from modules.engine import EngineSettings, graphs_in_use
-    from modules.train_vae import per_rank_batch
-    data_dir = (workdir / cfg.run.dataset_dir) if cfg.run.dataset_dir else workdir
-    data_path = find_dataset(data_dir, preset.dataset_number)
+    from modules.train_conditioner import read_conditioner_inputs
+    workdir = paths.workdir
+    data_path = find_dataset(workdir / cfg.run.dataset_dir if cfg.run.dataset_dir else workdir, preset.dataset_number)
     array = open_dataset(data_path)
     check_dataset(array, (cfg.data.Dim1, cfg.data.Dim2, cfg.data.Dim3), data_path)
     runs = reduce(array, cfg.data.Dim2_red, cfg.data.Dim3_red)                      # (P, T', N'), a view
@@ -82,6 +111,22 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     per_rank_batch(cfg.conditioner.latent_conditioner_batch, dist_info.world_size, "latent_conditioner_batch")
     graphs_in_use(EngineSettings.from_config(cfg, device, grad_clip=0.0), device, dist_info.enabled)  # refuses graphs + DDP
     train_idx, val_idx = split_indices(cfg.data.Dim1, cfg.run.val_split, cfg.run.seed)
+    vae_state, cond_state = _checkpoints_to_continue(flags, paths)
+    run_id = _choose_run_id(flags, paths, vae_state, cond_state)
+    ctx = RunContext(cfg, preset, flags.small, flags.load_all, flags.plot, device, dist_info, paths, run_id, flags.resume)
+    if flags.lc_only and not same_architecture(vae_state["architecture"], ctx.vae_architecture()):
+        raise UserError(f"{paths.vae} was trained with another VAE architecture ({vae_state['architecture']}) than "
+                        f"this config and preset give ({ctx.vae_architecture().stored()}); {_VAE_HINT}.")
+    fresh_vae = not flags.lc_only and not (flags.resume and vae_state is not None)
+    vae_run_id = run_id if fresh_vae else vae_state["run"]["run_id"]
+    _check_checkpoints_fit(ctx, flags, vae_state, cond_state, vae_run_id, val_idx)
+    ensure_writable([paths.checkpoints, ctx.run_dir.parent], "training outputs", _OUTPUT_FIX)
+    return _Plan(ctx, data_path, runs, inputs, train_idx, val_idx, fresh_vae, vae_run_id)
+
+
+def _checkpoints_to_continue(flags: Flags, paths: Paths) -> tuple[dict | None, dict | None]:
+    """The current VAE and conditioner checkpoints (None where absent), checked against what
+    --lc_only and --resume need of them."""
     vae_state = _peek(paths.vae, "vae", "VAE checkpoint", _VAE_HINT)
     if flags.lc_only:
         if vae_state is None or not vae_state.get("finished"):
@@ -96,51 +141,50 @@ def train(flags: Flags, cfg: Config, preset: Preset, workdir: Path) -> dict:
     if flags.resume and not flags.lc_only and vae_state is None:
         raise UserError(f"--resume: no checkpoint {paths.vae} in {paths.checkpoints} to continue from; "
                         f"start without --resume.")
+    return vae_state, cond_state
 
-    small = flags.small
-    run_id = _choose_run_id(flags, paths, vae_state, cond_state)
-    ctx = RunContext(cfg, preset, small, flags.load_all, flags.plot, device, dist_info, paths, run_id, flags.resume)
-    if flags.lc_only and vae_state["architecture"] != ctx.vae_architecture():
-        raise UserError(f"{paths.vae} was trained with another VAE architecture ({vae_state['architecture']}) than "
-                        f"this config and preset give ({ctx.vae_architecture()}); {_VAE_HINT}.")
-    fresh_vae = not flags.lc_only and not (flags.resume and vae_state is not None)
-    vae_run_id = run_id if fresh_vae else vae_state["run"]["run_id"]
-    _check_checkpoints_fit(ctx, flags, vae_state, cond_state, vae_run_id, val_idx)
-    ensure_writable([paths.checkpoints, ctx.run_dir.parent], "training outputs", _OUTPUT_FIX)
 
-    # --- the first writes -------------------------------------------------------------------
-    if dist_info.is_main:
+def _first_writes(plan: _Plan, flags: Flags) -> Figures:
+    """Archive the current run (a fresh VAE), create the run folder, write config.json, open
+    TensorBoard and print the resolved config."""
+    ctx, paths, is_main = plan.ctx, plan.ctx.paths, plan.ctx.dist.is_main
+    if is_main:
         try:
-            if fresh_vae:
+            if plan.fresh_vae:
                 from modules.history import archive_current
-                archive_current(paths, cfg.run.keep_runs)
+                archive_current(paths, ctx.cfg.run.keep_runs)
             ctx.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot write to {exc.filename or paths.checkpoints} ({exc.strerror or exc}); "
                             f"make it writable (or free disk space) and run again.") from None
         save_json(ctx.run_dir / "config.json", ctx.describe())
     barrier()
-    ctx.monitor = Monitor(ctx.run_dir, dist_info.is_main, cfg.run.log_every)
+    ctx.monitor = Monitor(ctx.run_dir, is_main, ctx.cfg.run.log_every)
     ctx.monitor.text("config", "\n".join(f"{k}: {v}" for k, v in ctx.cfg.flat().items()))
-    figures = Figures(flags.plot, ctx.run_dir, dist_info.is_main, dataset=data_path)
-    if dist_info.is_main:
-        _print_config(ctx, data_path)
+    if is_main:
+        _print_config(ctx, plan.data_path)
+    return Figures(flags.plot, ctx.run_dir, is_main, dataset=plan.data_path)
 
+
+def _train_stages(plan: _Plan, flags: Flags, figures: Figures) -> dict:
+    """The VAE (unless --lc_only), the conditioner and the classical baseline; summary.json."""
+    ctx, cfg = plan.ctx, plan.ctx.cfg
     started = time.perf_counter()
-    scaler = _field_scaler(ctx, runs, flags.lc_only, train_idx, data_path)
-    store = FieldStore(runs, scaler, preload=flags.load_all, device=device, pin_memory=device.type == "cuda")
-    summary: dict = {"run_id": run_id, "dataset_preloaded": store.preloaded}
-
+    scaler = _field_scaler(ctx, plan.runs, flags.lc_only, plan.train_idx, plan.data_path)
+    store = FieldStore(plan.runs, scaler, preload=flags.load_all, device=ctx.device,
+                       pin_memory=ctx.device.type == "cuda")
+    summary: dict = {"run_id": ctx.run_id, "dataset_preloaded": store.preloaded}
     if flags.lc_only:
-        latents = load_npz(paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
+        latents = load_npz(ctx.paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
     else:
-        latents = _vae_stage(ctx, store, train_idx, val_idx, figures, summary)
-    summary.update(_conditioner_stage(ctx, inputs, latents, store, train_idx, val_idx, vae_run_id, figures))
-    if dist_info.is_main and cfg.run.baseline:
-        summary.update(classical_baseline(runs, inputs.raw, train_idx, val_idx, cfg.run.seed))
+        latents = _vae_stage(ctx, store, plan.train_idx, plan.val_idx, figures, summary)
+    summary.update(_conditioner_stage(ctx, plan.inputs, latents, store, plan.train_idx, plan.val_idx,
+                                      plan.vae_run_id, figures))
+    if ctx.dist.is_main and cfg.run.baseline:
+        summary.update(classical_baseline(plan.runs, plan.inputs.raw, plan.train_idx, plan.val_idx, cfg.run.seed))
     summary["seconds_total"] = time.perf_counter() - started
     summary["figures"] = [str(p) for p in figures.saved]
-    if dist_info.is_main:
+    if ctx.dist.is_main:
         save_json(ctx.run_dir / "summary.json", summary)
         _print_summary(summary, ctx)
     ctx.monitor.close()
@@ -165,13 +209,11 @@ def _check_checkpoints_fit(ctx: RunContext, flags: Flags, vae_state: dict | None
     """Every checkpoint this run will load must fit this config: the same architecture and
     data split, weights that fit the network. Checked before anything is written, so a
     mismatch never touches the earlier run's checkpoints or run folder."""
-    from modules.conditioners import build_from_architecture
-    from modules.train_vae import build_vae
     paths = ctx.paths
     if flags.lc_only:           # the VAE's exported weights decode the conditioner's latents
-        _check_weights(build_vae, vae_state, paths.vae, "VAE checkpoint", _VAE_HINT, ("export",))
+        _check_weights(VAEArchitecture, vae_state, paths.vae, "VAE checkpoint", _VAE_HINT, ("export",))
     elif flags.resume:
-        _check_resumable(vae_state, paths.vae, "VAE checkpoint", ctx.vae_architecture(), build_vae, val_idx, _VAE_HINT)
+        _check_resumable(vae_state, paths.vae, "VAE checkpoint", ctx.vae_architecture(), val_idx, _VAE_HINT)
     if not flags.resume:
         return
     stages = [(paths.conditioner, cond_state)]
@@ -180,22 +222,21 @@ def _check_checkpoints_fit(ctx: RunContext, flags: Flags, vae_state: dict | None
                                                     _COND_HINT)))
     for path, state in stages:
         if state is not None and state["extra"]["vae_run_id"] == vae_run_id:      # it will be resumed
-            _check_resumable(state, path, "conditioner checkpoint", ctx.conditioner_architecture(),
-                             build_from_architecture, val_idx, _COND_HINT)
+            _check_resumable(state, path, "conditioner checkpoint", ctx.conditioner_architecture(), val_idx,
+                             _COND_HINT)
 
 
-def _check_resumable(state: dict, path: Path, what: str, architecture: dict, build, val_idx: np.ndarray,
-                     hint: str) -> None:
+def _check_resumable(state: dict, path: Path, what: str, architecture, val_idx: np.ndarray, hint: str) -> None:
     check_architecture(state["architecture"], architecture, path)
     check_same_split(state["extra"]["split"], val_idx, path)
-    _check_weights(build, state, path, what, hint, ("model", "export"))
+    _check_weights(type(architecture), state, path, what, hint, ("model", "export"))
 
 
-def _check_weights(build, state: dict, path: Path, what: str, hint: str, parts: tuple[str, ...]) -> None:
+def _check_weights(arch_cls: type, state: dict, path: Path, what: str, hint: str, parts: tuple[str, ...]) -> None:
     """The saved weights fit the network the checkpoint's architecture describes (built on the
     CPU, without drawing from the RNG streams the training uses)."""
     with torch.random.fork_rng(devices=[]):
-        expected = build_from_checkpoint(build, state, path, what, hint).state_dict()
+        expected = build_from_checkpoint(arch_cls, state, path, what, hint).state_dict()
     for part in parts:
         check_state_dict(expected, state[part], path, what, hint)
 
@@ -219,7 +260,7 @@ def _field_scaler(ctx: RunContext, runs: np.ndarray, lc_only: bool, train_idx: n
         if scaler.num_nodes != runs.shape[2]:
             raise UserError(f"{ctx.paths.field_scaler} covers {scaler.num_nodes} nodes, the data {runs.shape[2]}; {_VAE_HINT}.")
         return scaler
-    scaler = FieldScaler.fit(runs, ctx.cfg.vae.field_scaling, train_idx,                # streamed: a memmap is never
+    scaler = FieldScaler.fit(runs, ctx.cfg.data.field_scaling, train_idx,                # streamed: a memmap is never
                              blocks=_imported_field_count(data_path, runs.shape[2]))  # read whole
     if ctx.dist.is_main:
         save_npz(ctx.paths.field_scaler, **scaler.state_dict())
@@ -262,21 +303,25 @@ def _vae_stage(ctx: RunContext, store: FieldStore, train_idx, val_idx, figures: 
     return load_npz(ctx.paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
 
 
-def _conditioner_stage(ctx: RunContext, inputs, latents: dict, store: FieldStore, train_idx, val_idx,
+def _frozen_vae(ctx: RunContext) -> torch.nn.Module:
+    """The saved VAE's exported weights, in eval mode and without gradients."""
+    paths = ctx.paths
+    vae_state = load_checkpoint(paths.vae, "vae", "VAE checkpoint", _VAE_HINT)
+    vae = build_from_checkpoint(VAEArchitecture, vae_state, paths.vae, "VAE checkpoint", _VAE_HINT).to(ctx.device)
+    load_model_state(vae, vae_state["export"], paths.vae, "VAE checkpoint", _VAE_HINT)
+    return vae.eval().requires_grad_(False)
+
+
+def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict, store: FieldStore, train_idx, val_idx,
                        vae_run_id: str, figures: Figures) -> dict:
-    from modules.predict import LatentDecoder, Surrogate
+    from modules.surrogate import LatentDecoder, Surrogate
     from modules.train_conditioner import ConditionerData, ConditionerTrainer, evaluate_surrogate
-    from modules.train_vae import build_vae
     cfg, paths = ctx.cfg, ctx.paths
     data = ConditionerData.build(inputs, latents["main"], latents["hierarchical"], ctx.device,
                                  joint_targets=cfg.conditioner.lc_target_scaling == "joint")
     if ctx.dist.is_main:
         data.save_scalers(paths.conditioner_scalers)
-    vae_state = load_checkpoint(paths.vae, "vae", "VAE checkpoint", _VAE_HINT)
-    vae = build_from_checkpoint(build_vae, vae_state, paths.vae, "VAE checkpoint", _VAE_HINT).to(ctx.device)
-    load_model_state(vae, vae_state["export"], paths.vae, "VAE checkpoint", _VAE_HINT)
-    vae.eval().requires_grad_(False)
-    decoder = LatentDecoder(vae, data.main_scaler, data.hier_scaler, ctx.device)
+    decoder = LatentDecoder(_frozen_vae(ctx), data.main_scaler, data.hier_scaler, ctx.device)
 
     def surrogate(module) -> Surrogate:
         return Surrogate(module, decoder, store.scaler, data.input_scaler, cfg.conditioner.kind, cfg.conditioner.num_param,
@@ -336,7 +381,6 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     conditioned on, the training runs only. The saved GP is then refitted on every run
     (training and validation), as a model is refitted on all its data once it is validated:
     on the suite this cut the test error by 10-15 % (benchmarks/accuracy/NOTES.md, H10)."""
-    from modules.conditioners import build_from_architecture
     from modules.gp import GPPosterior, fit_hyperparameters
     from modules.train_conditioner import evaluate_surrogate
     cfg, paths = ctx.cfg, ctx.paths
@@ -348,10 +392,10 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     hyper = fit_hyperparameters(x[train_idx], y[train_idx], cfg.run.seed)
     arch = ctx.conditioner_architecture()
-    held_out = build_from_architecture({**arch, "num_runs": len(train_idx)})
+    held_out = dataclasses.replace(arch, num_runs=len(train_idx)).build()
     held_out.set_posterior(GPPosterior.condition(hyper, x[train_idx], y[train_idx]))
     saved = fit_hyperparameters(x, y, cfg.run.seed)
-    final = build_from_architecture(arch).set_posterior(GPPosterior.condition(saved, x, y))
+    final = arch.build().set_posterior(GPPosterior.condition(saved, x, y))
     out: dict = {"conditioner": "csvs (gp)", "lc_gp_length_scales": saved.length.tolist(),
                  "lc_gp_noise": saved.noise.tolist()}
     if ctx.dist.is_main:

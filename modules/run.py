@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from modules.conditioners import ConditionerArchitecture
 from modules.config import Config, Preset
 from modules.distributed import DistInfo
 from modules.monitor import Monitor
+from modules.vae import VAEArchitecture
 
 
 @dataclass(frozen=True)
@@ -94,24 +96,23 @@ class RunContext:
         k = self.preset.beta_exponent
         return 10.0 ** (-k) if k > 0 else self.cfg.vae.beta_start
 
-    def vae_architecture(self) -> dict:
+    def vae_architecture(self) -> VAEArchitecture:
         """What fixes the VAE's shapes; a checkpoint must agree on all of it."""
-        return {"num_nodes": self.cfg.data.Dim3_red, "num_time": self.cfg.data.Dim2_red,
-                "filters": list(self.preset.encoder_filters), "latent_dim_end": self.cfg.vae.Latent_dim_end,
-                "latent_dim": self.cfg.vae.Latent_dim, "small": self.small, "output_norm": self.cfg.vae.output_norm,
-                "spectral_norm": self.cfg.vae.spectral_norm, "norm": self.cfg.vae.vae_norm, "logvar_init": self.cfg.vae.logvar_init,
-                "linear_modes": self.cfg.vae.linear_modes}
+        data, vae = self.cfg.data, self.cfg.vae
+        return VAEArchitecture(num_nodes=data.Dim3_red, num_time=data.Dim2_red, filters=self.preset.encoder_filters,
+                               latent_dim_end=vae.Latent_dim_end, latent_dim=vae.Latent_dim, small=self.small,
+                               output_norm=vae.output_norm, spectral_norm=vae.spectral_norm, norm=vae.vae_norm,
+                               logvar_init=vae.logvar_init, linear_modes=vae.linear_modes)
 
-    def conditioner_architecture(self) -> dict:
-        cfg = self.cfg
-        if cfg.conditioner.uses_gp:
-            return {"input_type": "csvs", "model": "gp", "num_param": cfg.conditioner.num_param, "num_runs": cfg.data.Dim1,
-                    "latent_dim_end": cfg.vae.Latent_dim_end, "latent_dim": cfg.vae.Latent_dim,
-                    "num_levels": len(self.preset.encoder_filters) - 1}
-        return {"input_type": cfg.conditioner.kind, "num_param": cfg.conditioner.num_param,
-                "filters": list(self.preset.conditioner_filters), "latent_dim_end": cfg.vae.Latent_dim_end,
-                "latent_dim": cfg.vae.Latent_dim, "num_levels": len(self.preset.encoder_filters) - 1,
-                "dropout_rate": cfg.conditioner.latent_conditioner_dropout_rate, "use_se": cfg.conditioner.use_spatial_attention}
+    def conditioner_architecture(self) -> ConditionerArchitecture:
+        cond, vae = self.cfg.conditioner, self.cfg.vae
+        common = dict(input_type=cond.kind, num_param=cond.num_param, latent_dim_end=vae.Latent_dim_end,
+                      latent_dim=vae.Latent_dim, num_levels=len(self.preset.encoder_filters) - 1)
+        if cond.uses_gp:
+            return ConditionerArchitecture(**common, model="gp", num_runs=self.cfg.data.Dim1)
+        return ConditionerArchitecture(**common, filters=self.preset.conditioner_filters,
+                                       dropout_rate=cond.latent_conditioner_dropout_rate,
+                                       use_se=cond.use_spatial_attention)
 
     def describe(self) -> dict:
         return {"config": self.cfg.to_dict(), "preset": dataclasses.asdict(self.preset),

@@ -24,14 +24,14 @@ log = logging.getLogger("simulgen")
 CHECKPOINT_VERSION = 1
 
 
-def save_fitted(ctx: RunContext, path: Path, kind: str, module: torch.nn.Module, architecture: dict, extra: dict,
+def save_fitted(ctx: RunContext, path: Path, kind: str, module: torch.nn.Module, architecture, extra: dict,
                 seconds: float) -> None:
     """A model fitted in closed form (no epochs, e.g. the GP conditioner), written in the stage
     checkpoint format as a finished stage, so loading, prediction and the checks read it alike."""
     weights = clean_state_dict(module.state_dict())
     payload = {"kind": kind, "version": CHECKPOINT_VERSION, "epoch": 0, "epochs": 0, "finished": True,
                "model": weights, "export": weights, "engine": {"applied_steps": 0}, "lr_scale": 1.0, "rollbacks": 0,
-               "rng": [rng_state()], "history": {}, "seconds": seconds, "architecture": architecture,
+               "rng": [rng_state()], "history": {}, "seconds": seconds, "architecture": architecture.stored(),
                "best": {"val": math.inf, "bad_epochs": 0, "saved": False}, "run": ctx.describe(), "extra": extra}
     if ctx.dist.is_main:
         save_torch(payload, path)
@@ -45,7 +45,7 @@ class StageTrainer:
     patience: int | None = None      # early stopping: validations without improvement of best_metric
 
     def __init__(self, ctx: RunContext, engine: TrainingEngine, epochs: int, checkpoint: Path,
-                 architecture: dict, how_to_make: str):
+                 architecture, how_to_make: str):
         self.ctx = ctx
         self.engine = engine
         self.epochs = epochs
@@ -132,7 +132,7 @@ class StageTrainer:
                 "finished": self.finished, "model": clean_state_dict(self.engine.module.state_dict()),
                 "export": self.export_state(), "engine": self.engine.state_dict(),
                 "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "rng": rngs,
-                "history": self.history, "seconds": self.seconds, "architecture": self.architecture,
+                "history": self.history, "seconds": self.seconds, "architecture": self.architecture.stored(),
                 "best": {"val": self.best_val, "bad_epochs": self.bad_epochs, "saved": self.best_state is not None},
                 "run": self.ctx.describe(), "extra": self.extra_state()}
 

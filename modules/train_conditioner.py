@@ -15,14 +15,15 @@ from modules.augment import ConditionerAugmentation
 from modules.baseline import relative_l2
 from modules.checkpoint import check_same_split, save_npz
 from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
-from modules.conditioners import build_from_architecture, scale_dropout_rates
+from modules.conditioners import scale_dropout_rates
 from modules.data import FieldStore
+from modules.distributed import per_rank_batch
 from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
-from modules.predict import IMAGE_SIZE, LatentDecoder, Surrogate
+from modules.losses import RECON_LOSSES, conditioner_loss, latent_mse
 from modules.run import RunContext
 from modules.schedules import progressive_dropout, warmup_cosine
 from modules.stage import StageTrainer
-from modules.train_vae import RECON_LOSSES, per_rank_batch
+from modules.surrogate import IMAGE_SIZE, LatentDecoder, Surrogate
 
 log = logging.getLogger("simulgen")
 
@@ -92,27 +93,14 @@ class ConditionerTrainer(StageTrainer):
         self.train_idx = torch.as_tensor(train_idx, dtype=torch.long)
         self.val_idx = torch.as_tensor(val_idx, dtype=torch.long)
         arch = ctx.conditioner_architecture()
-        model = build_from_architecture(arch).to(ctx.device)
+        model = arch.build().to(ctx.device)
         if initial_state is not None:
             model.load_state_dict(initial_state)
-        latent_weight = cfg.conditioner.latent_reg_weight
-        recon_loss = RECON_LOSSES[cfg.vae.loss_name]
+        loss = conditioner_loss(decoder, RECON_LOSSES[cfg.vae.loss_name], cfg.conditioner.latent_reg_weight)
 
-        def latent_loss(main, hier, y_main, y_hier):
-            return F.mse_loss(main.float(), y_main), F.mse_loss(hier.float(), y_hier)
-
-        if self.e2e:
-            def loss_fn(net, batch: Batch):
-                x, y_main, y_hier, field = batch
-                main, hier = net(x)
-                field_loss = recon_loss(decoder(main, hier).float(), field)
-                lm, lh = latent_loss(main, hier, y_main, y_hier)
-                return field_loss + latent_weight * (lm + lh), {"field": field_loss.detach(), "latent": (lm + lh).detach()}
-        else:
-            def loss_fn(net, batch: Batch):
-                x, y_main, y_hier = batch
-                lm, lh = latent_loss(*net(x), y_main, y_hier)
-                return lm + lh, {"main": lm.detach(), "hier": lh.detach()}
+        def loss_fn(net, batch: Batch):
+            value, parts = loss(net, batch)
+            return value, {k: v.detach() for k, v in parts.items()}
 
         self.decoder = decoder
         settings = EngineSettings.from_config(cfg, ctx.device, cfg.conditioner.lc_grad_clip)
@@ -122,7 +110,7 @@ class ConditionerTrainer(StageTrainer):
         super().__init__(ctx, engine, cfg.conditioner.e2e_epochs if self.e2e else cfg.conditioner.n_epoch, checkpoint, arch,
                          "train the conditioner first (--lc_only=1)")
         self.batch = per_rank_batch(cfg.conditioner.latent_conditioner_batch, ctx.dist.world_size, "latent_conditioner_batch")
-        self.augment = ConditionerAugmentation.from_config(cfg)
+        self.augment = ConditionerAugmentation.from_config(cfg.conditioner)
         self.best_metric, self.patience = "loss", cfg.conditioner.lc_patience
         self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.run.seed,
                                                  rank=ctx.dist.rank, world_size=ctx.dist.world_size))
@@ -170,19 +158,12 @@ class ConditionerTrainer(StageTrainer):
         return values
 
     def validate(self) -> dict[str, float]:
-        if self.e2e:
-            def metrics(module, batch: Batch):
-                x, y_main, y_hier, field = batch
-                main, hier = module(x)
-                field_mse = F.mse_loss(self.decoder(main, hier).float(), field)
-                latent = F.mse_loss(main.float(), y_main) + F.mse_loss(hier.float(), y_hier)
-                return {"loss": field_mse + self.ctx.cfg.conditioner.latent_reg_weight * latent, "field_mse": field_mse}
-        else:
-            def metrics(module, batch: Batch):
-                x, y_main, y_hier = batch
-                main, hier = module(x)
-                lm, lh = F.mse_loss(main.float(), y_main), F.mse_loss(hier.float(), y_hier)
-                return {"loss": lm + lh, "main": lm, "hier": lh}
+        # validated in MSE whatever Loss_type trains with, so runs with different losses compare
+        loss = conditioner_loss(self.decoder, F.mse_loss, self.ctx.cfg.conditioner.latent_reg_weight)
+
+        def metrics(module, batch: Batch):
+            value, parts = loss(module, batch)
+            return {"loss": value, **parts}
         return evaluate(self.engine.eval_module(), self.val_batches(), metrics, self.ctx.device)
 
     def extra_state(self) -> dict:
@@ -214,13 +195,13 @@ def evaluate_surrogate(surrogate: Surrogate, data: ConditionerData, store: Field
     with torch.no_grad():
         main, hier = surrogate.conditioner(data.inputs[val_idx.to(data.inputs.device)])
         y_main, y_hier = data.main[val_idx], data.hier[val_idx]
-        latent_mse = (F.mse_loss(main.float(), y_main) + F.mse_loss(hier.float(), y_hier)).item()
+        latent = sum(latent_mse(main, hier, y_main, y_hier)).item()
         tm, th = data.main[train_idx].mean(0, keepdim=True), data.hier[train_idx].mean(0, keepdim=True)
         base_latent = (F.mse_loss(tm.expand_as(y_main), y_main) + F.mse_loss(th.expand_as(y_hier), y_hier)).item()
     return {"lc_val_rel_l2": float(rel.mean()), "lc_val_rel_l2_median": float(np.median(rel)),
             "lc_val_rel_l2_max": float(rel.max()), "lc_val_rel_l2_per_run": rel.tolist(),
             "baseline_mean_field_rel_l2": float(base.mean()), "baseline_mean_field_rel_l2_per_run": base.tolist(),
-            "lc_val_latent_mse": latent_mse, "baseline_mean_latent_mse": base_latent,
+            "lc_val_latent_mse": latent, "baseline_mean_latent_mse": base_latent,
             "lc_val_runs": val_idx.tolist(), "_pred": pred, "_true": true}
 
 

@@ -10,32 +10,17 @@ import torch.nn.functional as F
 
 from modules.augment import SeriesAugmentation, stretch_copy
 from modules.checkpoint import check_same_split, save_npz
-from modules.config import LOSS_TYPES
 from modules.data import FieldStore
+from modules.distributed import per_rank_batch
 from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
-from modules.errors import UserError
+from modules.gaussian import Gaussian
+from modules.losses import RECON_LOSSES
 from modules.run import RunContext
 from modules.schedules import cosine_decay, cosine_warm_restarts, kl_weight
 from modules.stage import StageTrainer
 from modules.vae import HierarchicalVAE
 
 log = logging.getLogger("simulgen")
-
-RECON_LOSSES = {"MSE": F.mse_loss, "MAE": F.l1_loss, "SmoothL1": F.smooth_l1_loss, "Huber": F.huber_loss}
-assert set(RECON_LOSSES) == set(LOSS_TYPES.values())
-
-
-def build_vae(arch: dict) -> HierarchicalVAE:
-    model = HierarchicalVAE(arch["num_nodes"], arch["num_time"], arch["filters"],
-                            arch["latent_dim_end"], arch["latent_dim"], arch["small"], arch["output_norm"],
-                            arch.get("spectral_norm", True), arch.get("norm", "group"), arch.get("logvar_init", 0.0),
-                            arch.get("linear_modes", 0))
-    # The last hierarchical branch is built (for fidelity) but never used: freeze it, so
-    # neither AdamW nor DDP waits for gradients that never come.
-    for p in model.unused_parameters():
-        p.requires_grad_(False)
-    return model
-
 
 def frame_basis(store: FieldStore, runs: torch.Tensor, k: int, seed: int, max_frames: int = 2048) -> torch.Tensor:
     """The k leading POD modes (N, k) of the scaled snapshots (one per run and time step) of
@@ -77,13 +62,6 @@ def init_from_training_runs(model: HierarchicalVAE, store: FieldStore, runs: tor
         model.init_from_data(basis, (store.get(i).to(basis.device) for i in runs.split(8)))
 
 
-def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
-    if global_batch % world_size:
-        raise UserError(f"{key} = {global_batch} is not divisible by the {world_size} DDP processes; "
-                        f"use a multiple of {world_size}.")
-    return global_batch // world_size
-
-
 class VAETrainer(StageTrainer):
     stage = "vae"
     title = "VAE"
@@ -97,7 +75,7 @@ class VAETrainer(StageTrainer):
         if cfg.augment.Stretch:
             # Stretch: a second, fixed noisy/time-shifted copy of every training run (index + P).
             self.train_idx = torch.cat([self.train_idx, self.train_idx + self.num_runs])
-        model = build_vae(ctx.vae_architecture()).to(ctx.device)
+        model = HierarchicalVAE(ctx.vae_architecture()).to(ctx.device)
         init_from_training_runs(model, store, torch.as_tensor(train_idx), cfg.vae.pod_init, cfg.run.seed)
         self.beta = torch.tensor(0.0, device=ctx.device)     # a tensor: compile/graphs see updates
         recon_loss = RECON_LOSSES[cfg.vae.loss_name]
@@ -119,7 +97,7 @@ class VAETrainer(StageTrainer):
         super().__init__(ctx, engine, cfg.vae.Training_epochs, ctx.paths.vae, ctx.vae_architecture(),
                          "train the VAE first (--lc_only=0)")
         self.batch = per_rank_batch(cfg.vae.Batch_size, ctx.dist.world_size, "Batch_size")
-        self.augment = SeriesAugmentation.from_config(cfg) if cfg.augment.use_augmentation else None
+        self.augment = SeriesAugmentation.from_config(cfg.augment) if cfg.augment.use_augmentation else None
         self.best_metric = "recon_mse" if cfg.vae.vae_keep_best else None
         self.initial_val: dict[str, float] | None = None
         self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.run.seed,
@@ -167,7 +145,7 @@ class VAETrainer(StageTrainer):
         return {"beta": beta, "lr": lr}
 
     def should_validate(self, epoch: int) -> bool:
-        return (epoch + 1) % self.ctx.cfg.vae.val_every == 0 or epoch + 1 == self.epochs
+        return (epoch + 1) % self.ctx.cfg.run.val_every == 0 or epoch + 1 == self.epochs
 
     def validate(self) -> dict[str, float]:
         """Deterministic (`fix`) reconstruction of the validation runs, no augmentation."""
@@ -224,7 +202,7 @@ def extract_latents(model: HierarchicalVAE, store: FieldStore, recon_iter: int, 
         best_err = torch.full((x.shape[0],), float("inf"), device=x.device)
         best_z = mu.clone()
         best_x = torch.zeros_like(x)
-        std = torch.exp(0.5 * log_var.float()).clamp(1e-8, 10.0)
+        std = Gaussian(mu, log_var).std
         for _ in range(max(recon_iter, 1)):
             z = mu if recon_iter == 0 else mu + torch.randn_like(std) * std
             x_hat, _ = model.decode(z, xs, mode="fix")

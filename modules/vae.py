@@ -6,8 +6,10 @@ kept at every layer. `small` selects the lighter block variants of the original.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +18,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
 
 from modules.gaussian import Gaussian, kl_residual
+from modules.layers import he_init, largest_divisor
 
 # the networks' gains beside a freshly initialised linear POD path
 NET_GAIN_INIT = 0.01
@@ -34,10 +37,7 @@ def num_groups(c: int) -> int:
     Equal to the original's group count wherever that divided c; the original crashed
     otherwise (e.g. c = 300 nodes gives 6 here, c = 1681 = 41^2 gives 1).
     """
-    g = min(8, max(1, c // 4))
-    while c % g:
-        g -= 1
-    return g
+    return largest_divisor(c, min(8, max(1, c // 4)))
 
 
 def group_norm(c: int) -> nn.GroupNorm:
@@ -156,9 +156,7 @@ def he_init_and_spectral_norm(root: nn.Module, spectral: bool = True) -> None:
     """
     for m in list(root.modules()):  # list(): spectral_norm adds submodules while we walk
         if isinstance(m, _WEIGHTED):
-            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            he_init(m, _WEIGHTED)        # layer by layer: the original's order of random draws
             if spectral:
                 spectral_norm(m)
 
@@ -319,8 +317,8 @@ class Decoder(nn.Module):
     last level's are never used: the encoder hands over L-1 vectors and only the first
     L-2 are consumed (the last one, from encoder level 0, is saved but never decoded).
     The unused pieces are kept so shapes (saved latents (P, L-1, Ld)) and parameter
-    counts match the original. They and encoder.xs_linear[0] and [-1] get no gradient:
-    DDP needs find_unused_parameters=True.
+    counts match the original. They and encoder.xs_linear[0] and [-1] get no gradient;
+    HierarchicalVAE freezes them (unused_parameters), so DDP waits for none of them.
     """
 
     def __init__(
@@ -459,39 +457,62 @@ class VAEOutput(NamedTuple):
     kl_levels: Tensor  # fp32 scalar, batch mean, summed over consumed levels
 
 
+@dataclass(frozen=True)
+class VAEArchitecture:
+    """What fixes the VAE's shapes. Its checkpoint stores it (`stored()`), a resumed or reused
+    VAE must agree on all of it, and `HierarchicalVAE(arch)` builds from it alone. The defaults
+    of the later fields are what checkpoints written before them were built with."""
+    num_nodes: int
+    num_time: int
+    filters: tuple[int, ...]             # the preset's encoder filters; the decoder reverses them
+    latent_dim_end: int
+    latent_dim: int
+    small: bool = True
+    output_norm: bool = True
+    spectral_norm: bool = True
+    norm: str = "group"                  # or "none"
+    logvar_init: float = 0.0
+    linear_modes: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))   # a list from JSON or a test
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> VAEArchitecture:
+        return cls(**stored)
+
+    def stored(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "filters": list(self.filters)}
+
+    def build(self) -> HierarchicalVAE:
+        return HierarchicalVAE(self)
+
+
 class HierarchicalVAE(nn.Module):
-    def __init__(
-        self,
-        num_nodes: int,
-        num_time: int,
-        filters: Sequence[int],
-        latent_dim_end: int,
-        latent_dim: int,
-        small: bool = True,
-        output_norm: bool = True,
-        spectral: bool = True,
-        norm: str = "group",
-        logvar_init: float = 0.0,
-        linear_modes: int = 0,
-    ) -> None:
+    def __init__(self, arch: VAEArchitecture) -> None:
         super().__init__()
-        filters = [int(f) for f in filters]
+        filters = [int(f) for f in arch.filters]
         if len(filters) < 2:
             raise ValueError(f"need at least 2 encoder filters, got {filters}")
-        args = (num_nodes, num_time, filters, latent_dim_end, latent_dim, small)
-        self.encoder = Encoder(*args, spectral=spectral)
-        self.decoder = Decoder(*args, output_norm=output_norm, spectral=spectral)
-        if norm == "none":
+        args = (arch.num_nodes, arch.num_time, filters, arch.latent_dim_end, arch.latent_dim, arch.small)
+        self.encoder = Encoder(*args, spectral=arch.spectral_norm)
+        self.decoder = Decoder(*args, output_norm=arch.output_norm, spectral=arch.spectral_norm)
+        if arch.norm == "none":
             _drop_inner_norms(self)
-        if logvar_init:
-            self._init_log_variances(logvar_init)
+        if arch.logvar_init:
+            self._init_log_variances(arch.logvar_init)
         # the linear POD path (0: the original network alone); see LinearPath
-        self.linear = LinearPath(num_nodes, num_time, linear_modes, latent_dim_end) if linear_modes else None
+        modes = arch.linear_modes
+        self.linear = LinearPath(arch.num_nodes, arch.num_time, modes, arch.latent_dim_end) if modes else None
         # log-gains of the networks' μ and output beside the linear path (learned; gains 1 until
         # init_from_data). Logarithmic: a gain learned directly collapsed to 0 within a few Adam
         # steps, before the networks had learned anything it could pass on.
-        self.net_log_gain = nn.Parameter(torch.zeros(2)) if linear_modes else None
+        self.net_log_gain = nn.Parameter(torch.zeros(2)) if modes else None
         self.num_levels = self.decoder.num_levels  # L-1 hierarchical vectors per run
+        # The last hierarchical branch is built (for fidelity) but never used: frozen, so
+        # neither AdamW nor DDP waits for gradients that never come.
+        for p in self.unused_parameters():
+            p.requires_grad_(False)
 
     @torch.no_grad()
     def _init_log_variances(self, value: float) -> None:

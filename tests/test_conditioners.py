@@ -17,6 +17,7 @@ from modules.conditioners import (
     ScheduledDropout,
     ViTConditioner,
     _cnn_groups,
+    ConditionerArchitecture,
     build_conditioner,
     count_parameters,
     set_dropout_rate,
@@ -40,7 +41,7 @@ BASE = dict(
 
 def build(input_type: str, **overrides) -> nn.Module:
     torch.manual_seed(0)
-    return build_conditioner(input_type, **{**BASE, **overrides})
+    return build_conditioner(ConditionerArchitecture(input_type=input_type, **{**BASE, **overrides}))
 
 
 # -----------------------------------------------------------------------------
@@ -95,8 +96,8 @@ def test_cnn_group_count_divides_and_matches_original_where_it_worked():
 def test_importing_for_mlp_does_not_import_torchvision():
     code = (
         "import sys, modules.conditioners as c\n"
-        "c.build_conditioner('csvs', num_param=3, image_size=256, filters=[8, 16, 32],"
-        " latent_dim_end=4, latent_dim=2, num_levels=2, dropout_rate=0.2, use_se=True)\n"
+        "c.build_conditioner(c.ConditionerArchitecture('csvs', num_param=3, filters=[8, 16, 32],"
+        " latent_dim_end=4, latent_dim=2, num_levels=2, dropout_rate=0.2, use_se=True))\n"
         "assert 'torchvision' not in sys.modules, 'torchvision imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -13,7 +13,6 @@ import pytest
 from modules.augment import ConditionerAugmentation, SeriesAugmentation
 from modules.config import (
     SECTIONS,
-    Config,
     Preset,
     key_table,
     load_preset,
@@ -139,11 +138,11 @@ def test_defaults_of_optional_keys_are_the_original_values():
     for key, value in expected.items():
         assert cfg.flat()[key] == value, (key, cfg.flat()[key], value)
     # The augmentations really receive those defaults.
-    assert SeriesAugmentation.from_config(cfg) == SeriesAugmentation(
+    assert SeriesAugmentation.from_config(cfg.augment) == SeriesAugmentation(
         noise_prob=0.2, noise_level=0.03, scale_prob=0.1, scale_min=0.9, scale_max=1.1,
         shift_prob=0.0, shift_max=0.1, mixup_prob=0.2, mixup_alpha=0.2, cutout_prob=0.0,
         cutout_max=0.1)
-    lc = ConditionerAugmentation.from_config(cfg)
+    lc = ConditionerAugmentation.from_config(cfg.conditioner)
     assert (lc.mixup_prob, lc.mixup_alpha, lc.noise_prob) == (0.15, 0.2, 0.1)
 
 
@@ -523,6 +522,24 @@ def test_key_table_lists_every_field_once_with_section_and_help():
     assert by_name["Dim1"][2] == "required"
     assert by_name["Dim2_red"][2] == "derived"
     assert by_name["weight_decay"][2] == "0.0005"
+
+
+def test_list_keys_prints_each_section_once_with_its_keys_under_it():
+    import subprocess
+    import sys
+
+    from modules.config import FIELDS, SECTION_OF, SECTIONS
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "SimulGen-VAE.py"), "--list_keys"],
+                         capture_output=True, text=True, check=True).stdout
+    headers = [line[1:-1] for line in out.splitlines() if line.startswith("[")]
+    assert headers == [cls.SECTION for cls in SECTIONS.values()]
+    section, listed = None, {}
+    for line in out.splitlines():
+        if line.startswith("["):
+            section = line[1:-1]
+        elif line.strip():
+            listed[line.split()[0]] = section
+    assert listed == {key: SECTIONS[SECTION_OF[key]].SECTION for key in FIELDS}
 
 
 def test_readme_documents_every_key_and_flag():

@@ -11,7 +11,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 from modules.augment import SeriesAugmentation
 from modules.data import FieldScaler, FieldStore, open_dataset, release_pages
 from modules.engine import heap_allocations
-from modules.vae import HierarchicalVAE, OutputTanh, _DivideBySigma, spectral_norm
+from modules.vae import HierarchicalVAE, VAEArchitecture, OutputTanh, _DivideBySigma, spectral_norm
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -110,7 +110,7 @@ def _fresh(model):
 
 def test_eval_cache_is_invalidated_by_every_kind_of_weight_change():
     torch.manual_seed(0)
-    model = HierarchicalVAE(40, 8, [16, 8, 4], 8, 4).eval()
+    model = HierarchicalVAE(VAEArchitecture(40, 8, [16, 8, 4], 8, 4)).eval()
     z, xs = torch.randn(2, 8), torch.randn(2, 2, 4)
     first = _decode(model, z, xs)
     assert torch.equal(first, _decode(model, z, xs))
@@ -132,7 +132,7 @@ def test_eval_cache_is_invalidated_by_every_kind_of_weight_change():
 
 def test_eval_without_no_grad_still_builds_the_graph():
     torch.manual_seed(0)
-    model = HierarchicalVAE(40, 8, [16, 8, 4], 8, 4).eval()
+    model = HierarchicalVAE(VAEArchitecture(40, 8, [16, 8, 4], 8, 4)).eval()
     out, _ = model.decode(torch.randn(2, 8), torch.randn(2, 2, 4), mode="fix")
     out.sum().backward()
     assert all(p.grad is not None for p in model.decoder.recon.parameters())
@@ -151,7 +151,7 @@ def test_output_tanh_in_place_equals_tanh_and_trains():
 
 
 def test_vae_still_uses_torch_spectral_norm_parametrization_class():
-    model = HierarchicalVAE(40, 8, [16, 8, 4], 8, 4)
+    model = HierarchicalVAE(VAEArchitecture(40, 8, [16, 8, 4], 8, 4))
     sn = model.decoder.recon[0].parametrizations.weight[0]
     assert isinstance(sn, torch.nn.utils.parametrizations._SpectralNorm)
     assert parametrize.is_parametrized(model.decoder.recon[0], "weight")

@@ -6,6 +6,7 @@ import torch
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
+from modules.conditioners import ConditionerArchitecture
 from modules.gp import GPConditioner, GPHyper, GPPosterior, fit_hyperparameters
 
 
@@ -28,12 +29,17 @@ def test_posterior_equals_scikit_learn_for_the_same_kernel():
         np.testing.assert_allclose(std[:, j], ref_std, rtol=1e-6, atol=1e-9)
 
 
+def _arch(num_runs: int) -> ConditionerArchitecture:
+    return ConditionerArchitecture("csvs", num_param=3, latent_dim_end=4, latent_dim=3, num_levels=2, model="gp",
+                                   num_runs=num_runs)
+
+
 def test_torch_conditioner_evaluates_the_posterior_and_splits_main_and_levels():
     rng = np.random.default_rng(1)
     x, x_new = rng.uniform(-0.9, 0.9, size=(25, 3)), rng.uniform(-0.9, 0.9, size=(6, 3))
     y = rng.normal(size=(25, 4 + 2 * 3)) + x[:, :1]
     post = GPPosterior.condition(fit_hyperparameters(x, y, seed=0, restarts=0), x, y)
-    module = GPConditioner(num_param=3, num_runs=25, latent_dim_end=4, latent_dim=3, num_levels=2).set_posterior(post)
+    module = GPConditioner(_arch(25)).set_posterior(post)
     mean, std = module.predict(torch.from_numpy(x_new).float())
     ref_mean, ref_std = post.predict(x_new.astype(np.float32).astype(np.float64))
     np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=1e-9, atol=1e-10)
@@ -42,11 +48,11 @@ def test_torch_conditioner_evaluates_the_posterior_and_splits_main_and_levels():
     assert main.shape == (6, 4) and hier.shape == (6, 2, 3) and main.dtype == torch.float32
     np.testing.assert_allclose(hier.reshape(6, -1).numpy(), ref_mean[:, 4:], rtol=1e-5, atol=1e-6)
     # a state dict round trip is the whole model (how checkpoints carry it)
-    again = GPConditioner(3, 25, 4, 3, 2)
+    again = GPConditioner(_arch(25))
     again.load_state_dict(module.state_dict())
     torch.testing.assert_close(again(torch.from_numpy(x_new).float())[0], main)
     with pytest.raises(ValueError, match="shape"):
-        GPConditioner(3, 24, 4, 3, 2).set_posterior(post)
+        GPConditioner(_arch(24)).set_posterior(post)
 
 
 def test_a_noisy_first_column_does_not_spoil_the_next_columns_fit():

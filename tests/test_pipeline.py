@@ -185,14 +185,41 @@ def test_predicted_fields_are_in_physical_units_deterministic_and_documented(tra
     assert samples.std(axis=1).mean() > 0
 
 
+def test_checkpoints_of_the_earlier_layout_still_predict_the_same(trained, tmp_path):
+    """Checkpoints written before the config sections hold one flat config dict, and
+    architecture entries without the later fields; they load and predict the same fields."""
+    work = trained[0]
+    old = tmp_path / "old"
+    shutil.copytree(work / "checkpoints", old / "checkpoints", ignore=shutil.ignore_patterns("history"))
+    shutil.copytree(work / "input_data", old / "input_data")
+    for name, keep in (("vae.pt", ("num_nodes", "num_time", "filters", "latent_dim_end", "latent_dim", "small",
+                                   "output_norm", "spectral_norm", "norm", "logvar_init", "linear_modes")),
+                       ("conditioner.pt", ("input_type", "model", "num_param", "num_runs", "latent_dim_end",
+                                           "latent_dim", "num_levels"))):
+        path = old / "checkpoints" / name
+        state = torch.load(path, weights_only=True)
+        state["run"]["config"] = {k: v for section in state["run"]["config"].values() for k, v in section.items()}
+        state["architecture"] = {k: state["architecture"][k] for k in keep}
+        torch.save(state, path)
+    new = tmp_path / "new.csv"
+    np.savetxt(new, np.loadtxt(work / "input_data/params.csv", delimiter=",")[:3], delimiter=",")
+    outs = []
+    for folder in (work, old):
+        out = tmp_path / f"{folder.name}.npy"
+        result = run_cli(folder, "--predict", str(new), "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        outs.append(np.load(out))
+    assert np.array_equal(outs[0], outs[1])
+
+
 def test_vae_summary_numbers_match_decoding_the_saved_latents(trained):
     """`vae_recon_mse` is in scaled units and `vae_recon_rel_l2` in physical units: recompute
     both from the saved VAE, latents and scaler against the raw dataset."""
-    from modules.train_vae import build_vae
+    from modules.vae import HierarchicalVAE, VAEArchitecture
 
     work, _, summary, _ = trained
     state = torch.load(work / "checkpoints/vae.pt", weights_only=True)
-    vae = build_vae(state["architecture"])
+    vae = HierarchicalVAE(VAEArchitecture.from_stored(state["architecture"]))
     vae.load_state_dict(state["export"])
     vae.eval()
     latents = np.load(work / "checkpoints/latents.npz")

@@ -16,9 +16,10 @@ from modules.cond_inputs import MinMaxScaler
 from modules.config import parse_condition
 from modules.engine import batch_indices
 from modules.errors import UserError
-from modules.predict import inverse_affine
+from modules.surrogate import inverse_affine
 from modules.train_conditioner import ConditionerData, ConditionerInputs, ConditionerTrainer
-from modules.train_vae import VAETrainer, build_vae, extract_latents
+from modules.train_vae import VAETrainer, extract_latents
+from modules.vae import HierarchicalVAE
 
 CSV_INPUTS = ["input_type=csvs", "param_dir=/input_data/params.csv", "csv_conditioner=mlp"]
 AUG_PROBS = ("noise", "scale", "shift", "mixup", "cutout")
@@ -38,8 +39,8 @@ def test_vae_validates_every_val_every_epochs_and_at_the_last_epoch(tmp_path, ep
     overrides = [f"Training_epochs={epochs}"] + ([f"val_every={val_every}"] if val_every else [])
     ctx, store, train_idx, val_idx = demo_context(tmp_path, overrides)
     if val_every is None:
-        assert ctx.cfg.vae.val_every == 10            # SPEC §4: every 10 epochs by default
-    every = ctx.cfg.vae.val_every
+        assert ctx.cfg.run.val_every == 10            # SPEC §4: every 10 epochs by default
+    every = ctx.cfg.run.val_every
     trainer = VAETrainer(ctx, store, train_idx, val_idx)
     trainer.fit()
     history = trainer.history
@@ -125,7 +126,7 @@ def test_stretch_copies_follow_stretch_noise_level_and_stretch_shift_max(tmp_pat
 def test_extract_latents_keeps_the_best_of_recon_iter_draws(tmp_path):
     ctx, store, _, _ = demo_context(tmp_path)
     torch.manual_seed(0)
-    model = build_vae(ctx.vae_architecture()).eval()
+    model = HierarchicalVAE(ctx.vae_architecture()).eval()
     P, draws = store.num_runs, 8
     torch.manual_seed(123)
     best = extract_latents(model, store, recon_iter=draws, batch_size=P)
@@ -299,7 +300,7 @@ def test_mixup_lambda_and_stretch_keys_default_to_the_original_and_are_validated
     cfg = demo_config()
     assert (cfg.augment.aug_mixup_lambda_min, cfg.augment.aug_mixup_lambda_max) == (0.1, 0.9)       # SPEC §6
     assert (cfg.augment.stretch_noise_level, cfg.augment.stretch_shift_max) == (0.03, 0.1)
-    aug = SeriesAugmentation.from_config(cfg)
+    aug = SeriesAugmentation.from_config(cfg.augment)
     assert (aug.mixup_lambda_min, aug.mixup_lambda_max) == (0.1, 0.9)
     for bad, key in ((["aug_mixup_lambda_min=0.6", "aug_mixup_lambda_max=0.4"], "aug_mixup_lambda_max"),
                      (["aug_mixup_lambda_min=-0.1"], "aug_mixup_lambda_min"),
@@ -315,7 +316,7 @@ def test_mixup_lambda_and_stretch_keys_default_to_the_original_and_are_validated
 def test_mixup_weight_is_clipped_to_the_configured_range(path, keys, lo, hi):
     cfg = demo_config("aug_mixup_prob=1", "aug_noise_prob=0", "aug_scale_prob=0", "aug_shift_prob=0",
                       "aug_cutout_prob=0", *keys)
-    aug = SeriesAugmentation.from_config(cfg)
+    aug = SeriesAugmentation.from_config(cfg.augment)
     b = 128
     x = torch.zeros(b, b, 4)                  # run i is 1 on node i: a mix with run j shows λ on node i
     x[torch.arange(b), torch.arange(b)] = 1.0

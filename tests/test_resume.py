@@ -91,8 +91,6 @@ def reference(tmp_path_factory):
 def assert_config_printed_once(stdout: str) -> None:
     """The fully resolved configuration is printed once: every key, once, section by section,
     with the values of this run (its --set overrides included)."""
-    import dataclasses
-
     from modules.config import FIELDS
     lines = stdout.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("  config: ")]

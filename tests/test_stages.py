@@ -87,7 +87,7 @@ def test_vae_exports_the_weights_of_its_best_validation(tmp_path):
 
 
 def test_e2e_fine_tuning_trains_through_the_frozen_decoder(tmp_path, latent_data):
-    from modules.predict import LatentDecoder
+    from modules.surrogate import LatentDecoder
     ctx, store, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + ["Training_epochs=2", "n_epoch=2",
                                                                          "e2e_epochs=3"])
     vae = VAETrainer(ctx, store, train_idx, val_idx)
@@ -102,7 +102,7 @@ def test_e2e_fine_tuning_trains_through_the_frozen_decoder(tmp_path, latent_data
                              initial_state=first.export_state(), vae_run_id="x")
     e2e.fit()
     assert e2e.stage == "conditioner_e2e" and ctx.paths.conditioner_e2e.is_file()
-    assert len(e2e.history["train_field"]) == 3 and np.isfinite(e2e.history["val_field_mse"]).all()
+    assert len(e2e.history["train_field"]) == 3 and np.isfinite(e2e.history["val_field"]).all()
     moved = [not torch.equal(a, b) for a, b in zip(first.export_state().values(), e2e.export_state().values())]
     assert any(moved), "the end-to-end phase must change the conditioner"
     for key, value in model.state_dict().items():

@@ -17,6 +17,7 @@ from modules.gaussian import (
     kl_standard_normal,
 )
 from modules.vae import (
+    VAEArchitecture,
     ConvBlock,
     Decoder,
     DecoderResidualBlock,
@@ -55,7 +56,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module", params=[True, False], ids=["small", "large"])
 def vae(request):
     torch.manual_seed(0)
-    return HierarchicalVAE(N, T, F, LEND, LD, small=request.param)
+    return HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD, small=request.param))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def small_vae():
     # weights themselves move slightly between two calls; the comparisons below are about
     # the sampling, so they use the frozen (eval) weights, as prediction does
     torch.manual_seed(0)
-    return HierarchicalVAE(N, T, F, LEND, LD, small=True).eval()
+    return HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD, small=True)).eval()
 
 
 @pytest.fixture
@@ -92,7 +93,7 @@ def test_num_groups_is_largest_divisor_not_above_original(c, groups):
 @pytest.mark.parametrize("nodes", [300, 1681])
 def test_awkward_node_counts_build_and_run(nodes):
     torch.manual_seed(0)
-    model = HierarchicalVAE(nodes, 4, (8, 6, 4), 4, 2, small=True)
+    model = HierarchicalVAE(VAEArchitecture(nodes, 4, (8, 6, 4), 4, 2, small=True))
     out = model(torch.randn(2, nodes, 4))
     assert out.x_hat.shape == (2, nodes, 4)
     assert torch.isfinite(out.x_hat).all()
@@ -177,7 +178,7 @@ def test_vae_shapes_and_api(vae, x):
 )
 def test_parameter_counts_match_original(nodes, time, filters, small, total, enc, dec):
     with torch.device("meta"):  # ~1.2 GB of weights for the big ones: count, don't allocate
-        model = HierarchicalVAE(nodes, time, filters, 32, 8, small=small)
+        model = HierarchicalVAE(VAEArchitecture(nodes, time, filters, 32, 8, small=small))
     assert n_params(model.encoder) == enc
     assert n_params(model.decoder) == dec
     assert n_params(model) == total
@@ -338,7 +339,7 @@ def test_bf16_autocast_forward_keeps_kl_fp32(small_vae, x):
 
 def test_level_kl_is_consumed_and_trains_the_used_posterior_nets(x):
     torch.manual_seed(0)
-    model = HierarchicalVAE(N, T, F, LEND, LD, small=True)
+    model = HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD, small=True))
     out = model(x)
     assert out.kl_levels.item() > 0
     (out.kl_main + out.kl_levels + out.x_hat.square().mean()).backward()
@@ -393,7 +394,7 @@ def wide_prior_vae():
     # prior's variance would look the same; offsets make them clearly differ (prior σ² ≈ e^1.5,
     # posterior shift Δlog σ² ≈ -1).
     torch.manual_seed(0)
-    model = HierarchicalVAE(N, T, F, LEND, LD, small=True).eval()
+    model = HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD, small=True)).eval()
     with torch.no_grad():
         for prior_net, posterior_net in zip(model.decoder.condition_z, model.decoder.condition_xz):
             c = prior_net[-1].bias.shape[0] // 2
@@ -437,7 +438,7 @@ def test_decoder_kl_is_the_kl_of_the_distributions_it_samples_from(wide_prior_va
 @pytest.mark.parametrize("filters", [(64, 32, 16, 8), (16, 8), (32, 16, 8)])
 def test_unused_parameters_are_exactly_those_without_gradient(filters):
     torch.manual_seed(0)
-    model = HierarchicalVAE(N, T, filters, LEND, LD, small=True)
+    model = HierarchicalVAE(VAEArchitecture(N, T, filters, LEND, LD, small=True))
     out = model(torch.rand(2, N, T))
     (out.x_hat.square().mean() + out.kl_main + out.kl_levels).backward()
     no_grad = {id(p) for p in model.parameters() if p.grad is None}
@@ -446,8 +447,8 @@ def test_unused_parameters_are_exactly_those_without_gradient(filters):
 
 def test_output_norm_off_drops_only_the_output_groupnorm():
     with torch.device("meta"):
-        base = HierarchicalVAE(N, T, F, LEND, LD, small=True)
-        plain = HierarchicalVAE(N, T, F, LEND, LD, small=True, output_norm=False)
+        base = HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD, small=True))
+        plain = HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD, small=True, output_norm=False))
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(base) - count(plain) == 2 * N
     assert isinstance(plain.decoder.recon[1], nn.Identity)
@@ -457,7 +458,7 @@ def test_without_output_norm_the_amplitude_of_a_run_reaches_the_output():
     """GroupNorm(N) standardises each run: scaling the decoder's pre-norm signal does nothing."""
     torch.manual_seed(0)
     for output_norm, should_change in ((True, False), (False, True)):
-        model = HierarchicalVAE(N, T, F, LEND, LD, small=True, output_norm=output_norm).eval()
+        model = HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD, small=True, output_norm=output_norm)).eval()
         h = torch.randn(2, F[0], T)
         conv, rest = model.decoder.recon[0], model.decoder.recon[1:]
         with torch.no_grad():
@@ -479,14 +480,14 @@ def _low_rank_runs(p=24, n=40, t=10, rank=4, seed=0):
 
 def _linear_vae(n=40, t=10, modes=16, **kw):
     torch.manual_seed(0)
-    return HierarchicalVAE(n, t, (16, 8, 4), 8, 4, small=True, output_norm=False, linear_modes=modes, **kw)
+    return HierarchicalVAE(VAEArchitecture(n, t, (16, 8, 4), 8, 4, small=True, output_norm=False, linear_modes=modes, **kw))
 
 
 @pytest.mark.parametrize("spectral", [True, False])
 def test_linear_path_starts_the_vae_as_the_pod_of_the_training_runs(spectral):
     from modules.train_vae import frame_basis_of
     runs = _low_rank_runs()
-    vae = _linear_vae(spectral=spectral)
+    vae = _linear_vae(spectral_norm=spectral)
     before = vae.decode(*vae.encode(runs)[::2], mode="fix")[0]
     vae.init_from_data(frame_basis_of(runs, 16), runs.split(5))
     vae.eval()
@@ -523,23 +524,23 @@ def test_linear_path_is_fixed_saved_and_restored():
 
 
 def test_log_variance_init_sets_the_main_posterior_variance(x):
-    vae = HierarchicalVAE(N, T, F, LEND, LD, logvar_init=-8.0)
+    vae = HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD, logvar_init=-8.0))
     vae.eval()
     with torch.no_grad():
         mu, log_var, xs = vae.encode(x)
         out = vae(x, mode="fix")
     assert log_var.mean().item() == pytest.approx(-8.0, abs=1.5)
     assert out.kl_levels.item() < 1e4                          # the level priors are untouched: no KL blow-up
-    default = HierarchicalVAE(N, T, F, LEND, LD)
+    default = HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD))
     assert default.encode(x)[1].mean().abs().item() < 1.5        # the original's: around 0
 
 
 @pytest.mark.parametrize("output_norm", [True, False])
 def test_vae_norm_none_drops_the_inner_groupnorms_only(output_norm):
-    vae = HierarchicalVAE(N, T, F, LEND, LD, output_norm=output_norm, norm="none")
+    vae = HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD, output_norm=output_norm, norm="none"))
     norms = [m for m in vae.modules() if isinstance(m, nn.GroupNorm)]
     assert norms == ([vae.decoder.recon[1]] if output_norm else [])
-    assert sum(isinstance(m, nn.GroupNorm) for m in HierarchicalVAE(N, T, F, LEND, LD).modules()) > 10
+    assert sum(isinstance(m, nn.GroupNorm) for m in HierarchicalVAE(VAEArchitecture(N, T, F, LEND, LD)).modules()) > 10
 
 
 def test_frame_basis_streams_the_store_and_spans_the_snapshots_pod():

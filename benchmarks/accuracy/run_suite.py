@@ -81,7 +81,7 @@ def run_cli(workdir: Path, args: list[str], log: Path) -> float:
 def vae_reconstruction(workdir: Path, test_fields: np.ndarray) -> np.ndarray:
     """The trained VAE's encode (μ) → decode (`fix`) of the test fields, physical units."""
     import torch
-    from modules.predict import Surrogate
+    from modules.surrogate import Surrogate
     from modules.run import Paths
     return Surrogate.load(Paths(workdir), torch.device("cpu")).reconstruct(test_fields)
 

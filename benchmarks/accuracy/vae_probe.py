@@ -11,7 +11,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +41,8 @@ def main() -> None:
     from modules.data import FieldScaler, FieldStore
     from modules.engine import EngineSettings, TrainingEngine, batch_indices
     from modules.schedules import cosine_decay, kl_weight
-    from modules.train_vae import RECON_LOSSES, build_vae
-    import torch.nn.functional as F
+    from modules.losses import RECON_LOSSES
+    from modules.vae import HierarchicalVAE, VAEArchitecture
 
     src = generate(args.problem, args.data)
     fields = np.load(src / "dataset1.npy")
@@ -54,14 +53,13 @@ def main() -> None:
         f"Dim3_red={fields.shape[2]}", f"n_sample={len(train)}", *args.overrides])
     torch.manual_seed(cfg.run.seed)
     train_fields = fields[train]
-    scaler = FieldScaler.fit(train_fields, cfg.vae.field_scaling)
+    scaler = FieldScaler.fit(train_fields, cfg.data.field_scaling)
     store = FieldStore(train_fields, scaler, preload=True)
     filters = [int(f) for f in args.filters.split()]
-    arch = {"num_nodes": fields.shape[2], "num_time": fields.shape[1], "filters": filters,
-            "latent_dim_end": cfg.vae.Latent_dim_end, "latent_dim": cfg.vae.Latent_dim, "small": True,
-            "output_norm": cfg.vae.output_norm, "spectral_norm": cfg.vae.spectral_norm, "norm": cfg.vae.vae_norm,
-            "logvar_init": cfg.vae.logvar_init, "linear_modes": cfg.vae.linear_modes}
-    model = build_vae(arch)
+    arch = VAEArchitecture(fields.shape[2], fields.shape[1], filters, cfg.vae.Latent_dim_end, cfg.vae.Latent_dim,
+                           small=True, output_norm=cfg.vae.output_norm, spectral_norm=cfg.vae.spectral_norm,
+                           norm=cfg.vae.vae_norm, logvar_init=cfg.vae.logvar_init, linear_modes=cfg.vae.linear_modes)
+    model = HierarchicalVAE(arch)
     from modules.train_vae import init_from_training_runs
     init_from_training_runs(model, store, torch.arange(len(train)), cfg.vae.pod_init, cfg.run.seed)
     kl_unit = 1.0 / (fields.shape[1] * fields.shape[2]) if cfg.vae.kl_normalize == "values" else 1.0

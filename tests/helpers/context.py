@@ -22,5 +22,5 @@ def demo_context(workdir: Path, overrides=(), dist: DistInfo = SINGLE, device=to
     ctx.monitor = Monitor(None, False)
     runs = reduce(open_dataset(ROOT / "input_data/dataset1.npy"), cfg.data.Dim2_red, cfg.data.Dim3_red)
     train_idx, val_idx = split_indices(cfg.data.Dim1, cfg.run.val_split, cfg.run.seed)
-    store = FieldStore(runs, FieldScaler.fit(runs, cfg.vae.field_scaling, train_idx), preload=True, device=device)
+    store = FieldStore(runs, FieldScaler.fit(runs, cfg.data.field_scaling, train_idx), preload=True, device=device)
     return ctx, store, train_idx, val_idx

@@ -1,0 +1,202 @@
+"""The trained surrogate: inputs → conditioner → latents → VAE decoder → physical field.
+
+Built from the saved checkpoints and scalers alone. Used at the end of conditioner training
+(evaluation on the validation runs), by `--predict` and by `--evaluate`, so all decode alike.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from modules.checkpoint import build_from_checkpoint, load_checkpoint, load_model_state, load_npz
+from modules.cond_inputs import MinMaxScaler
+from modules.conditioners import ConditionerArchitecture
+from modules.config import stored_sections
+from modules.data import FieldScaler, load_field_scaler
+from modules.domain import InputDomain
+from modules.errors import UserError
+from modules.run import Paths
+from modules.vae import VAEArchitecture
+
+log = logging.getLogger("simulgen")
+
+IMAGE_SIZE = 256
+_TRAIN_HINT = "train first: python SimulGen-VAE.py --preset=1 --lc_only=0"
+
+
+def inverse_affine(scaler: MinMaxScaler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """scaler.affine() as float32 tensors on `device` (decoding inside autograd and graphs)."""
+    a, b = scaler.affine()
+    return (torch.as_tensor(a, dtype=torch.float32, device=device),
+            torch.as_tensor(b, dtype=torch.float32, device=device))
+
+
+class LatentDecoder(nn.Module):
+    """Scaled conditioner outputs → VAE latents → decoded, scaled field (B, N, T)."""
+
+    def __init__(self, vae: nn.Module, main_scaler: MinMaxScaler, hier_scaler: MinMaxScaler, device: torch.device):
+        super().__init__()
+        self.vae = vae
+        a, b = inverse_affine(main_scaler, device)
+        self.register_buffer("main_a", a)
+        self.register_buffer("main_b", b)
+        a, b = inverse_affine(hier_scaler, device)
+        self.register_buffer("hier_a", a)
+        self.register_buffer("hier_b", b)
+
+    def forward(self, main: torch.Tensor, hier: torch.Tensor, mode: str = "fix") -> torch.Tensor:
+        z = main.float() * self.main_a + self.main_b             # (B, Lend)
+        xs = hier.float() * self.hier_a + self.hier_b            # (B, L-1, Ld)
+        field, _ = self.vae.decode(z, xs, mode=mode)
+        return field                                             # (B, N, T)
+
+
+@dataclass
+class Surrogate:
+    conditioner: nn.Module
+    decoder: LatentDecoder
+    field_scaler: FieldScaler
+    input_scaler: MinMaxScaler | None      # CSV inputs only
+    input_type: str
+    num_param: int
+    image_ext: str
+    device: torch.device
+    sources: dict
+    dataset: Path | None = None            # the training dataset (its mesh.vtu is beside it, for --vtk)
+    domain: InputDomain | None = None      # the training inputs' domain (CSV inputs only)
+
+    def __post_init__(self):
+        # Once here, not per call: .eval() walks every submodule (0.5 ms of a 3 ms prediction).
+        self.conditioner.eval()
+        self.decoder.eval()
+
+    @property
+    def has_predictive(self) -> bool:
+        """Whether the conditioner gives a predictive distribution of the latents (the GP)."""
+        return hasattr(self.conditioner, "predict")
+
+    def sampling_for(self, requested: str) -> str:
+        """`auto`: the conditioner's predictive distribution where it has one, else the VAE's levels."""
+        if requested == "auto":
+            return "predictive" if self.has_predictive else "vae_levels"
+        if requested == "predictive" and not self.has_predictive:
+            raise UserError("--sampling predictive needs a conditioner with a predictive distribution "
+                            "(csv_conditioner gp); this one is a network: use --sampling vae_levels, or "
+                            "retrain with input_type csvs and csv_conditioner gp.")
+        return requested
+
+    @torch.inference_mode()
+    def fields(self, inputs: torch.Tensor, samples: int = 1, batch_size: int = 64,
+               sampling: str = "vae_levels") -> np.ndarray:
+        """Physical fields for model-ready inputs: (n, T, N), or (n, K, T, N) when samples > 1.
+
+        One sample is the deterministic point prediction (`fix` mode). K > 1 draws, with
+        `predictive`, the latents from the conditioner's (GP's) posterior, each decoded in `fix`
+        mode, their spread about the point prediction scaled by the calibrated `spread_scale`;
+        with `vae_levels` (the original's), the VAE's hierarchical levels at random around the
+        predicted latents.
+        """
+        out = []
+        for chunk in inputs.split(max(1, batch_size // samples)):
+            chunk = chunk.to(self.device)
+            if samples == 1:
+                field = self.decoder(*self.conditioner(chunk), mode="fix")[:, None]          # (B, 1, N, T)
+            elif sampling == "predictive":
+                mean, std = self.conditioner.predict(chunk)                                 # (B, m)
+                draws = mean[:, None] + std[:, None] * torch.randn(
+                    (len(chunk), samples, mean.shape[1]), dtype=mean.dtype, device=mean.device)
+                point = self.decoder(*self.conditioner.split(mean.float()), mode="fix")[:, None]
+                field = self.decoder(*self.conditioner.split(draws.flatten(0, 1).float()), mode="fix")
+                scale = self.conditioner.spread_scale.float()
+                field = point + scale * (field.unflatten(0, (len(chunk), samples)) - point)  # (B, K, N, T)
+            else:
+                main, hier = self.conditioner(chunk)
+                reps = self.decoder(main.repeat_interleave(samples, 0), hier.repeat_interleave(samples, 0),
+                                    mode="random")                                          # (B·K, N, T)
+                field = reps.unflatten(0, (len(chunk), samples))                            # (B, K, N, T)
+            field = self.field_scaler.inverse_transform(field.float()).transpose(-1, -2)    # (B, K, T, N)
+            out.append(field.cpu())
+        result = torch.cat(out).numpy()
+        return result[:, 0] if samples == 1 else result
+
+    def reconstruct(self, fields: np.ndarray, batch: int = 16) -> np.ndarray:
+        """The VAE alone on true fields (n, T, N): encoded to μ and decoded (`fix`), physical units."""
+        vae, scaler, out = self.decoder.vae, self.field_scaler, []
+        with torch.inference_mode():
+            for start in range(0, len(fields), batch):
+                x = torch.from_numpy(np.asarray(fields[start:start + batch], np.float32)).to(self.device)
+                x = scaler.transform(x, node_axis=-1).transpose(1, 2)                   # (B, N, T)
+                mu, _, xs = vae.encode(x)
+                recon, _ = vae.decode(mu, xs, mode="fix")
+                out.append(scaler.inverse_transform(recon.double()).transpose(1, 2).cpu().numpy())
+        return np.concatenate(out)
+
+    def band_scales(self, sampling: str) -> dict[float, float]:
+        """Each band level's calibrated scale relative to the drawn samples (predictive sampling)."""
+        if sampling != "predictive":
+            return {}
+        from modules.calibration import LEVELS
+        return dict(zip(LEVELS, self.conditioner.band_scales.tolist()))
+
+    def prepare(self, raw: np.ndarray) -> torch.Tensor:
+        """Raw inputs (CSV rows (n, F) or images (n, H, W) in [0, 1]) → model inputs."""
+        if self.input_scaler is not None:
+            return torch.from_numpy(self.input_scaler.transform(raw))
+        return torch.from_numpy(raw).unsqueeze(1)                                           # (n, 1, H, W)
+
+    @classmethod
+    def load(cls, paths: Paths, device: torch.device) -> "Surrogate":
+        vae_state = load_checkpoint(paths.vae, "vae", "VAE checkpoint", _TRAIN_HINT)
+        cond_path, cond_state = paths.conditioner, None
+        if paths.conditioner_e2e.is_file():     # an end-to-end fine-tuned conditioner wins once finished
+            cond_state = load_checkpoint(paths.conditioner_e2e, "conditioner_e2e", "conditioner checkpoint",
+                                         _TRAIN_HINT)
+            cond_path = paths.conditioner_e2e if cond_state.get("finished") else paths.conditioner
+        if cond_path == paths.conditioner:
+            cond_state = load_checkpoint(cond_path, "conditioner", "conditioner checkpoint", _TRAIN_HINT)
+        if not vae_state.get("finished") or not cond_state.get("finished"):
+            unfinished = paths.vae if not vae_state.get("finished") else cond_path
+            raise UserError(f"{unfinished} is from an unfinished training run; finish it with --resume first.")
+        vae_run = vae_state["run"]["run_id"]
+        if cond_state["extra"].get("vae_run_id") != vae_run:
+            raise UserError(f"{cond_path} was trained on the latents of another VAE (run {cond_state['extra'].get('vae_run_id')}) "
+                            f"than {paths.vae} (run {vae_run}); retrain the conditioner with --lc_only=1.")
+        vae = build_from_checkpoint(VAEArchitecture, vae_state, paths.vae, "VAE checkpoint", _TRAIN_HINT).to(device)
+        load_model_state(vae, vae_state["export"], paths.vae, "VAE checkpoint", _TRAIN_HINT)
+        conditioner = build_from_checkpoint(ConditionerArchitecture, cond_state, cond_path, "conditioner checkpoint",
+                                            _TRAIN_HINT).to(device)
+        load_model_state(conditioner, cond_state["export"], cond_path, "conditioner checkpoint", _TRAIN_HINT)
+        arch = ConditionerArchitecture.from_stored(cond_state["architecture"])     # it built: it is valid
+        field = load_field_scaler(paths.field_scaler, _TRAIN_HINT)
+        scalers = load_npz(paths.conditioner_scalers, "conditioner scalers", _TRAIN_HINT,
+                           ("main_data_min", "hier_data_min"))
+        main_scaler = MinMaxScaler.from_state_dict(_prefixed(scalers, "main_"))
+        hier_scaler = MinMaxScaler.from_state_dict(_prefixed(scalers, "hier_"))
+        input_scaler = (MinMaxScaler.from_state_dict(_prefixed(scalers, "input_"))
+                        if "input_data_min" in scalers else None)
+        domain = None                        # files of earlier versions lack the runs: the range check only
+        if input_scaler is not None:
+            domain = InputDomain(input_scaler.data_min, input_scaler.data_max, scalers.get("domain_runs"))
+        config = stored_sections(cond_state["run"]["config"])
+        if "param_data_type" not in config["conditioner"]:
+            raise UserError(f"{cond_path} lacks the config it was trained with (param_data_type); {_TRAIN_HINT}.")
+        preset = cond_state["run"].get("preset", {})
+        dataset = (paths.workdir / config["run"].get("dataset_dir", "") /
+                   f"dataset{preset.get('dataset_number', 1)}.npy")
+        return cls(conditioner, LatentDecoder(vae, main_scaler, hier_scaler, device),
+                   field, input_scaler, arch.input_type, arch.num_param,
+                   config["conditioner"]["param_data_type"], device,
+                   {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
+                    "conditioner_scalers": str(paths.conditioner_scalers),
+                    "weights": "EMA" if config["engine"].get("use_ema") else "trained"}, dataset, domain)
+
+
+def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+
