@@ -9,8 +9,9 @@ A surrogate is worth training only if it beats these (benchmarks/accuracy/):
                  basis function (scipy);
     POD floor    the test fields projected onto the training modes: no regression error,
                  the best any method restricted to those modes can do.
-Pictures enter through a few simple features (`image_features`): intensity moments and a
-small principal-component summary of the downsampled picture.
+
+Pictures enter through a few simple features (modules/cond_inputs.py, `ImageFeatures`):
+intensity moments and a small principal-component summary of the downsampled picture.
 """
 from __future__ import annotations
 
@@ -59,27 +60,6 @@ class POD:
 def _rbf_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
     from scipy.interpolate import RBFInterpolator
     return RBFInterpolator(x_train, y_train, kernel="thin_plate_spline")(x_test)
-
-
-def image_features(images: np.ndarray, train_idx: np.ndarray, components: int = 4) -> np.ndarray:
-    """(n, H, W) pictures in [0, 1] → (n, 6 + components) features: total intensity, centroid,
-    second central moments, and the leading principal components of the 32×32 downsample
-    (fitted on the training pictures)."""
-    n, h, w = images.shape
-    img = images.astype(np.float64)
-    ys, xs = np.mgrid[0:h, 0:w]
-    ys, xs = ys / h, xs / w
-    mass = img.sum(axis=(1, 2)) + 1e-12
-    cx = (img * xs).sum(axis=(1, 2)) / mass
-    cy = (img * ys).sum(axis=(1, 2)) / mass
-    dx, dy = xs[None] - cx[:, None, None], ys[None] - cy[:, None, None]
-    moments = [mass / (h * w), cx, cy, (img * dx * dx).sum(axis=(1, 2)) / mass,
-               (img * dy * dy).sum(axis=(1, 2)) / mass, (img * dx * dy).sum(axis=(1, 2)) / mass]
-    fy, fx = max(1, h // 32), max(1, w // 32)
-    small = img[:, :h // fy * fy, :w // fx * fx].reshape(n, h // fy, fy, w // fx, fx).mean(axis=(2, 4)).reshape(n, -1)
-    k = min(components, len(train_idx) - 1)
-    pca = POD.fit(small[train_idx], energy=1.0, max_modes=k)
-    return np.column_stack(moments + [pca.coefficients(small)])
 
 
 @dataclass(frozen=True)

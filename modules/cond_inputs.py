@@ -216,6 +216,76 @@ def load_images(files: Sequence[str | Path], size: int = 256) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
+# picture features
+
+
+class ImageFeatures:
+    """A few numbers per greyscale picture that a Gaussian process can regress on: the total
+    intensity, the intensity centroid and second central moments (6 values), and the
+    leading principal components of the 32×32 downsample, fitted on the training pictures.
+
+    They are what the GP picture conditioner (`image_conditioner gp`) and the classical
+    baseline read, and what the input-range check compares new pictures by. Own code, not a
+    library: the moments are six sums, and the PCA is scikit-learn's."""
+
+    COMPONENTS = 4          # more components measured worse on the suite (benchmarks/accuracy/NOTES.md)
+    GRID = 32
+
+    def __init__(self, mean: np.ndarray, modes: np.ndarray) -> None:
+        self.mean = np.asarray(mean, np.float64)        # (S,) the training pictures' mean downsample
+        self.modes = np.asarray(modes, np.float64)      # (k, S) orthonormal principal directions
+
+    @staticmethod
+    def count(num_train: int, components: int = COMPONENTS) -> int:
+        """Features per picture when fitted on `num_train` pictures."""
+        return 6 + min(components, num_train - 1)
+
+    @classmethod
+    def fit(cls, images: np.ndarray, train_idx, components: int = COMPONENTS) -> ImageFeatures:
+        from sklearn.decomposition import PCA
+        small = cls._downsample(images)[np.asarray(train_idx)]
+        pca = PCA(n_components=min(components, len(small) - 1), svd_solver="full").fit(small)
+        return cls(pca.mean_, pca.components_)
+
+    @classmethod
+    def _downsample(cls, images: np.ndarray) -> np.ndarray:
+        n, h, w = images.shape
+        fy, fx = max(1, h // cls.GRID), max(1, w // cls.GRID)
+        img = np.asarray(images, np.float64)[:, :h // fy * fy, :w // fx * fx]
+        return img.reshape(n, h // fy, fy, w // fx, fx).mean(axis=(2, 4)).reshape(n, -1)
+
+    def transform(self, images: np.ndarray) -> np.ndarray:
+        """(n, H, W) pictures in [0, 1] → (n, 6 + k) features, float64."""
+        n, h, w = images.shape
+        img = np.asarray(images, np.float64)
+        ys, xs = np.mgrid[0:h, 0:w]
+        ys, xs = ys / h, xs / w
+        mass = img.sum(axis=(1, 2)) + 1e-12
+        cx = (img * xs).sum(axis=(1, 2)) / mass
+        cy = (img * ys).sum(axis=(1, 2)) / mass
+        dx, dy = xs[None] - cx[:, None, None], ys[None] - cy[:, None, None]
+        moments = [mass / (h * w), cx, cy, (img * dx * dx).sum(axis=(1, 2)) / mass,
+                   (img * dy * dy).sum(axis=(1, 2)) / mass, (img * dx * dy).sum(axis=(1, 2)) / mass]
+        small = self._downsample(images)
+        if small.shape[1] != self.mean.shape[0]:
+            raise UserError(f"pictures of {h}×{w} pixels give a {small.shape[1]}-value downsample, but the "
+                            f"conditioner was fitted on {self.mean.shape[0]}; use pictures of the training size.")
+        return np.column_stack(moments + [(small - self.mean) @ self.modes.T])
+
+    def names(self) -> list[str]:
+        """What each feature is, for messages."""
+        return (["total intensity", "intensity centroid x", "intensity centroid y", "spread in x", "spread in y",
+                 "xy covariance"] + [f"principal component {i + 1}" for i in range(len(self.modes))])
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean.copy(), "modes": self.modes.copy()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, np.ndarray]) -> ImageFeatures:
+        return cls(state["mean"], state["modes"])
+
+
+# -----------------------------------------------------------------------------
 # scaling
 
 

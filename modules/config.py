@@ -199,7 +199,7 @@ class ConditionerConfig:
     use_spatial_attention: bool = _key(True,
                                        help="squeeze-excitation attention in the CNN (0/1)")
     input_type: str = _key(choices=INPUT_TYPES,
-                           help="csvs (MLP; csv accepted), image (CNN) or image_vit (ViT)")
+                           help="csvs: CSV parameters (csv accepted); image or image_vit: a folder of pictures (the model: csv_conditioner, image_conditioner)")
     param_data_type: str = _key(".png", choices=(".png", ".jpg"),
                                 help="image file extension")
     lc_warmup_epochs: int = _key(10, lo=0, help="linear LR warm-up epochs")
@@ -225,6 +225,10 @@ class ConditionerConfig:
     csv_conditioner: str = _key("gp", choices=("gp", "mlp"),
                                 help="input_type csvs: one Gaussian process per latent value (ARD kernel, fitted in "
                                      "seconds; README, \"Recipes\") or the original's MLP")
+    image_conditioner: str = _key("gp", choices=("gp", "network"),
+                                  help="input_type image / image_vit: one Gaussian process per latent value on simple "
+                                       "picture features (intensity moments, principal components; README, \"Recipes\") "
+                                       "or the original's network (CNN for image, ViT for image_vit)")
     lc_patience: int = _key(20000, lo=1,
                             help="early stopping: epochs without validation improvement")
     use_e2e_training: bool = _key(False,
@@ -241,7 +245,12 @@ class ConditionerConfig:
 
     @property
     def uses_gp(self) -> bool:
-        return self.kind == "csvs" and self.csv_conditioner == "gp"
+        return (self.csv_conditioner if self.kind == "csvs" else self.image_conditioner) == "gp"
+
+    @property
+    def uses_image_features(self) -> bool:
+        """The GP on pictures: it regresses on ImageFeatures, not on the pixels."""
+        return self.kind != "csvs" and self.uses_gp
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -352,7 +361,7 @@ def stored_sections(stored: dict[str, Any]) -> dict[str, dict[str, Any]]:
 ORIGINAL_RECIPE: dict[str, Any] = {
     "field_scaling": "minmax", "kl_normalize": "none", "latent_target": "draw", "vae_keep_best": False, "lr_schedule": "restarts",
     "spectral_norm": True, "output_norm": True, "pod_init": False, "logvar_init": 0.0, "linear_modes": 0, "lc_label_smoothing": 0.2,
-    "lc_flip_prob": 0.5, "csv_conditioner": "mlp",
+    "lc_flip_prob": 0.5, "csv_conditioner": "mlp", "image_conditioner": "network",
 }
 assert set(ORIGINAL_RECIPE) <= set(FIELDS)
 # Keys the original's files carry that have no meaning here.

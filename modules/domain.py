@@ -1,7 +1,8 @@
 """Is a new input inside what the surrogate was trained on?
 
-Two checks on CSV parameter rows, both in the conditioner's scaled input space (each column
-min-max scaled by the training runs):
+Two checks on CSV parameter rows, or on the features of pictures the GP conditioner reads
+(modules/cond_inputs.py, ImageFeatures), both in the conditioner's scaled input space (each
+column min-max scaled by the training runs):
   range     a column outside the training runs' [min, max];
   distance  the distance to the nearest training run, against the training runs' own
             nearest-neighbour distances (each run to the others): a row farther from every
@@ -61,21 +62,26 @@ class InputDomain:
         result["out_of_domain"] = (outside.any(axis=1) | far).tolist()
         return result
 
-    def warning(self, raw: np.ndarray, result: dict, source: str) -> str | None:
-        """One line naming the rows (1-based, as in the file) and columns, or None."""
+    def warning(self, raw: np.ndarray, result: dict, source: str, rows: list[str] | None = None,
+                columns: list[str] | None = None) -> str | None:
+        """One line naming the flagged inputs and columns, or None. By default inputs are CSV rows
+        and columns numbered from 1, as in the file; pictures pass their file names (`rows`)
+        and feature names (`columns`)."""
         flagged = np.flatnonzero(result["out_of_domain"])
         if not len(flagged):
             return None
+        rows = rows or [f"row {i + 1}" for i in range(len(raw))]
+        columns = columns or [f"column {c + 1}" for c in range(raw.shape[1])]
         parts = []
         for i in flagged[:MAX_LISTED]:
             cols = result["outside_columns"][i]
             if cols:
                 c = cols[0]
-                parts.append(f"row {i + 1} column {c + 1} = {raw[i, c]:.6g} outside the training range "
+                parts.append(f"{rows[i]} {columns[c]} = {raw[i, c]:.6g} outside the training range "
                              f"[{self.low[c]:.6g}, {self.high[c]:.6g}]" + (f" (+{len(cols) - 1} more columns)" if len(cols) > 1 else ""))
             else:
-                parts.append(f"row {i + 1} is {result['nearest_run_ratio'][i]:.2f}× farther from every training run "
+                parts.append(f"{rows[i]} is {result['nearest_run_ratio'][i]:.2f}× farther from every training run "
                              f"than the training runs are from each other")
-        more = f"; and {len(flagged) - MAX_LISTED} more rows" if len(flagged) > MAX_LISTED else ""
-        return (f"{len(flagged)} of {len(raw)} input rows in {source} lie outside the training data, so the surrogate "
+        more = f"; and {len(flagged) - MAX_LISTED} more" if len(flagged) > MAX_LISTED else ""
+        return (f"{len(flagged)} of {len(raw)} inputs in {source} lie outside the training data, so the surrogate "
                 f"extrapolates there ({'; '.join(parts)}{more}); see 'out_of_domain' in the prediction's JSON.")

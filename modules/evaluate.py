@@ -63,7 +63,8 @@ def _baselines(surrogate, truth: np.ndarray, raw: np.ndarray) -> dict:
     domain = surrogate.domain
     inputs = domain is not None and domain.runs is not None and len(domain.runs) == len(train)
     methods = ("mean", "pod_gpr") if inputs else ("mean",)
-    result = classical_baselines(train, truth, domain.runs if inputs else None, raw if inputs else None,
+    result = classical_baselines(train, truth, domain.runs if inputs else None,
+                                 surrogate.domain_inputs(raw) if inputs else None,
                                  methods=methods)
     out = {f"{k}_rel_l2_per_run": v.tolist() for k, v in result.rel_l2.items()}
     out.update({f"{k}_rel_l2": float(v.mean()) for k, v in result.rel_l2.items()})

@@ -1,5 +1,6 @@
 """Gaussian-process regression, one independent GP per output column: the classical
-baseline's regression (modules/baseline.py) and the CSV route's default conditioner.
+baseline's regression (modules/baseline.py) and the default conditioner (CSV parameters or
+picture features).
 
 Hyperparameters (constant × ARD-RBF + white noise, on standardised targets) are fitted by
 scikit-learn's marginal-likelihood optimiser. The posterior itself is computed here in
@@ -112,9 +113,9 @@ def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, se
 
 
 class GPConditioner(nn.Module):
-    """CSV route's conditioner (`csv_conditioner gp`): one GP per latent value, from the scaled
-    parameters to the scaled latent targets. No trainable parameters: the posterior is held in
-    float64 buffers and evaluated in closed form, so prediction is a few small matmuls, and
+    """The GP conditioner (`csv_conditioner gp`, `image_conditioner gp`): one GP per latent
+    value, from the scaled parameters (or picture features, modules/cond_inputs.py) to the
+    scaled latent targets. No trainable parameters: the posterior is held in float64 buffers and evaluated in closed form, so prediction is a few small matmuls, and
     `predict` also gives the posterior std that `--sampling predictive` draws from."""
 
     def __init__(self, arch: ConditionerArchitecture) -> None:

@@ -318,7 +318,8 @@ def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict
     from modules.train_conditioner import ConditionerData, ConditionerTrainer, evaluate_surrogate
     cfg, paths = ctx.cfg, ctx.paths
     data = ConditionerData.build(inputs, latents["main"], latents["hierarchical"], ctx.device,
-                                 joint_targets=cfg.conditioner.lc_target_scaling == "joint")
+                                 joint_targets=cfg.conditioner.lc_target_scaling == "joint",
+                                 feature_runs=train_idx if cfg.conditioner.uses_image_features else None)
     if ctx.dist.is_main:
         data.save_scalers(paths.conditioner_scalers)
     decoder = LatentDecoder(_frozen_vae(ctx), data.main_scaler, data.hier_scaler, ctx.device)
@@ -377,7 +378,7 @@ def _conditioner_report(evaluation: dict, module, data, val_idx: np.ndarray, fig
 
 def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, train_idx, val_idx, vae_run_id: str,
                           figures: Figures) -> dict:
-    """`csv_conditioner gp`. The validation numbers come from kernels fitted on, and a posterior
+    """`csv_conditioner gp` / `image_conditioner gp`. The validation numbers come from kernels fitted on, and a posterior
     conditioned on, the training runs only. The saved GP is then refitted on every run
     (training and validation), as a model is refitted on all its data once it is validated:
     on the suite this cut the test error by 10-15 % (benchmarks/accuracy/NOTES.md, H10)."""
@@ -385,7 +386,7 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     from modules.train_conditioner import evaluate_surrogate
     cfg, paths = ctx.cfg, ctx.paths
     if cfg.conditioner.use_e2e_training:
-        log.warning("use_e2e_training 1 has no effect with csv_conditioner gp (the GP has nothing to fine-tune)")
+        log.warning("use_e2e_training 1 has no effect with the GP conditioner (it has nothing to fine-tune)")
     started = time.perf_counter()
     x = data.inputs.double().cpu().numpy()
     y = torch.cat([data.main, data.hier.flatten(1)], 1).double().cpu().numpy()
@@ -396,7 +397,7 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     held_out.set_posterior(GPPosterior.condition(hyper, x[train_idx], y[train_idx]))
     saved = fit_hyperparameters(x, y, cfg.run.seed)
     final = arch.build().set_posterior(GPPosterior.condition(saved, x, y))
-    out: dict = {"conditioner": "csvs (gp)", "lc_gp_length_scales": saved.length.tolist(),
+    out: dict = {"conditioner": f"{cfg.conditioner.kind} (gp)", "lc_gp_length_scales": saved.length.tolist(),
                  "lc_gp_noise": saved.noise.tolist()}
     if ctx.dist.is_main:
         module = held_out.to(ctx.device)
@@ -448,14 +449,15 @@ def classical_baseline(runs: np.ndarray, raw_inputs: np.ndarray, train_idx: np.n
                        seed: int) -> dict:
     """POD + GPR fitted on the training runs, scored on the validation runs (modules/baseline.py):
     on the CSV parameters, or on simple features of the pictures."""
-    from modules.baseline import BASELINE_MAX_BYTES, classical_baselines, image_features
+    from modules.baseline import BASELINE_MAX_BYTES, classical_baselines
+    from modules.cond_inputs import ImageFeatures
     need = len(train_idx) * runs.shape[1] * runs.shape[2] * 8
     if need > BASELINE_MAX_BYTES:
         log.info("classical baseline skipped: the training fields need %.1f GiB (limit %.0f GiB)",
                  need / 2**30, BASELINE_MAX_BYTES / 2**30)
         return {"baseline_skipped": f"training fields of {need / 2**30:.1f} GiB"}
     started = time.perf_counter()
-    features = raw_inputs if raw_inputs.ndim == 2 else image_features(raw_inputs, train_idx)
+    features = raw_inputs if raw_inputs.ndim == 2 else ImageFeatures.fit(raw_inputs, train_idx).transform(raw_inputs)
     train = np.asarray(runs[np.sort(train_idx)], dtype=np.float64)
     val = np.asarray(runs[np.sort(val_idx)], dtype=np.float64)
     result = classical_baselines(train, val, features[np.sort(train_idx)], features[np.sort(val_idx)], seed,
@@ -494,7 +496,8 @@ def _print_config(ctx: RunContext, data_path: Path) -> None:
     print(f"  VAE {'small' if ctx.small else 'large'}, filters {list(p.encoder_filters)}, latents {cfg.vae.Latent_dim_end} + "
           f"{len(p.encoder_filters) - 1}×{cfg.vae.Latent_dim}; {cfg.vae.Training_epochs} epochs, batch {cfg.vae.Batch_size}, lr {cfg.vae.LearningR}")
     if cfg.conditioner.uses_gp:
-        print(f"  conditioner csvs: a Gaussian process per latent value ({cfg.vae.Latent_dim_end} + "
+        on = "picture features" if cfg.conditioner.uses_image_features else "the parameters"
+        print(f"  conditioner {cfg.conditioner.kind}: a Gaussian process per latent value on {on} ({cfg.vae.Latent_dim_end} + "
               f"{len(p.encoder_filters) - 1}×{cfg.vae.Latent_dim}), ARD kernels fitted on the training runs")
     else:
         print(f"  conditioner {cfg.conditioner.kind}, filters {list(p.conditioner_filters)}; {cfg.conditioner.n_epoch} epochs, "

@@ -101,8 +101,11 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
     raw, files = read_inputs(surrogate, source)
     domain = None
     if surrogate.domain is not None:
-        domain = surrogate.domain.check(raw)
-        line = surrogate.domain.warning(raw, domain, str(source))
+        checked = surrogate.domain_inputs(raw)
+        domain = surrogate.domain.check(checked)
+        pictures = surrogate.image_features is not None
+        line = surrogate.domain.warning(checked, domain, str(source), rows=[Path(f).name for f in files] if pictures else None,
+                                        columns=surrogate.image_features.names() if pictures else None)
         if line:
             log.warning(line)
     started = time.perf_counter()

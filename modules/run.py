@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from modules.conditioners import ConditionerArchitecture
-from modules.config import Config, Preset
+from modules.cond_inputs import ImageFeatures
+from modules.config import Config, Preset, train_split_size
 from modules.distributed import DistInfo
 from modules.monitor import Monitor
 from modules.vae import VAEArchitecture
@@ -108,6 +109,9 @@ class RunContext:
         cond, vae = self.cfg.conditioner, self.cfg.vae
         common = dict(input_type=cond.kind, num_param=cond.num_param, latent_dim_end=vae.Latent_dim_end,
                       latent_dim=vae.Latent_dim, num_levels=len(self.preset.encoder_filters) - 1)
+        if cond.uses_image_features:       # the GP regresses on picture features, not on CSV columns
+            num_train = train_split_size(self.cfg.data.Dim1, self.cfg.run.val_split)
+            common["num_param"] = ImageFeatures.count(num_train)
         if cond.uses_gp:
             return ConditionerArchitecture(**common, model="gp", num_runs=self.cfg.data.Dim1)
         return ConditionerArchitecture(**common, filters=self.preset.conditioner_filters,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from modules.checkpoint import build_from_checkpoint, load_checkpoint, load_model_state, load_npz
-from modules.cond_inputs import MinMaxScaler
+from modules.cond_inputs import ImageFeatures, MinMaxScaler
 from modules.conditioners import ConditionerArchitecture
 from modules.config import stored_sections
 from modules.data import FieldScaler, load_field_scaler
@@ -61,14 +61,15 @@ class Surrogate:
     conditioner: nn.Module
     decoder: LatentDecoder
     field_scaler: FieldScaler
-    input_scaler: MinMaxScaler | None      # CSV inputs only
+    input_scaler: MinMaxScaler | None      # CSV rows or picture features
     input_type: str
     num_param: int
     image_ext: str
     device: torch.device
     sources: dict
     dataset: Path | None = None            # the training dataset (its mesh.vtu is beside it, for --vtk)
-    domain: InputDomain | None = None      # the training inputs' domain (CSV inputs only)
+    domain: InputDomain | None = None      # the training inputs' domain (CSV rows or picture features)
+    image_features: ImageFeatures | None = None   # pictures through the GP: what it reads of them
 
     def __post_init__(self):
         # Once here, not per call: .eval() walks every submodule (0.5 ms of a 3 ms prediction).
@@ -86,8 +87,8 @@ class Surrogate:
             return "predictive" if self.has_predictive else "vae_levels"
         if requested == "predictive" and not self.has_predictive:
             raise UserError("--sampling predictive needs a conditioner with a predictive distribution "
-                            "(csv_conditioner gp); this one is a network: use --sampling vae_levels, or "
-                            "retrain with input_type csvs and csv_conditioner gp.")
+                            "(csv_conditioner gp or image_conditioner gp); this one is a network: use --sampling "
+                            "vae_levels, or retrain with the GP conditioner (--lc_only=1).")
         return requested
 
     @torch.inference_mode()
@@ -143,10 +144,14 @@ class Surrogate:
         from modules.calibration import LEVELS
         return dict(zip(LEVELS, self.conditioner.band_scales.tolist()))
 
+    def domain_inputs(self, raw: np.ndarray) -> np.ndarray:
+        """What the input-range check and the baselines compare: CSV rows, or picture features."""
+        return raw if self.image_features is None else self.image_features.transform(raw)
+
     def prepare(self, raw: np.ndarray) -> torch.Tensor:
         """Raw inputs (CSV rows (n, F) or images (n, H, W) in [0, 1]) → model inputs."""
         if self.input_scaler is not None:
-            return torch.from_numpy(self.input_scaler.transform(raw))
+            return torch.from_numpy(self.input_scaler.transform(self.domain_inputs(raw)))
         return torch.from_numpy(raw).unsqueeze(1)                                           # (n, 1, H, W)
 
     @classmethod
@@ -182,6 +187,8 @@ class Surrogate:
         domain = None                        # files of earlier versions lack the runs: the range check only
         if input_scaler is not None:
             domain = InputDomain(input_scaler.data_min, input_scaler.data_max, scalers.get("domain_runs"))
+        features = (ImageFeatures.from_state_dict(_prefixed(scalers, "features_"))
+                    if "features_modes" in scalers else None)
         config = stored_sections(cond_state["run"]["config"])
         if "param_data_type" not in config["conditioner"]:
             raise UserError(f"{cond_path} lacks the config it was trained with (param_data_type); {_TRAIN_HINT}.")
@@ -193,7 +200,7 @@ class Surrogate:
                    config["conditioner"]["param_data_type"], device,
                    {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
                     "conditioner_scalers": str(paths.conditioner_scalers),
-                    "weights": "EMA" if config["engine"].get("use_ema") else "trained"}, dataset, domain)
+                    "weights": "EMA" if config["engine"].get("use_ema") else "trained"}, dataset, domain, features)
 
 
 def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from modules.augment import ConditionerAugmentation
 from modules.baseline import relative_l2
 from modules.checkpoint import check_same_split, save_npz
-from modules.cond_inputs import MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
+from modules.cond_inputs import ImageFeatures, MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
 from modules.conditioners import scale_dropout_rates
 from modules.data import FieldStore
 from modules.distributed import per_rank_batch
@@ -51,13 +51,18 @@ class ConditionerData:
     input_scaler: MinMaxScaler | None
     main_scaler: MinMaxScaler
     hier_scaler: MinMaxScaler
-    input_runs: np.ndarray | None = None     # the raw CSV rows (P, F): prediction's input-domain check
+    input_runs: np.ndarray | None = None     # the raw CSV rows or picture features (P, F): the input-domain check
+    image_features: ImageFeatures | None = None   # pictures through the GP: its feature extractor
 
     @classmethod
     def build(cls, inputs: ConditionerInputs, main: np.ndarray, hier: np.ndarray, device: torch.device,
-              joint_targets: bool = False) -> "ConditionerData":
-        input_scaler = None
-        raw = inputs.raw
+              joint_targets: bool = False, feature_runs=None) -> "ConditionerData":
+        """feature_runs: pictures enter as ImageFeatures fitted on these runs (the GP on
+        pictures); otherwise CSV rows are min-max scaled and pictures enter as pixels."""
+        input_scaler, features, raw = None, None, inputs.raw
+        if feature_runs is not None:
+            features = ImageFeatures.fit(raw, feature_runs)
+            raw = features.transform(raw)                                # (P, F)
         if raw.ndim == 2:
             input_scaler = MinMaxScaler().fit(raw)
             x = torch.from_numpy(input_scaler.transform(raw))
@@ -67,7 +72,7 @@ class ConditionerData:
         hier_scaler = MinMaxScaler().fit(hier, joint=joint_targets)
         return cls(x.to(device), torch.from_numpy(main_scaler.transform(main)).to(device),
                    torch.from_numpy(hier_scaler.transform(hier)).to(device), input_scaler, main_scaler, hier_scaler,
-                   np.asarray(raw, np.float64) if raw.ndim == 2 else None)
+                   np.asarray(raw, np.float64) if raw.ndim == 2 else None, features)
 
     def save_scalers(self, path: Path) -> None:
         arrays = {f"main_{k}": v for k, v in self.main_scaler.state_dict().items()}
@@ -75,6 +80,8 @@ class ConditionerData:
         if self.input_scaler is not None:
             arrays.update({f"input_{k}": v for k, v in self.input_scaler.state_dict().items()})
             arrays["domain_runs"] = self.input_runs
+        if self.image_features is not None:
+            arrays.update({f"features_{k}": v for k, v in self.image_features.state_dict().items()})
         save_npz(path, **arrays)
 
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from modules.baseline import POD, classical_baselines, image_features, relative_l2
+from modules.baseline import POD, classical_baselines, relative_l2
+from modules.cond_inputs import ImageFeatures
 
 
 def family(params: np.ndarray, t: int = 12, n: int = 40) -> np.ndarray:
@@ -52,7 +53,7 @@ def test_image_features_see_where_a_disc_is_and_how_bright():
     centres = np.random.default_rng(2).uniform(0.25, 0.75, (12, 2))
     grey = np.linspace(0.3, 1.0, 12)
     images = np.stack([g * ((xx - cx) ** 2 + (yy - cy) ** 2 < 0.01) for (cx, cy), g in zip(centres, grey)])
-    feats = image_features(images.astype(np.float32), np.arange(10))
+    feats = ImageFeatures.fit(images.astype(np.float32), np.arange(10)).transform(images.astype(np.float32))
     assert feats.shape == (12, 6 + 4)
     np.testing.assert_allclose(feats[:, 1], centres[:, 0], atol=0.01)   # centroid x
     np.testing.assert_allclose(feats[:, 2], centres[:, 1], atol=0.01)   # centroid y
@@ -69,7 +70,7 @@ def test_pod_gpr_on_picture_features_learns_a_geometry_driven_field():
                        for a, b, c in params]).astype(np.float32)
     fields = family(params)
     train, test = np.arange(40), np.arange(40, 50)
-    feats = image_features(images, train)
+    feats = ImageFeatures.fit(images, train).transform(images)
     result = classical_baselines(fields[train], fields[test], feats[train], feats[test])
     assert result.mean("pod_gpr") < 0.3 * result.mean("mean")
 

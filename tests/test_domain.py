@@ -22,7 +22,7 @@ def test_rows_outside_the_range_or_far_from_every_run_are_flagged_and_named():
     assert result["outside_columns"] == [[], [], [0], [1]]
     assert result["nearest_run_ratio"][0] == 0 and result["nearest_run_ratio"][1] > 1
     line = domain.warning(rows, result, "new.csv")
-    assert line.startswith("3 of 4 input rows in new.csv lie outside the training data")
+    assert line.startswith("3 of 4 inputs in new.csv lie outside the training data")
     assert "row 2 is" in line and "farther from every training run" in line
     assert "row 3 column 1 = 2.5 outside the training range [0, 2]" in line
     assert "row 4 column 2 = 5 outside the training range [10, 30]" in line

@@ -139,7 +139,7 @@ def test_image_conditioners_train_from_the_saved_vae_and_predict_from_a_folder(t
     work = tmp_path / "copy"              # keep the MLP run intact for the prediction tests
     shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("runs"))
     result = run_cli(work, "--preset=1", "--plot=2", "--lc_only=1", "--set", f"input_type={kind}", "--set", "param_dir=/input_data/images",
-                     "--set", f"n_epoch={epochs}", "--set", "lc_flip_prob=0")
+                     "--set", "image_conditioner=network", "--set", f"n_epoch={epochs}", "--set", "lc_flip_prob=0")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = sorted((work / "runs").iterdir())[-1]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -153,6 +153,40 @@ def test_image_conditioners_train_from_the_saved_vae_and_predict_from_a_folder(t
     assert np.load(out).shape == (80, 32, 256)
     inputs = json.loads(out.with_suffix(".json").read_text())["inputs"]
     assert [p.rsplit("/", 1)[-1] for p in inputs[:11]] == [f"{i}.png" for i in range(1, 12)]
+
+
+def test_gp_on_picture_features_is_the_picture_default_calibrated_and_flags_strange_pictures(trained, tmp_path):
+    """input_type image with the default image_conditioner gp: a GP on picture features that beats
+    the mean field, carries a calibrated predictive spread, and names a picture unlike the
+    training pictures in its warning."""
+    work = tmp_path / "copy"
+    shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("runs"))
+    result = run_cli(work, "--preset=1", "--plot=2", "--lc_only=1", "--set", "input_type=image",
+                     "--set", "param_dir=/input_data/images")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((sorted((work / "runs").iterdir())[-1] / "summary.json").read_text())
+    assert summary["conditioner"] == "image (gp)" and summary["baseline_inputs"] == "picture features"
+    assert summary["lc_val_rel_l2"] < 0.5 * summary["baseline_mean_field_rel_l2"]
+    assert abs(summary["calibration"]["coverage_90"] - 0.9) < 0.01
+    assert len(summary["lc_gp_length_scales"][0]) == 10                      # 6 moments + 4 components
+    pictures = tmp_path / "new"
+    pictures.mkdir()
+    for name in ("1.png", "2.png"):
+        shutil.copy(work / "input_data/images" / name, pictures / name)
+    from PIL import Image
+    Image.new("L", (256, 256), 255).save(pictures / "3.png")               # all white: no training picture is
+    out = tmp_path / "pred.npy"
+    predicted = run_cli(work, "--predict", str(pictures), "--out", str(out), "--samples", "8")
+    assert predicted.returncode == 0, predicted.stderr
+    assert np.load(out).shape == (3, 8, 32, 256)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["sampling"] == "predictive" and meta["out_of_domain"] == [False, False, True]
+    warning = [line for line in predicted.stderr.splitlines() if "outside the training data" in line]
+    assert len(warning) == 1 and "1 of 3 inputs" in warning[0] and "3.png total intensity" in warning[0]
+    point = tmp_path / "point.npy"
+    assert run_cli(work, "--predict", str(pictures), "--out", str(point)).returncode == 0
+    data = np.load(work / "input_data/dataset1.npy")[:2]
+    assert np.linalg.norm(np.load(point)[:2] - data) / np.linalg.norm(data) < 0.05
 
 
 def test_predicted_fields_are_in_physical_units_deterministic_and_documented(trained, tmp_path):

@@ -93,8 +93,8 @@ def stats(rel: np.ndarray, mean_rel: np.ndarray) -> dict:
 
 def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Path, work_root: Path,
                 tag: str) -> dict:
-    from modules.baseline import classical_baselines, image_features, relative_l2
-    from modules.cond_inputs import list_images, load_images
+    from modules.baseline import classical_baselines, relative_l2
+    from modules.cond_inputs import ImageFeatures, list_images, load_images
 
     problem = PROBLEMS[name]
     src = generate(name, data_dir)
@@ -112,7 +112,7 @@ def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Pa
     result["pod_modes"] = base.modes
     if problem.has_images:
         images = load_images(list_images(src / "images", ".png", len(fields)), 256)
-        feats = image_features(images, train)
+        feats = ImageFeatures.fit(images, train).transform(images)
         picture = classical_baselines(train_fields, test_fields, feats[train], feats[test], methods=("pod_gpr",))
         result["baselines"]["pod_gpr_picture"] = stats(picture.rel_l2["pod_gpr"], base.rel_l2["mean"])
     result["baseline_seconds"] = time.perf_counter() - started
