@@ -6,21 +6,20 @@ Layouts:
 
 `.npy` files are memory-mapped, so nothing is read until a run is touched; with
 `FieldStore(preload=False)` a dataset larger than RAM trains batch by batch. `.pickle`
-files (the original's format) are read with an unpickler that builds numpy arrays and
-nothing else.
+files (the original's format) are read by modules/pickles.py, which builds numpy arrays
+and nothing else.
 """
 
 from __future__ import annotations
 
-import importlib
 import mmap
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from modules.errors import UserError
+from modules.errors import UserError, one_line
+from modules.pickles import load_numpy_pickle
 
 _CHUNK_BYTES = 64 * 2**20     # host memory one streaming pass may use per chunk of runs
 _NUMERIC_KINDS = "biuf"       # bool, signed/unsigned int, float
@@ -47,7 +46,7 @@ def open_dataset(path: Path) -> np.ndarray:
     if path.suffix == ".npy":
         array = _open_npy(path)
     elif path.suffix in (".pickle", ".pkl"):
-        array = _load_pickle(path)
+        array = load_numpy_pickle(path)
     else:
         raise UserError(f"{path}: unknown dataset format {path.suffix!r}; use .npy (preferred) or .pickle")
     if array.dtype.kind not in _NUMERIC_KINDS:
@@ -67,113 +66,9 @@ def _open_npy(path: Path) -> np.ndarray:
         return np.lib.format.open_memmap(path, mode="r")
     except (OSError, ValueError, EOFError) as exc:
         raise UserError(
-            f"cannot read {path} as a .npy array ({_one_line(exc)}); the file is truncated or not written by "
+            f"cannot read {path} as a .npy array ({one_line(exc)}); the file is truncated or not written by "
             f"np.save: regenerate it with np.save"
         ) from exc
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    # Protocols 0-2 store an array's raw bytes as a latin-1 str and rebuild them with
-    # _codecs.encode; allowing the real codec lookup would let a file pick any codec.
-    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
-        raise pickle.UnpicklingError(f"unexpected _codecs.encode({type(text).__name__}, {encoding!r})")
-    return text.encode("latin1")
-
-
-# (module, name) pairs numpy arrays pickle to; numpy 2 writes `numpy._core`, numpy 1 `numpy.core`.
-# An array pickles as _reconstruct(ndarray, ...) + ndarray.__setstate__ (under protocol 5 as
-# _frombuffer(bytes, dtype, shape, order)), its dtype as dtype(...) + __setstate__, a numpy
-# scalar as scalar(dtype, bytes). Nothing here writes a file or runs code: `ndarray` and `memmap`
-# (a pickled memmap names its class) stand only for the array type handed to _reconstruct and are
-# never called (np.ndarray(shape, object, buffer) would turn raw bytes into object pointers, and
-# np.memmap(path, mode="w+") creates or truncates any file); _codecs.encode is limited to latin-1.
-_PICKLE_ALLOWED = frozenset({
-    (core + module, name)
-    for core in ("numpy.core.", "numpy._core.")
-    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
-} | {("numpy", "ndarray"), ("numpy", "memmap"), ("numpy", "dtype"), ("_codecs", "encode")})
-_ARRAY_TYPES = {"ndarray", "memmap"}
-
-
-class _ArrayType:
-    """What `numpy.ndarray` / `numpy.memmap` resolve to in a pickle: a token _reconstruct accepts
-    as the array type (building a plain ndarray); calling it is refused."""
-
-    def __init__(self, name: str, path: Path):
-        self.name, self.path = name, path
-
-    def __call__(self, *args, **kwargs):
-        raise UserError(
-            f"refusing to unpickle a call of numpy.{self.name} from {self.path}: only numpy arrays are allowed; "
-            f"convert it with np.save in a session you trust"
-        )
-
-
-def _numpy_global(module: str, name: str):
-    # Either spelling resolves under numpy 1 and 2 without the numpy.core deprecation shim.
-    tail = module.split(".", 2)[2]
-    for prefix in ("numpy._core.", "numpy.core."):
-        try:
-            return getattr(importlib.import_module(prefix + tail), name)
-        except (ImportError, AttributeError):
-            continue
-    raise pickle.UnpicklingError(f"numpy has no {module}.{name}")
-
-
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Builds numpy arrays and refuses every other global, so a pickle cannot run code or write files."""
-
-    def __init__(self, file, path: Path):
-        super().__init__(file)
-        self._path = path
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _PICKLE_ALLOWED:
-            raise UserError(
-                f"refusing to unpickle {module}.{name} from {self._path}: only numpy arrays are allowed; "
-                f"convert it with np.save in a session you trust"
-            )
-        if module == "_codecs":
-            return _latin1_encode
-        if module == "numpy":
-            return _ArrayType(name, self._path) if name in _ARRAY_TYPES else np.dtype
-        found = _numpy_global(module, name)
-        if name == "_reconstruct":
-            return _plain_reconstruct(found)
-        return found
-
-
-def _plain_reconstruct(reconstruct):
-    def _reconstruct(subtype, shape, dtype):
-        if not isinstance(subtype, _ArrayType):
-            raise pickle.UnpicklingError(f"_reconstruct of a {type(subtype).__name__}, not of a numpy array type")
-        return reconstruct(np.ndarray, shape, dtype)     # a plain array, even for a pickled memmap
-    return _reconstruct
-
-
-def _load_pickle(path: Path) -> np.ndarray:
-    try:
-        with path.open("rb") as file:
-            obj = _NumpyOnlyUnpickler(file, path).load()
-    except UserError:
-        raise
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {_one_line(exc)}") from exc
-    except Exception as exc:  # a corrupt pickle can fail with almost any exception type
-        raise UserError(
-            f"cannot unpickle {path} ({type(exc).__name__}: {_one_line(exc)}); the file is truncated or corrupt: "
-            f"write it again, preferably with np.save as dataset<d>.npy"
-        ) from exc
-    if not isinstance(obj, np.ndarray):
-        raise UserError(
-            f"{path} holds a {type(obj).__name__}, not a numpy array; pickle the [Dim1, Dim2, Dim3] "
-            f"array itself, or better save it with np.save"
-        )
-    return np.asarray(obj)
 
 
 # ----------------------------------------------------------------------------- mapped pages

@@ -8,3 +8,8 @@ class UserError(Exception):
     and exits with status 2. Messages say what is wrong, where (file, line, key),
     and how to fix it.
     """
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message with its whitespace and line breaks collapsed, for one-line errors."""
+    return " ".join(str(exc).split())

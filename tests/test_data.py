@@ -198,7 +198,7 @@ def test_a_pickled_memmap_loads_as_a_plain_array(tmp_path, protocol):
 
 
 def test_pickle_allow_list_is_only_what_plain_arrays_need():
-    from modules.data import _PICKLE_ALLOWED
+    from modules.pickles import _PICKLE_ALLOWED
     numpy_core = {(core + module, name) for core in ("numpy.core.", "numpy._core.")
                   for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
                                        ("numeric", "_frombuffer"))}

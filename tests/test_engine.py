@@ -364,7 +364,7 @@ def test_sam_perturbed_pass_does_not_advance_the_spectral_norm_vectors(batch):
     """Each step runs one power iteration, at the weights the step starts from. SAM's second
     forward, at the perturbed weights, would run another one there: after one step the u, v
     of a SAM engine must equal those of a plain engine (the same first forward)."""
-    from modules.vae import spectral_norm
+    from modules.layers import spectral_norm
 
     def sn_model():
         torch.manual_seed(0)

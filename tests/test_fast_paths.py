@@ -11,7 +11,8 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 from modules.augment import SeriesAugmentation
 from modules.data import FieldScaler, FieldStore, open_dataset, release_pages
 from modules.engine import heap_allocations
-from modules.vae import HierarchicalVAE, VAEArchitecture, OutputTanh, _DivideBySigma, spectral_norm
+from modules.layers import _DivideBySigma, spectral_norm
+from modules.vae import HierarchicalVAE, OutputTanh, VAEArchitecture
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -8,7 +8,7 @@ MODULES = Path(__file__).resolve().parents[1] / "modules"
 LAYERS = [
     ["errors"],
     ["config"],
-    ["data", "cond_inputs", "augment", "checkpoint"],
+    ["pickles", "data", "cond_inputs", "augment", "checkpoint"],
     ["layers", "gaussian", "vae", "conditioners", "gp", "losses"],
     ["engine", "distributed", "threads", "interrupt", "monitor", "schedules", "run", "stage"],
     ["surrogate", "calibration", "domain", "baseline", "mesh_io", "plots"],
