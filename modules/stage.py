@@ -14,8 +14,8 @@ import torch.distributed as dist
 from modules import interrupt
 from modules.checkpoint import (check_architecture, clean_state_dict, load_checkpoint, rng_state, save_torch,
                                set_rng_state)
-from modules.distributed import barrier
-from modules.engine import Batch, EpochResult, TrainingEngine
+from modules.distributed import barrier, per_rank_batch
+from modules.engine import Batch, EpochResult, TrainingEngine, batch_indices
 from modules.errors import UserError
 from modules.run import RunContext
 
@@ -71,8 +71,36 @@ class StageTrainer:
         of `epoch`); return them for the log."""
         raise NotImplementedError
 
-    def train_batches(self, epoch: int) -> list[Batch]:
+    def train_batch(self, idx: torch.Tensor) -> Batch:
+        """The training batch of runs `idx`."""
         raise NotImplementedError
+
+    def val_batch(self, idx: torch.Tensor) -> Batch:
+        """The validation batch of runs `idx`."""
+        raise NotImplementedError
+
+    # --- the split ----------------------------------------------------------------------
+    def set_split(self, train_idx, val_idx, global_batch: int, key: str) -> None:
+        """The runs each epoch trains and validates on, and the per-rank batch of the global
+        batch size `key` (DDP: every rank draws its share of the same seeded order)."""
+        self.train_idx = torch.as_tensor(train_idx, dtype=torch.long)
+        self.val_idx = torch.as_tensor(val_idx, dtype=torch.long)
+        self.batch = per_rank_batch(global_batch, self.ctx.dist.world_size, key)
+        self.steps_per_epoch = len(self._batch_order(0))
+
+    def _batch_order(self, epoch: int) -> list[torch.Tensor]:
+        d = self.ctx.dist
+        return batch_indices(self.train_idx, self.batch, epoch=epoch, seed=self.ctx.cfg.run.seed, rank=d.rank,
+                             world_size=d.world_size)
+
+    def train_batches(self, epoch: int):
+        for idx in self._batch_order(epoch):
+            yield self.train_batch(idx)
+
+    def val_batches(self):
+        d = self.ctx.dist
+        for idx in self.val_idx[d.rank::d.world_size].split(max(self.batch, 1)):
+            yield self.val_batch(idx)
 
     def transform(self, batch: Batch) -> Batch:
         return batch

@@ -17,8 +17,7 @@ from modules.checkpoint import check_same_split, save_npz
 from modules.cond_inputs import ImageFeatures, MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
 from modules.conditioners import scale_dropout_rates
 from modules.data import FieldStore
-from modules.distributed import per_rank_batch
-from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
+from modules.engine import Batch, EngineSettings, TrainingEngine, evaluate
 from modules.losses import RECON_LOSSES, conditioner_loss, latent_mse
 from modules.run import RunContext
 from modules.schedules import progressive_dropout, warmup_cosine
@@ -97,8 +96,6 @@ class ConditionerTrainer(StageTrainer):
         self.stage = "conditioner_e2e" if self.e2e else "conditioner"
         self.title = "end-to-end fine-tuning" if self.e2e else "conditioner"
         self.data, self.store, self.vae_run_id = data, store, vae_run_id
-        self.train_idx = torch.as_tensor(train_idx, dtype=torch.long)
-        self.val_idx = torch.as_tensor(val_idx, dtype=torch.long)
         arch = ctx.conditioner_architecture()
         model = arch.build().to(ctx.device)
         if initial_state is not None:
@@ -116,29 +113,18 @@ class ConditionerTrainer(StageTrainer):
         checkpoint = ctx.paths.conditioner_e2e if self.e2e else ctx.paths.conditioner
         super().__init__(ctx, engine, cfg.conditioner.e2e_epochs if self.e2e else cfg.conditioner.n_epoch, checkpoint, arch,
                          "train the conditioner first (--lc_only=1)")
-        self.batch = per_rank_batch(cfg.conditioner.latent_conditioner_batch, ctx.dist.world_size, "latent_conditioner_batch")
+        self.set_split(train_idx, val_idx, cfg.conditioner.latent_conditioner_batch, "latent_conditioner_batch")
         self.augment = ConditionerAugmentation.from_config(cfg.conditioner)
         self.best_metric, self.patience = "loss", cfg.conditioner.lc_patience
-        self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.run.seed,
-                                                 rank=ctx.dist.rank, world_size=ctx.dist.world_size))
 
     # --- data ---------------------------------------------------------------------------
-    def _batch(self, idx: torch.Tensor) -> Batch:
+    def train_batch(self, idx: torch.Tensor) -> Batch:
         d = self.data
         idx = idx.to(d.inputs.device)
         batch = (d.inputs[idx], d.main[idx], d.hier[idx])
         return batch + (self.store.get(idx),) if self.e2e else batch
 
-    def train_batches(self, epoch: int):
-        d = self.ctx.dist
-        for idx in batch_indices(self.train_idx, self.batch, epoch=epoch, seed=self.ctx.cfg.run.seed,
-                                 rank=d.rank, world_size=d.world_size):
-            yield self._batch(idx)
-
-    def val_batches(self):
-        d = self.ctx.dist
-        for idx in self.val_idx[d.rank::d.world_size].split(max(self.batch, 1)):
-            yield self._batch(idx)
+    val_batch = train_batch
 
     def transform(self, batch: Batch) -> Batch:
         x, y_main, y_hier, *rest = self.augment(batch)

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from modules.augment import SeriesAugmentation, stretch_copy
 from modules.checkpoint import check_same_split, save_npz
 from modules.data import FieldStore
-from modules.distributed import per_rank_batch
-from modules.engine import Batch, EngineSettings, TrainingEngine, batch_indices, evaluate
+from modules.engine import Batch, EngineSettings, TrainingEngine, evaluate
 from modules.gaussian import Gaussian
 from modules.losses import RECON_LOSSES
 from modules.run import RunContext
@@ -69,12 +68,7 @@ class VAETrainer(StageTrainer):
     def __init__(self, ctx: RunContext, store: FieldStore, train_idx: np.ndarray, val_idx: np.ndarray):
         cfg = ctx.cfg
         self.store = store
-        self.train_idx = torch.as_tensor(train_idx, dtype=torch.long)
-        self.val_idx = torch.as_tensor(val_idx, dtype=torch.long)
         self.num_runs = store.num_runs
-        if cfg.augment.Stretch:
-            # Stretch: a second, fixed noisy/time-shifted copy of every training run (index + P).
-            self.train_idx = torch.cat([self.train_idx, self.train_idx + self.num_runs])
         model = HierarchicalVAE(ctx.vae_architecture()).to(ctx.device)
         init_from_training_runs(model, store, torch.as_tensor(train_idx), cfg.vae.pod_init, cfg.run.seed)
         self.beta = torch.tensor(0.0, device=ctx.device)     # a tensor: compile/graphs see updates
@@ -96,12 +90,14 @@ class VAETrainer(StageTrainer):
                                 settings=settings, device=ctx.device, ddp=ctx.dist.enabled)
         super().__init__(ctx, engine, cfg.vae.Training_epochs, ctx.paths.vae, ctx.vae_architecture(),
                          "train the VAE first (--lc_only=0)")
-        self.batch = per_rank_batch(cfg.vae.Batch_size, ctx.dist.world_size, "Batch_size")
+        train = torch.as_tensor(train_idx, dtype=torch.long)
+        if cfg.augment.Stretch:
+            # Stretch: a second, fixed noisy/time-shifted copy of every training run (index + P).
+            train = torch.cat([train, train + self.num_runs])
+        self.set_split(train, val_idx, cfg.vae.Batch_size, "Batch_size")
         self.augment = SeriesAugmentation.from_config(cfg.augment) if cfg.augment.use_augmentation else None
         self.best_metric = "recon_mse" if cfg.vae.vae_keep_best else None
         self.initial_val: dict[str, float] | None = None
-        self.steps_per_epoch = len(batch_indices(self.train_idx, self.batch, epoch=0, seed=cfg.run.seed,
-                                                 rank=ctx.dist.rank, world_size=ctx.dist.world_size))
 
     # --- data --------------------------------------------------------------------------
     def fetch(self, indices: torch.Tensor) -> torch.Tensor:
@@ -115,17 +111,11 @@ class VAETrainer(StageTrainer):
                                           self.ctx.cfg.augment.stretch_shift_max)
         return x
 
-    def train_batches(self, epoch: int):
-        d = self.ctx.dist
-        for idx in batch_indices(self.train_idx, self.batch, epoch=epoch, seed=self.ctx.cfg.run.seed,
-                                 rank=d.rank, world_size=d.world_size):
-            yield (self.fetch(idx),)
+    def train_batch(self, idx: torch.Tensor) -> Batch:
+        return (self.fetch(idx),)
 
-    def val_batches(self):
-        d = self.ctx.dist
-        mine = self.val_idx[d.rank::d.world_size]
-        for idx in mine.split(max(self.batch, 1)):
-            yield (self.store.get(idx),)
+    def val_batch(self, idx: torch.Tensor) -> Batch:
+        return (self.store.get(idx),)
 
     def transform(self, batch: Batch) -> Batch:
         return (self.augment(batch[0]),) if self.augment is not None else batch

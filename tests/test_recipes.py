@@ -241,7 +241,7 @@ def test_conditioner_label_smoothing_shrinks_the_targets_towards_zero(tmp_path, 
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + [
         f"lc_label_smoothing={smoothing}", "lc_label_noise=0", "lc_mixup_prob=0", "lc_input_noise_prob=0"])
     trainer = random_latent_trainer(ctx, train_idx, val_idx)
-    batch = trainer._batch(trainer.train_idx)
+    batch = trainer.train_batch(trainer.train_idx)
     x, y_main, y_hier = trainer.transform(batch)
     assert torch.equal(x, batch[0])
     torch.testing.assert_close(y_main, batch[1] * (1 - smoothing), rtol=1e-6, atol=0)
@@ -254,7 +254,7 @@ def test_conditioner_label_noise_has_the_configured_std(tmp_path):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + [
         "lc_label_smoothing=0.2", "lc_label_noise=0.05", "lc_mixup_prob=0", "lc_input_noise_prob=0"])
     trainer = random_latent_trainer(ctx, train_idx, val_idx)
-    batch = trainer._batch(trainer.train_idx)
+    batch = trainer.train_batch(trainer.train_idx)
     _, y_main, y_hier = trainer.transform(batch)
     noise = torch.cat([(y_main - 0.8 * batch[1]).flatten(), (y_hier - 0.8 * batch[2]).flatten()])
     assert noise.mean().item() == pytest.approx(0.0, abs=0.01)
