@@ -12,7 +12,8 @@ from modules.augment import SeriesAugmentation
 from modules.data import FieldScaler, FieldStore, open_dataset, release_pages
 from modules.engine import heap_allocations
 from modules.layers import _DivideBySigma, spectral_norm
-from modules.vae import HierarchicalVAE, OutputTanh, VAEArchitecture
+from modules.blocks import OutputTanh
+from modules.vae import HierarchicalVAE, VAEArchitecture
 
 
 # ----------------------------------------------------------------------------- augmentation

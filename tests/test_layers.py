@@ -9,7 +9,7 @@ LAYERS = [
     ["errors"],
     ["config"],
     ["pickles", "data", "cond_inputs", "augment", "checkpoint"],
-    ["layers", "gaussian", "vae", "conditioners", "gp", "losses"],
+    ["layers", "gaussian", "blocks", "vae", "conditioners", "gp", "losses"],
     ["engine", "distributed", "threads", "interrupt", "monitor", "schedules", "run", "stage"],
     ["surrogate", "calibration", "domain", "baseline", "mesh_io", "plots"],
     ["train_vae", "train_conditioner"],

@@ -16,23 +16,19 @@ from modules.gaussian import (
     kl_residual,
     kl_standard_normal,
 )
-from modules.vae import (
-    VAEArchitecture,
+from modules.blocks import (
     ConvBlock,
-    Decoder,
     DecoderResidualBlock,
-    Encoder,
-    HierarchicalVAE,
     LatentToSequence,
     PosteriorNet,
     PriorNet,
     ResidualBlock,
     UpBlock,
-    VAEOutput,
     group_norm,
     he_init_and_spectral_norm,
     num_groups,
 )
+from modules.vae import Decoder, Encoder, HierarchicalVAE, VAEArchitecture, VAEOutput
 
 # the SPEC §9 small configuration: N=296, T=20, F=64 32 16 8, Lend=32, Ld=8
 N, T, F, LEND, LD = 296, 20, (64, 32, 16, 8), 32, 8
