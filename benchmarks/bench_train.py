@@ -99,10 +99,17 @@ def worker(spec: dict) -> None:
     result["samples_per_epoch"] = per_epoch
 
     # bare step: TrainingEngine.step on one fixed batch, under the allocator settings that
-    # train_epoch gives its steps (engine.heap_allocations, where the code has it)
+    # train_epoch gives its steps (heap_allocations, where the measured code has it: in
+    # modules/host_memory.py, or in modules/engine.py at earlier commits)
     import contextlib
-    import modules.engine as engine_module
-    heap = getattr(engine_module, "heap_allocations", lambda device: contextlib.nullcontext())
+    import importlib
+    heap = lambda device: contextlib.nullcontext()  # noqa: E731
+    for name in ("modules.host_memory", "modules.engine"):
+        try:
+            heap = getattr(importlib.import_module(name), "heap_allocations")
+            break
+        except (ImportError, AttributeError):
+            continue
     x = store.get(torch.as_tensor(train_idx[:spec["batch"]]))
     batch = (x,)
     engine.module.train()

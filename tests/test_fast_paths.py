@@ -10,7 +10,7 @@ from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 from modules.augment import SeriesAugmentation
 from modules.data import FieldScaler, FieldStore, open_dataset, release_pages
-from modules.engine import heap_allocations
+from modules.host_memory import heap_allocations
 from modules.layers import _DivideBySigma, spectral_norm
 from modules.blocks import OutputTanh
 from modules.vae import HierarchicalVAE, VAEArchitecture

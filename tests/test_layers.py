@@ -10,7 +10,7 @@ LAYERS = [
     ["config"],
     ["pickles", "data", "cond_inputs", "augment", "checkpoint"],
     ["layers", "gaussian", "blocks", "vae", "conditioners", "gp", "losses"],
-    ["engine", "distributed", "threads", "interrupt", "monitor", "schedules", "run", "stage"],
+    ["host_memory", "engine", "distributed", "threads", "interrupt", "monitor", "schedules", "run", "stage"],
     ["surrogate", "calibration", "domain", "baseline", "mesh_io", "plots"],
     ["train_vae", "train_conditioner"],
     ["pipeline", "predict", "evaluate", "history"],
