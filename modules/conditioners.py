@@ -15,9 +15,8 @@ and CSV runs never need it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +25,12 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from modules.config import INPUT_TYPES
 from modules.errors import UserError
-from modules.layers import he_init, largest_divisor
+from modules.layers import Architecture, he_init, largest_divisor
 
 
 
 @dataclass(frozen=True)
-class ConditionerArchitecture:
+class ConditionerArchitecture(Architecture):
     """What fixes a conditioner's shapes. Its checkpoint stores it (`stored()`), a resumed
     stage must agree on all of it, and `build_conditioner` builds from it alone."""
     input_type: str                      # csvs, image or image_vit
@@ -45,17 +44,6 @@ class ConditionerArchitecture:
     image_size: int = 256                # images are resized to this square side
     model: str = "network"               # or "gp": one Gaussian process per latent value (csvs)
     num_runs: int = 0                    # gp: the runs the posterior is conditioned on
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))   # a list from JSON or a test
-
-    @classmethod
-    def from_stored(cls, stored: dict[str, Any]) -> ConditionerArchitecture:
-        """From a checkpoint's `architecture` entry (older ones lack the later fields)."""
-        return cls(**stored)
-
-    def stored(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "filters": list(self.filters)}
 
     def build(self) -> nn.Module:
         return build_conditioner(self)

@@ -2,11 +2,30 @@
 initialisation, group counts, and the VAE's spectral norm."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm as _TorchSpectralNorm
+
+
+class Architecture:
+    """Base of the frozen dataclasses that fix a model's shapes (VAEArchitecture,
+    ConditionerArchitecture): a checkpoint stores `stored()`, and `from_stored` reads it
+    back, fields an older checkpoint lacks taking their defaults. `filters` is kept a tuple."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))   # a list from JSON or a test
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]):
+        return cls(**stored)
+
+    def stored(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "filters": list(self.filters)}
 
 
 def largest_divisor(c: int, cap: int) -> int:

@@ -7,16 +7,16 @@ kept at every layer. `small` selects the lighter block variants of the original.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from modules.gaussian import Gaussian, kl_residual
+from modules.layers import Architecture
 from modules.blocks import (ConvBlock, DecoderResidualBlock, LatentToSequence, OutputTanh, PosteriorNet, PriorNet,
                             ResidualBlock, UpBlock, group_norm, he_init_and_spectral_norm)
 
@@ -215,7 +215,7 @@ class VAEOutput(NamedTuple):
 
 
 @dataclass(frozen=True)
-class VAEArchitecture:
+class VAEArchitecture(Architecture):
     """What fixes the VAE's shapes. Its checkpoint stores it (`stored()`), a resumed or reused
     VAE must agree on all of it, and `HierarchicalVAE(arch)` builds from it alone. The defaults
     of the later fields are what checkpoints written before them were built with."""
@@ -230,16 +230,6 @@ class VAEArchitecture:
     norm: str = "group"                  # or "none"
     logvar_init: float = 0.0
     linear_modes: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "filters", tuple(int(f) for f in self.filters))   # a list from JSON or a test
-
-    @classmethod
-    def from_stored(cls, stored: dict[str, Any]) -> VAEArchitecture:
-        return cls(**stored)
-
-    def stored(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "filters": list(self.filters)}
 
     def build(self) -> HierarchicalVAE:
         return HierarchicalVAE(self)
