@@ -99,7 +99,7 @@ def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_pre
     result = run_cli(work, "--predict", str(odd), "--out", str(out), "--samples", "16")
     assert result.returncode == 0, result.stderr
     warned = [ln for ln in result.stderr.splitlines() if "outside the training data" in ln]
-    assert len(warned) == 1 and "1 of 2 input rows" in warned[0] and "row 2 column 2 =" in warned[0]
+    assert len(warned) == 1 and "1 of 2 inputs" in warned[0] and "row 2 column 2 =" in warned[0]
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["out_of_domain"] == [False, True] and meta["domain"]["outside_columns"] == [[], [1]]
     with np.load(meta["bands"]) as bands:
