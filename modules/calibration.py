@@ -76,9 +76,9 @@ def spread_and_error(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray)
 def calibration_metrics(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray,
                         band_scales: dict[float, float] | None = None) -> dict:
     """Coverage of the 50 % and 90 % bands (each widened about the point prediction by its
-    `band_scales` entry, as prediction writes them), CRPS, the spread-skill ratio (mean sample
-    std over the point prediction's RMSE) and the rank correlation of each run's spread with
-    its error."""
+    `band_scales` entry, as prediction writes them), CRPS next to the point prediction's MAE
+    (a useful spread has CRPS below it), the spread-skill ratio (mean sample std over the point
+    prediction's RMSE) and the rank correlation of each run's spread with its error."""
     band_scales = band_scales or {}
     from scipy.stats import spearmanr
     n = len(truth)
@@ -86,7 +86,7 @@ def calibration_metrics(samples: np.ndarray, centre: np.ndarray, truth: np.ndarr
     rmse = float(np.sqrt(np.mean((centre - truth) ** 2)))
     out = {f"coverage_{int(level * 100)}": coverage(samples, truth, level, centre, band_scales.get(level, 1.0))
            for level in LEVELS}
-    out.update({"crps": crps(samples, truth),
+    out.update({"crps": crps(samples, truth), "mae": float(np.mean(np.abs(centre - truth))),
                 "spread_skill": float(np.sqrt(samples.var(axis=1).mean()) / max(rmse, 1e-30)),
                 "spread_error_spearman": (float(spearmanr(spread, error).statistic)
                                           if n > 2 and np.ptp(spread) > 0 and np.ptp(error) > 0 else float("nan")),

@@ -7,7 +7,8 @@ or images, in order) and compares them with the true fields of TRUE.npy (n, T, N
   VAE only    the true fields encoded and decoded: the compression's share of the error,
               so that surrogate − VAE is the conditioner's share;
   baselines   the training-mean field, and POD + GPR refitted on all the training runs
-              (CSV inputs, training fields up to the baseline's size limit);
+              (on the CSV rows or the GP's picture features; training fields up to the
+              baseline's size limit);
   calibration with --samples K: band coverage, CRPS, spread-skill, spread-error correlation.
 It writes FILE_evaluation.json (everything) and FILE_evaluation.csv (one row per run), and
 with --plot=1 the worst runs' traces and the error over time beside FILE.
@@ -51,7 +52,8 @@ def load_truth(path: Path, runs: int, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _baselines(surrogate, truth: np.ndarray, raw: np.ndarray) -> dict:
-    """Mean field and POD + GPR fitted on every training run (CSV inputs)."""
+    """Mean field, and POD + GPR fitted on every training run on the conditioner's inputs where
+    it has them (CSV rows, or the GP's picture features)."""
     from modules.baseline import BASELINE_MAX_BYTES, classical_baselines
     from modules.data import open_dataset, reduce
     if surrogate.dataset is None or not surrogate.dataset.is_file():
@@ -84,11 +86,10 @@ def evaluate(surrogate, raw: np.ndarray, files: list[str], truth_path: Path, out
                "max_abs_error": np.abs(diff).reshape(n, -1).max(axis=1),
                "vae_rel_l2": relative_l2(surrogate.reconstruct(truth), truth)}
     report["per_step_rel_l2"] = (np.linalg.norm(diff, axis=2) / np.maximum(np.linalg.norm(truth, axis=2), 1e-30)).mean(axis=0).tolist()
-    if surrogate.input_type == "csvs":
-        report["baselines"] = _baselines(surrogate, truth, raw)
-        for key in ("mean_rel_l2_per_run", "pod_gpr_rel_l2_per_run"):
-            if key in report["baselines"]:
-                per_run["baseline_" + key.replace("_per_run", "")] = np.asarray(report["baselines"][key])
+    report["baselines"] = _baselines(surrogate, truth, raw)
+    for key in ("mean_rel_l2_per_run", "pod_gpr_rel_l2_per_run"):
+        if key in report["baselines"]:
+            per_run["baseline_" + key.replace("_per_run", "")] = np.asarray(report["baselines"][key])
     if draws is not None:
         from modules.calibration import calibration_metrics
         report["calibration"] = {"sampling": sampling, **calibration_metrics(draws, point, truth, band_scales)}
@@ -151,7 +152,8 @@ def describe(report: dict) -> list[str]:
     cal = report.get("calibration")
     if cal:
         lines.append(f"  {cal['samples']} samples ({cal['sampling']}): the 50 % band covers {cal['coverage_50']:.2f} and "
-                     f"the 90 % band {cal['coverage_90']:.2f} of the true values; CRPS {cal['crps']:.4g}; spread/skill "
+                     f"the 90 % band {cal['coverage_90']:.2f} of the true values; CRPS {cal['crps']:.4g} (point MAE "
+                     f"{cal['mae']:.4g}); spread/skill "
                      f"{cal['spread_skill']:.2f}; Spearman(spread, error) {cal['spread_error_spearman']:.2f}")
     flagged = sum(report["per_run"].get("out_of_domain", []))
     if flagged:

@@ -22,6 +22,11 @@ def test_a_calibrated_distribution_scores_as_calibrated():
     assert abs(m["spread_skill"] - 1.0) < 0.05
     assert m["spread_error_spearman"] > 0.8             # runs with larger errors get larger spreads
     assert m["runs"] == 30 and m["samples"] == 200
+    assert m["mae"] == np.abs(centre - truth).mean()
+    # a calibrated Gaussian's expected CRPS is σ/√π against the point MAE's σ·√(2/π): a ratio of 1/√2
+    assert abs(m["crps"] / m["mae"] - 2 ** -0.5) < 0.02
+    collapsed = calibration_metrics(centre[:, None] + 0 * samples[:, :2], centre, truth)
+    assert collapsed["crps"] == collapsed["mae"]          # no spread: the CRPS is the MAE
 
 
 def test_the_spread_scale_fixes_an_overconfident_distribution():

@@ -177,14 +177,15 @@ def markdown(results: list[dict]) -> str:
 
 
 def calibration_markdown(results: list[dict]) -> str:
-    rows = ["| problem | route | sampling | 50 % band covers | 90 % band covers | CRPS | spread / skill | "
-            "Spearman(spread, error) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| problem | route | sampling | 50 % band covers | 90 % band covers | CRPS | MAE (point) | spread / skill | "
+            "Spearman(spread, error) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for route, v in r["routes"].items():
             c = v.get("calibration")
             if c:
                 rows.append(f"| {r['problem']} | {route} | {c['sampling']} | {c['coverage_50']:.2f} | "
-                            f"{c['coverage_90']:.2f} | {c['crps']:.4g} | {c['spread_skill']:.2f} | "
+                            f"{c['coverage_90']:.2f} | {c['crps']:.4g} | {c.get('mae', float('nan')):.4g} | "
+                            f"{c['spread_skill']:.2f} | "
                             f"{c['spread_error_spearman']:.2f} |")
     return "\n".join(rows)
 
