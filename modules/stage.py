@@ -17,6 +17,7 @@ from modules.checkpoint import (check_architecture, clean_state_dict, load_check
 from modules.distributed import barrier, per_rank_batch
 from modules.engine import Batch, EpochResult, TrainingEngine, batch_indices
 from modules.errors import UserError
+from modules.layers import Architecture
 from modules.run import RunContext
 
 log = logging.getLogger("simulgen")
@@ -24,7 +25,7 @@ log = logging.getLogger("simulgen")
 CHECKPOINT_VERSION = 1
 
 
-def save_fitted(ctx: RunContext, path: Path, kind: str, module: torch.nn.Module, architecture, extra: dict,
+def save_fitted(ctx: RunContext, path: Path, kind: str, module: torch.nn.Module, architecture: Architecture, extra: dict,
                 seconds: float) -> None:
     """A model fitted in closed form (no epochs, e.g. the GP conditioner), written in the stage
     checkpoint format as a finished stage, so loading, prediction and the checks read it alike."""
@@ -45,7 +46,7 @@ class StageTrainer:
     patience: int | None = None      # early stopping: validations without improvement of best_metric
 
     def __init__(self, ctx: RunContext, engine: TrainingEngine, epochs: int, checkpoint: Path,
-                 architecture, how_to_make: str):
+                 architecture: Architecture, how_to_make: str):
         self.ctx = ctx
         self.engine = engine
         self.epochs = epochs
