@@ -1,10 +1,12 @@
 """Configuration: one strict parser for `condition.txt` and `preset.txt`.
 
-Every key of the original's `condition.txt` is a field of `Config`, named exactly as in
-the file. Every value the original hard-coded is an optional key whose default is the
-original's value, so the original file still parses and nothing is hidden in code.
-Each field's metadata (range, choices, help) drives parsing, validation, `--list_keys`
-and the README's key table, so there is one source of truth.
+Every key of the original's `condition.txt` is a field of one of six frozen sections
+(`DataConfig`, `VAEConfig`, `AugmentConfig`, `ConditionerConfig`, `EngineConfig`,
+`RunConfig`; `Config` holds one of each), named exactly as in the file, which stays flat.
+Every value the original hard-coded is an optional key whose default is the original's
+value (or the port's, with the original's under `recipe original`), so the original file
+still parses and nothing is hidden in code. Each field's metadata (range, choices, help)
+drives parsing, validation, `--list_keys` and the README's key table: one source of truth.
 """
 from __future__ import annotations
 
@@ -33,9 +35,6 @@ def _key(default: Any = _REQUIRED, *, lo=None, hi=None, lo_open=False, choices=N
                                choices=choices, help=help, reserved=reserved))
 
 
-_COMMON, _VAE, _AUG, _LC, _ENGINE, _RUN = ("data", "VAE", "augmentation", "conditioner",
-                                             "engine", "run")
-
 # `csv` is accepted as a spelling of `csvs` (the original's files use both).
 INPUT_TYPES = ("csvs", "csv", "image", "image_vit")
 LOSS_TYPES = {1: "MSE", 2: "MAE", 3: "SmoothL1", 4: "Huber"}
@@ -44,7 +43,7 @@ LOSS_TYPES = {1: "MSE", 2: "MAE", 3: "SmoothL1", 4: "Huber"}
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """The dataset's shape, the part of it that is used, and how its fields are scaled."""
-    SECTION: ClassVar[str] = _COMMON
+    SECTION: ClassVar[str] = "data"      # its heading in --list_keys and the README
 
     Dim1: int = _key(lo=1, help="number of runs P in the dataset")
     Dim2: int = _key(lo=1, help="time steps T per run")
@@ -71,7 +70,7 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class VAEConfig:
     """The VAE: size, loss, KL schedule, optimiser and the port's recipe switches."""
-    SECTION: ClassVar[str] = _VAE
+    SECTION: ClassVar[str] = "VAE"
 
     Training_epochs: int = _key(lo=1, help="VAE training epochs")
     Batch_size: int = _key(lo=1,
@@ -144,7 +143,7 @@ class VAEConfig:
 @dataclass(frozen=True, kw_only=True)
 class AugmentConfig:
     """The VAE's augmentations of the training runs."""
-    SECTION: ClassVar[str] = _AUG
+    SECTION: ClassVar[str] = "augmentation"
 
     Stretch: int = _key(0, lo=0, hi=1,
                         help="1 = offline augmentation doubling the dataset with noisy/shifted copies")
@@ -180,7 +179,7 @@ class AugmentConfig:
 @dataclass(frozen=True, kw_only=True)
 class ConditionerConfig:
     """The latent conditioner: its inputs, model and training recipe."""
-    SECTION: ClassVar[str] = _LC
+    SECTION: ClassVar[str] = "conditioner"
 
     num_param: int = _key(lo=1, help="number of CSV input columns")
     n_sample: int = _key(_DERIVED, lo=1,
@@ -256,7 +255,7 @@ class ConditionerConfig:
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     """The training engine shared by both stages: precision, SAM, EMA, compile, graphs."""
-    SECTION: ClassVar[str] = _ENGINE
+    SECTION: ClassVar[str] = "engine"
 
     precision: str = _key("auto", choices=("auto", "fp32", "bf16", "fp16"),
                           help="auto: bf16 on CUDA with bf16, fp16 on older CUDA, fp32 on CPU")
@@ -280,7 +279,7 @@ class EngineConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Where the data lives, seeding, the split, checkpoints, logging and the baseline."""
-    SECTION: ClassVar[str] = _RUN
+    SECTION: ClassVar[str] = "run"
 
     dataset_dir: str = _key("",
                             help="folder of dataset<d>.npy / .pickle (default: the working directory)")
@@ -327,18 +326,6 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """Every key with its value, in section order (the file's names, one level)."""
         return {k: v for section in self.to_dict().values() for k, v in section.items()}
-
-    def replace(self, **keys: Any) -> Config:
-        """A copy with some keys changed, given by their file names (e.g. Dim1=10)."""
-        unknown = [k for k in keys if k not in FIELDS]
-        if unknown:
-            raise KeyError(f"unknown config keys {unknown}")
-        changed = {}
-        for attr in SECTIONS:
-            mine = {k: v for k, v in keys.items() if SECTION_OF[k] == attr}
-            if mine:
-                changed[attr] = dataclasses.replace(getattr(self, attr), **mine)
-        return dataclasses.replace(self, **changed)
 
 
 # key name -> its dataclass field, and -> the attribute of Config that holds its section
