@@ -183,10 +183,16 @@ def test_gp_on_picture_features_is_the_picture_default_calibrated_and_flags_stra
     assert meta["sampling"] == "predictive" and meta["out_of_domain"] == [False, False, True]
     warning = [line for line in predicted.stderr.splitlines() if "outside the training data" in line]
     assert len(warning) == 1 and "1 of 3 inputs" in warning[0] and "3.png total intensity" in warning[0]
+    data = np.load(work / "input_data/dataset1.npy")[:3]
+    truth = tmp_path / "truth.npy"
+    np.save(truth, data)                    # the white picture's "truth" is run 3's: it only has to be a field
     point = tmp_path / "point.npy"
-    assert run_cli(work, "--predict", str(pictures), "--out", str(point)).returncode == 0
-    data = np.load(work / "input_data/dataset1.npy")[:2]
-    assert np.linalg.norm(np.load(point)[:2] - data) / np.linalg.norm(data) < 0.05
+    evaluated = run_cli(work, "--predict", str(pictures), "--out", str(point), "--evaluate", str(truth))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert np.linalg.norm(np.load(point)[:2] - data[:2]) / np.linalg.norm(data[:2]) < 0.05
+    report = json.loads((tmp_path / "point_evaluation.json").read_text())
+    assert set(report["baselines"]) >= {"mean_rel_l2", "pod_gpr_rel_l2"}     # fitted on the picture features
+    assert report["per_run"]["out_of_domain"] == [False, False, True]
 
 
 def test_predicted_fields_are_in_physical_units_deterministic_and_documented(trained, tmp_path):
