@@ -270,6 +270,9 @@ class EngineConfig:
     compile: bool = _key(False, help="torch.compile the model")
     cuda_graphs: bool = _key(False,
                              help="capture the training step in a CUDA graph (CUDA only)")
+    prefetch_batches: int = _key(2, lo=0,
+                                 help="--load_all=0: read up to this many VAE batches ahead from the dataset file in a "
+                                      "background thread, overlapping the training step (0 = read each when needed)")
     use_progressive_dropout: bool = _key(False,
                                          help="schedule the conditioner's dropout from dropout_start to dropout_end")
     dropout_start: float = _key(0.3, lo=0.0, hi=0.95, help="progressive dropout: first rate")

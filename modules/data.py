@@ -13,7 +13,10 @@ and nothing else.
 from __future__ import annotations
 
 import mmap
+import queue
+import threading
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +24,8 @@ import torch
 from modules.errors import UserError, one_line
 from modules.pickles import load_numpy_pickle
 
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 _CHUNK_BYTES = 64 * 2**20     # host memory one streaming pass may use per chunk of runs
 _NUMERIC_KINDS = "biuf"       # bool, signed/unsigned int, float
 
@@ -331,6 +336,59 @@ def _chunks(array: np.ndarray, runs: np.ndarray, step: int):
 
 # ----------------------------------------------------------------------------- batches
 
+class HostBatch(NamedTuple):
+    raw: torch.Tensor                 # (b, T', N') the distinct runs as read, sorted
+    order: np.ndarray | None          # rows of `raw` in the requested order (None: already)
+
+
+def prefetch(read: Callable[[_Item], _Result], items: Iterable[_Item], depth: int = 2) -> Iterator[_Result]:
+    """read(item) for each item in order, computed up to `depth` items ahead by one background
+    thread, so reading the next batch from the file overlaps the current training step (numpy's
+    copies and pin_memory release the GIL). An error in `read` is raised here, at its item; when
+    the consumer stops early, the thread stops too. depth 0: no thread. Own code: torch's
+    DataLoader would pickle the memory-mapped store into worker processes, or, with threads,
+    still read one batch per call without looking ahead."""
+    if depth <= 0:
+        for item in items:
+            yield read(item)
+        return
+    done = object()
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(value) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((read(item), None)):
+                    return
+            put((done, None))
+        except BaseException as exc:          # handed to the consumer, raised there
+            put((None, exc))
+
+    thread = threading.Thread(target=work, name="simulgen-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value, error = results.get()
+            if error is not None:
+                raise error
+            if value is done:
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
 class FieldStore:
     """Scaled float32 batches (B, N', T') of given runs from a (P, T', N') array.
 
@@ -390,16 +448,26 @@ class FieldStore:
                 index = torch.from_numpy(self._check_indices(host)).to(self.device)
             return self._data.index_select(0, index)
 
+        return self.finish(self.read(indices))
+
+    def read(self, indices) -> HostBatch:
+        """The host half of a streamed batch: its runs read from the file (sorted, each once) into
+        float32, pinned for a CUDA device. Touches no torch state but its own tensors, so a
+        background thread can run it one batch ahead (`prefetch`)."""
         wanted = self._check_indices(indices.cpu().numpy() if isinstance(indices, torch.Tensor) else indices)
         runs, inverse = np.unique(wanted, return_inverse=True)             # sorted reads
         raw = torch.from_numpy(np.ascontiguousarray(self._array[runs], dtype=np.float32))  # (b, T', N')
         release_pages(self._array, runs)          # the RSS stays at one batch, not the touched file
         if self._pin:
             raw = raw.pin_memory()
-        raw = raw.to(self.device, non_blocking=self._pin)
+        return HostBatch(raw, None if np.array_equal(runs, wanted) else inverse.reshape(-1))
+
+    def finish(self, host: HostBatch) -> torch.Tensor:
+        """The device half: copy, scale (on the device) and lay out as (b, N', T')."""
+        raw = host.raw.to(self.device, non_blocking=self._pin)
         batch = self.scaler.transform(raw, node_axis=-1).transpose(1, 2)   # (b, N', T')
-        if len(runs) != len(wanted) or np.any(runs != wanted):
-            batch = batch.index_select(0, torch.from_numpy(inverse.reshape(-1)).to(self.device))
+        if host.order is not None:
+            batch = batch.index_select(0, torch.from_numpy(host.order).to(self.device))
         return batch.contiguous()
 
     def _check_indices(self, indices) -> np.ndarray:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from modules.augment import SeriesAugmentation, stretch_copy
 from modules.checkpoint import check_same_split, save_npz
-from modules.data import FieldStore
+from modules.data import FieldStore, HostBatch, prefetch
 from modules.engine import Batch, EngineSettings, TrainingEngine, evaluate
 from modules.gaussian import Gaussian
 from modules.losses import RECON_LOSSES
@@ -100,11 +100,12 @@ class VAETrainer(StageTrainer):
         self.initial_val: dict[str, float] | None = None
 
     # --- data --------------------------------------------------------------------------
-    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
-        """Scaled runs (B, N, T); indices ≥ P are the Stretch copies of run index - P."""
+    def fetch(self, indices: torch.Tensor, host: HostBatch | None = None) -> torch.Tensor:
+        """Scaled runs (B, N, T); indices ≥ P are the Stretch copies of run index - P. `host`:
+        the runs already read from the file (streaming, `train_batches`)."""
+        x = self.store.finish(host) if host is not None else self.store.get(indices % self.num_runs)
         if not self.ctx.cfg.augment.Stretch:
-            return self.store.get(indices)
-        x = self.store.get(indices % self.num_runs)
+            return x
         for row in torch.nonzero(indices >= self.num_runs).flatten().tolist():
             gen = torch.Generator().manual_seed(self.ctx.cfg.run.seed * 1_000_003 + int(indices[row]))
             x[row:row + 1] = stretch_copy(x[row:row + 1], gen, self.ctx.cfg.augment.stretch_noise_level,
@@ -113,6 +114,17 @@ class VAETrainer(StageTrainer):
 
     def train_batch(self, idx: torch.Tensor) -> Batch:
         return (self.fetch(idx),)
+
+    def train_batches(self, epoch: int):
+        """Streamed (--load_all=0): the next batches' runs are read from the file in a background
+        thread while this one trains (`prefetch_batches`); the same batches as reading each in turn."""
+        if self.store.preloaded:
+            yield from super().train_batches(epoch)
+            return
+        order = self._batch_order(epoch)
+        hosts = prefetch(lambda idx: self.store.read(idx % self.num_runs), order, self.ctx.cfg.engine.prefetch_batches)
+        for idx, host in zip(order, hosts):
+            yield (self.fetch(idx, host),)
 
     def val_batch(self, idx: torch.Tensor) -> Batch:
         return (self.store.get(idx),)

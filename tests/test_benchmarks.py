@@ -62,3 +62,12 @@ def test_bench_memory_refuses_when_the_disk_is_too_small(tmp_path):
 @pytest.mark.parametrize("script", ["bench_train.py", "bench_predict.py", "bench_memory.py"])
 def test_benchmark_help(script):
     assert "usage" in _run(script, "--help").stdout
+
+
+def test_bench_stream_quick_compares_streaming_with_preloading(tmp_path):
+    out = tmp_path / "stream.json"
+    result = _run("bench_stream.py", "--quick", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["preloaded", "streamed", "streamed + prefetch 2"]
+    assert all(_finite(r["samples_per_s"], r["over_preloaded"]) and r["samples_per_s"] > 0 for r in rows)
+    assert rows[0]["over_preloaded"] == 1.0 and "× preloaded" in result.stdout

@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as torch_spectral_norm
 
 from modules.augment import SeriesAugmentation
-from modules.data import FieldScaler, FieldStore, open_dataset, release_pages
+from modules.data import FieldScaler, FieldStore, open_dataset, prefetch, release_pages
 from modules.host_memory import heap_allocations
 from modules.layers import _DivideBySigma, spectral_norm
 from modules.blocks import OutputTanh
@@ -198,3 +198,42 @@ def test_heap_allocations_is_a_plain_block_elsewhere():
     with heap_allocations(torch.device("cpu")):
         y = torch.ones(1 << 20) * 2
     assert x.sum() == 3 and y.sum() == 2 * (1 << 20)
+
+
+# --- prefetching the streamed batches ---------------------------------------------------------
+
+def test_prefetched_batches_are_the_batches_read_in_turn(tmp_path):
+    path = tmp_path / "d.npy"
+    np.save(path, np.random.default_rng(1).standard_normal((20, 6, 50)).astype(np.float32))
+    array = open_dataset(path)
+    store = FieldStore(array, FieldScaler.fit(array, "centered"), preload=False)
+    order = [torch.tensor([3, 1, 3]), torch.tensor([0, 19]), torch.tensor([7, 5, 6, 2])]    # repeats, unsorted
+    direct = [store.get(i) for i in order]
+    for depth in (0, 1, 3):
+        streamed = [store.finish(h) for h in prefetch(store.read, order, depth)]
+        assert all(torch.equal(a, b) for a, b in zip(direct, streamed)) and len(streamed) == 3
+    np.testing.assert_array_equal(direct[0][0].numpy(), direct[0][2].numpy())
+
+
+def test_a_read_error_surfaces_at_its_batch_and_an_early_stop_ends_the_thread():
+    import threading
+
+    def read(i):
+        if i == 3:
+            raise OSError("disk gone")
+        return i * 10
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for value in prefetch(read, range(6), depth=2):
+            got.append(value)
+    assert got == [0, 10, 20]
+    calls = []
+
+    def slow(i):
+        calls.append(i)
+        return i
+    stream = prefetch(slow, range(1000), depth=2)
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()                                   # the consumer stops: so does the reader
+    assert not any(t.name == "simulgen-prefetch" for t in threading.enumerate())
+    assert len(calls) <= 2 + 2 + 1                   # at most `depth` ahead (plus the one being read)
