@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.data import FieldScaler, FieldStore  # noqa: E402
+from modules.data import FieldScaler, FieldStore, prefetch  # noqa: E402
 from modules.engine import EngineSettings, TrainingEngine  # noqa: E402
 from modules.vae import HierarchicalVAE, VAEArchitecture  # noqa: E402
 
@@ -172,21 +172,26 @@ def part2(device, quick, workdir):
         params = sum(p.numel() for p in model.parameters())
         engine = TrainingEngine(model, vae_loss(torch.tensor(1e-3, device=device)), lr=5e-4, weight_decay=5e-4,
                                 settings=EngineSettings(precision=precision, grad_clip=10.0), device=device)
-        for load_all in (True, False):
+        for load_all, depth in ((True, 0), (False, 0), (False, 2)):       # streamed: read in turn / 2 ahead
             store = FieldStore(mm, scaler, preload=load_all, device=device, pin_memory=device.type == "cuda")
             order = torch.arange(n_steps * batch) % runs
-            flops = step_flops(engine, (store.get(order[:batch]),))
+            batches = [order[k * batch:(k + 1) * batch] for k in range(n_steps)]
+            flops = step_flops(engine, (store.get(batches[0]),))
+            hosts = None if load_all else prefetch(store.read, batches, depth)
             times = []
             for k in range(n_steps):
                 sync(device)
                 start = time.perf_counter()
-                engine.step((store.get(order[k * batch:(k + 1) * batch]),))   # data loading included
+                x = store.get(batches[k]) if hosts is None else store.finish(next(hosts))
+                engine.step((x,))                                                # data loading included
                 sync(device)
                 if k >= warmup:
                     times.append(time.perf_counter() - start)
+            if hosts is not None:
+                hosts.close()
             seconds = statistics.median(times)
             mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
-            rows.append({"size": "small" if small else "large", "load_all": int(load_all), "params": params,
+            rows.append({"size": "small" if small else "large", "load_all": int(load_all), "prefetch": depth, "params": params,
                          "ms_per_step": seconds * 1000, "runs_per_s": batch / seconds, "tflop_per_step": flops / 1e12,
                          "tflops": flops / seconds / 1e12, "peak_tflops": peak / 1e12,
                          "fraction_of_peak": flops / seconds / peak, "max_gpu_mem_gib": mem})
@@ -197,10 +202,10 @@ def part2(device, quick, workdir):
             torch.cuda.reset_peak_memory_stats()
     print(f"\nPart 2: full-size VAE step, N={nodes} T={steps_t} filters={list(filters)} batch={batch}, {precision}, "
           f"measured matmul peak {peak / 1e12:.0f} TFLOP/s")
-    print(f"{'size':<7}{'load_all':>9}{'params':>13}{'ms/step':>10}{'runs/s':>9}{'TFLOP/step':>12}{'TFLOP/s':>9}"
+    print(f"{'size':<7}{'load_all':>9}{'prefetch':>9}{'params':>13}{'ms/step':>10}{'runs/s':>9}{'TFLOP/step':>12}{'TFLOP/s':>9}"
           f"{'of peak':>9}{'GPU GiB':>9}")
     for r in rows:
-        print(f"{r['size']:<7}{r['load_all']:>9}{r['params']:>13,}{r['ms_per_step']:>10.1f}{r['runs_per_s']:>9.1f}"
+        print(f"{r['size']:<7}{r['load_all']:>9}{r['prefetch']:>9}{r['params']:>13,}{r['ms_per_step']:>10.1f}{r['runs_per_s']:>9.1f}"
               f"{r['tflop_per_step']:>12.2f}{r['tflops']:>9.1f}{r['fraction_of_peak']:>9.1%}{r['max_gpu_mem_gib']:>9.1f}")
     return rows
 
