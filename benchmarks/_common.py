@@ -27,11 +27,14 @@ def load_average() -> float:
 
 
 def busy_warning(threshold: float = 0.5) -> str | None:
-    """A line to print when other work competes for the cores (OpenMP degrades badly then)."""
+    """A line, printed on stderr and returned for the report, when other work competes for the
+    cores (OpenMP degrades badly then); None otherwise."""
     load, cores = load_average(), os.cpu_count() or 1
     if load > threshold * cores:
-        return (f"warning: 1-min load average {load:.2f} on {cores} cores before measuring; "
+        line = (f"warning: 1-min load average {load:.2f} on {cores} cores before measuring; "
                 f"other processes compete for the cores and the figures below will be low")
+        print(line, file=sys.stderr)
+        return line
     return None
 
 
@@ -184,6 +187,20 @@ def vae_context(code_root: Path, workdir: Path, data_path: Path, *, runs: int, s
     store = FieldStore(data, scaler, preload=load_all, device="cpu")
     train_idx, val_idx = split_indices(runs, cfg.run.val_split, cfg.run.seed)
     return ctx, store, train_idx, val_idx
+
+
+def time_epochs(trainer) -> list[float]:
+    """trainer.fit(), returning time.perf_counter() at the end of every epoch."""
+    ends: list[float] = []
+    record = trainer._record
+
+    def timed(*args, **kwargs):
+        record(*args, **kwargs)
+        ends.append(time.perf_counter())
+
+    trainer._record = timed
+    trainer.fit()
+    return ends
 
 
 # ----------------------------------------------------------------------------- subprocesses

@@ -135,8 +135,6 @@ def main(argv=None) -> int:
               f"pass a smaller --size-gb.", file=sys.stderr)
         return 2
     warning = C.busy_warning()
-    if warning:
-        print(warning, file=sys.stderr)
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")

@@ -75,8 +75,6 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=str(C.RESULTS / "bench_predict.json"))
     args = parser.parse_args(argv)
     warning = C.busy_warning()
-    if warning:
-        print(warning, file=sys.stderr)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)

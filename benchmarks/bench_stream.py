@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,15 +32,7 @@ def epoch_rate(data: Path, workdir: Path, *, runs: int, steps: int, nodes: int, 
         epochs=epochs, precision="fp32", load_all=load_all, monitor=False,
         extra=(f"prefetch_batches={prefetch}", "val_every=1000", "checkpoint_every=1000", "checkpoint_minutes=0"))
     trainer = VAETrainer(ctx, store, train_idx, val_idx)
-    ends: list[float] = []
-    record = trainer._record
-
-    def timed(*args, **kwargs):
-        record(*args, **kwargs)
-        ends.append(time.perf_counter())
-
-    trainer._record = timed
-    trainer.fit()
+    ends = C.time_epochs(trainer)
     return (len(ends) - 1) * trainer.steps_per_epoch * trainer.batch / (ends[-1] - ends[0])
 
 
@@ -53,8 +44,6 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=str(C.RESULTS / "bench_stream.json"))
     args = parser.parse_args(argv)
     warning = C.busy_warning()
-    if warning:
-        print(warning, file=sys.stderr)
     runs, steps, epochs = (20, 8, 3) if args.quick else (64, 50, 6)
     nodes_list = [96] if args.quick else args.nodes
     rounds = 1 if args.quick else args.rounds

@@ -73,15 +73,7 @@ def worker(spec: dict) -> None:
                 os._exit(0)
 
     engine.optimizer.register_step_post_hook(first_step)
-    epoch_ends: list[float] = []
-    record = trainer._record
-
-    def timed_record(*args, **kwargs):
-        record(*args, **kwargs)
-        epoch_ends.append(time.perf_counter())
-
-    trainer._record = timed_record
-    trainer.fit()
+    epoch_ends = C.time_epochs(trainer)
     result["time_to_first_step_s"] = marks["first_step"] - t_spawn
     result["time_to_first_epoch_s"] = (epoch_ends[0] - time.perf_counter()) + (time.time() - t_spawn)
     result["peak_rss_bytes"] = C.peak_rss_bytes()
@@ -152,8 +144,6 @@ def configs(args) -> list[dict]:
 def measure(args) -> dict:
     here = Path(__file__).resolve()
     warning = C.busy_warning()
-    if warning:
-        print(warning, file=sys.stderr)
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
