@@ -189,6 +189,9 @@ class Surrogate:
             domain = InputDomain(input_scaler.data_min, input_scaler.data_max, scalers.get("domain_runs"))
         features = (ImageFeatures.from_state_dict(_prefixed(scalers, "features_"))
                     if "features_modes" in scalers else None)
+        if arch.model == "gp" and arch.input_type != "csvs" and (features is None or input_scaler is None):
+            raise UserError(f"{paths.conditioner_scalers} lacks the picture-feature basis of the GP conditioner in "
+                            f"{cond_path}; it belongs to another run: retrain the conditioner with --lc_only=1.")
         config = stored_sections(cond_state["run"]["config"])
         if "param_data_type" not in config["conditioner"]:
             raise UserError(f"{cond_path} lacks the config it was trained with (param_data_type); {_TRAIN_HINT}.")

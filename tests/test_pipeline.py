@@ -193,6 +193,13 @@ def test_gp_on_picture_features_is_the_picture_default_calibrated_and_flags_stra
     report = json.loads((tmp_path / "point_evaluation.json").read_text())
     assert set(report["baselines"]) >= {"mean_rel_l2", "pod_gpr_rel_l2"}     # fitted on the picture features
     assert report["per_run"]["out_of_domain"] == [False, False, True]
+    scalers = work / "checkpoints/conditioner_scalers.npz"      # a scalers file of another run: a clear error
+    with np.load(scalers) as arrays:
+        kept = {k: arrays[k] for k in arrays.files if not k.startswith("features_")}
+    np.savez(scalers, **kept)
+    broken = run_cli(work, "--predict", str(pictures), "--out", str(tmp_path / "no.npy"))
+    assert broken.returncode == 2 and "lacks the picture-feature basis" in broken.stderr
+    assert "Traceback" not in broken.stderr and not (tmp_path / "no.npy").exists()
 
 
 def test_predicted_fields_are_in_physical_units_deterministic_and_documented(trained, tmp_path):
