@@ -254,6 +254,10 @@ def check_architecture(saved: dict, current, path: str | Path) -> None:
     """A resumed stage must build the network its checkpoint was trained with."""
     if not same_architecture(saved, current):
         now = current.stored()
+        try:                         # fields the checkpoint predates take their defaults, as when it loads
+            saved = type(current).from_stored(saved).stored()
+        except (KeyError, TypeError, ValueError):
+            pass
         keys = sorted(set(saved) | set(now))
         diff = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}"
                          for k in keys if saved.get(k) != now.get(k))

@@ -51,9 +51,9 @@ def load_truth(path: Path, runs: int, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(reduce(array, t, n), np.float64)
 
 
-def _baselines(surrogate, truth: np.ndarray, raw: np.ndarray) -> dict:
+def _baselines(surrogate, truth: np.ndarray, inputs: np.ndarray) -> dict:
     """Mean field, and POD + GPR fitted on every training run on the conditioner's inputs where
-    it has them (CSV rows, or the GP's picture features)."""
+    it has them (`inputs`: CSV rows, or the GP's picture features)."""
     from modules.baseline import BASELINE_MAX_BYTES, classical_baselines
     from modules.data import open_dataset, reduce
     if surrogate.dataset is None or not surrogate.dataset.is_file():
@@ -63,21 +63,20 @@ def _baselines(surrogate, truth: np.ndarray, raw: np.ndarray) -> dict:
         return {"skipped": "training fields above the baseline's 2 GiB limit"}
     train = np.asarray(reduce(train, truth.shape[1], truth.shape[2]), np.float64)
     domain = surrogate.domain
-    inputs = domain is not None and domain.runs is not None and len(domain.runs) == len(train)
-    methods = ("mean", "pod_gpr") if inputs else ("mean",)
-    result = classical_baselines(train, truth, domain.runs if inputs else None,
-                                 surrogate.domain_inputs(raw) if inputs else None,
-                                 methods=methods)
+    fitted = domain is not None and domain.runs is not None and len(domain.runs) == len(train)
+    result = classical_baselines(train, truth, domain.runs if fitted else None, inputs if fitted else None,
+                                 methods=("mean", "pod_gpr") if fitted else ("mean",))
     out = {f"{k}_rel_l2_per_run": v.tolist() for k, v in result.rel_l2.items()}
     out.update({f"{k}_rel_l2": float(v.mean()) for k, v in result.rel_l2.items()})
     out["pod_modes"] = result.modes
     return out
 
 
-def evaluate(surrogate, raw: np.ndarray, files: list[str], truth_path: Path, out: Path, point: np.ndarray,
+def evaluate(surrogate, inputs: np.ndarray, files: list[str], truth_path: Path, out: Path, point: np.ndarray,
              draws: np.ndarray | None, sampling: str, band_scales: dict[float, float], plot: int,
              domain: dict | None) -> dict:
-    """point (n, T, N) and, with --samples, draws (n, K, T, N): the prediction's own arrays."""
+    """point (n, T, N) and, with --samples, draws (n, K, T, N): the prediction's own arrays;
+    `inputs`: the surrogate's domain_inputs of the predicted inputs."""
     truth = load_truth(truth_path, len(point), point.shape[1:])
     n = len(truth)
     diff = point - truth
@@ -86,7 +85,7 @@ def evaluate(surrogate, raw: np.ndarray, files: list[str], truth_path: Path, out
                "max_abs_error": np.abs(diff).reshape(n, -1).max(axis=1),
                "vae_rel_l2": relative_l2(surrogate.reconstruct(truth), truth)}
     report["per_step_rel_l2"] = (np.linalg.norm(diff, axis=2) / np.maximum(np.linalg.norm(truth, axis=2), 1e-30)).mean(axis=0).tolist()
-    report["baselines"] = _baselines(surrogate, truth, raw)
+    report["baselines"] = _baselines(surrogate, truth, inputs)
     for key in ("mean_rel_l2_per_run", "pod_gpr_rel_l2_per_run"):
         if key in report["baselines"]:
             per_run["baseline_" + key.replace("_per_run", "")] = np.asarray(report["baselines"][key])
@@ -100,14 +99,14 @@ def evaluate(surrogate, raw: np.ndarray, files: list[str], truth_path: Path, out
     report["per_run"] = {k: v.tolist() for k, v in per_run.items()}
     json_path, csv_path = out.with_name(out.stem + "_evaluation.json"), out.with_name(out.stem + "_evaluation.csv")
     save_json(json_path, report)
-    atomic_write(csv_path, lambda f: _write_csv(f, files, raw, per_run))
+    atomic_write(csv_path, lambda f: _write_csv(f, files, per_run))
     report["files"] = [str(json_path), str(csv_path)]
     if plot != 2:
         report["files"] += _figures(plot, out, truth, point, per_run["rel_l2"], report["per_step_rel_l2"])
     return report
 
 
-def _write_csv(f, files: list[str], raw: np.ndarray, per_run: dict[str, np.ndarray]) -> None:
+def _write_csv(f, files: list[str], per_run: dict[str, np.ndarray]) -> None:
     import io
     text = io.StringIO()
     writer = csv.writer(text)

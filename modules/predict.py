@@ -99,17 +99,18 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
                                      surrogate.field_scaler.num_nodes, vtk)
     sampling = surrogate.sampling_for(sampling)
     raw, files = read_inputs(surrogate, source)
+    inputs = surrogate.domain_inputs(raw)       # CSV rows or picture features: computed once
     domain = None
     if surrogate.domain is not None:
-        checked = surrogate.domain_inputs(raw)
-        domain = surrogate.domain.check(checked)
+        domain = surrogate.domain.check(inputs)
         pictures = surrogate.image_features is not None
-        line = surrogate.domain.warning(checked, domain, str(source), rows=[Path(f).name for f in files] if pictures else None,
+        line = surrogate.domain.warning(inputs, domain, str(source), rows=[Path(f).name for f in files] if pictures else None,
                                         columns=surrogate.image_features.names() if pictures else None)
         if line:
             log.warning(line)
     started = time.perf_counter()
-    fields = surrogate.fields(surrogate.prepare(raw), samples, sampling=sampling)
+    x = surrogate.prepare(raw, inputs)
+    fields = surrogate.fields(x, samples, sampling=sampling)
     seconds = time.perf_counter() - started
     atomic_write(out, lambda f: np.save(f, fields.astype(np.float32)))
     meta = {"inputs": files, "input_type": surrogate.input_type, "shape": list(fields.shape),
@@ -118,7 +119,7 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
             "seconds": seconds}
     if domain is not None:
         meta.update(_domain_entries(domain))
-    point = fields if samples == 1 else surrogate.fields(surrogate.prepare(raw))
+    point = fields if samples == 1 else surrogate.fields(x)
     scales = surrogate.band_scales(sampling)
     if samples > 1:
         meta.update(_write_bands(out, fields, point, scales, sampling))
@@ -129,7 +130,7 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
                      "vtk_fields": mesh.fields if samples == 1 else [f"{n}{s}" for n in mesh.fields for s in ("", "_std")]})
     if truth is not None:
         from modules.evaluate import evaluate
-        meta["evaluation"] = evaluate(surrogate, raw, files, truth, out, point, fields if samples > 1 else None,
+        meta["evaluation"] = evaluate(surrogate, inputs, files, truth, out, point, fields if samples > 1 else None,
                                       sampling, scales, plot, domain)
     save_json(out.with_suffix(".json"), {k: (v["files"] if k == "evaluation" else v) for k, v in meta.items()})
     return meta

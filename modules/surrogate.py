@@ -148,10 +148,11 @@ class Surrogate:
         """What the input-range check and the baselines compare: CSV rows, or picture features."""
         return raw if self.image_features is None else self.image_features.transform(raw)
 
-    def prepare(self, raw: np.ndarray) -> torch.Tensor:
-        """Raw inputs (CSV rows (n, F) or images (n, H, W) in [0, 1]) → model inputs."""
+    def prepare(self, raw: np.ndarray, inputs: np.ndarray | None = None) -> torch.Tensor:
+        """Raw inputs (CSV rows (n, F) or images (n, H, W) in [0, 1]) → model inputs; `inputs`:
+        their domain_inputs when the caller has them already."""
         if self.input_scaler is not None:
-            return torch.from_numpy(self.input_scaler.transform(self.domain_inputs(raw)))
+            return torch.from_numpy(self.input_scaler.transform(self.domain_inputs(raw) if inputs is None else inputs))
         return torch.from_numpy(raw).unsqueeze(1)                                           # (n, 1, H, W)
 
     @classmethod

@@ -549,3 +549,16 @@ def test_frame_basis_streams_the_store_and_spans_the_snapshots_pod():
     full = frame_basis_of(store.get(torch.arange(20)), 3)
     overlap = torch.linalg.svdvals(streamed.double().T @ full.double())        # cosines of the subspace angles
     assert streamed.shape == (40, 3) and overlap.min() > 1 - 1e-6
+
+
+def test_an_older_checkpoints_architecture_matches_by_its_defaults_and_names_only_real_differences():
+    from modules.checkpoint import check_architecture, same_architecture
+    from modules.errors import UserError
+    current = VAEArchitecture(40, 8, (16, 8, 4), 8, 4, small=True, output_norm=False)
+    older = {k: v for k, v in current.stored().items() if k not in ("norm", "logvar_init", "linear_modes")}
+    assert same_architecture(older, current)                   # missing fields: the defaults they were built with
+    check_architecture(older, current, "vae.pt")
+    with pytest.raises(UserError) as err:
+        check_architecture({**older, "latent_dim": 6}, current, "vae.pt")
+    assert "latent_dim: checkpoint 6, now 4" in str(err.value) and "linear_modes" not in str(err.value)
+    assert not same_architecture({**older, "unknown_field": 1}, current)
