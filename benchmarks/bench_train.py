@@ -16,6 +16,12 @@ bf16 matmul peaks in the same run. Each figure is a median of several repeats.
 With --baseline-root PATH the same workers also run against another checkout's `modules`
 (e.g. `git archive <commit> modules input_data/condition.txt | tar -x -C PATH`), interleaved
 config by config, and the table shows both and their ratio.
+
+With --original-root PATH --original-python PY it instead times whole processes of the
+original v1.4.3 (a checkout kept outside this repository, run by its own interpreter) and of
+this port, interleaved on the same data: benchmarks/_original.py.
+
+    .venv/bin/python benchmarks/bench_train.py --original-root ~/SimulGen-VAE --original-python ~/orig-venv/bin/python
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ ORIGINAL = {
     ("R2", 2000): {"bare_runs_per_s": 32.5},
 }
 FILTERS = {"R1": (64, 32, 16, 8), "R2": (256, 128, 64, 32)}
+DEFAULT_JSON = str(C.RESULTS / "bench_train.json")
 
 
 # ============================================================================= worker
@@ -239,7 +246,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
-    parser.add_argument("--json", default=str(C.RESULTS / "bench_train.json"), help="where to write the table as JSON")
+    parser.add_argument("--json", default=DEFAULT_JSON, help="where to write the table as JSON")
     parser.add_argument("--code-root", default=str(C.ROOT), help="checkout whose modules/ are measured")
     parser.add_argument("--baseline-root", help="another checkout to measure too (before/after table)")
     parser.add_argument("--archs", nargs="+", default=["R1", "R2"], choices=sorted(FILTERS))
@@ -251,9 +258,30 @@ def main(argv=None) -> int:
     parser.add_argument("--step-repeats", type=int, default=5)
     parser.add_argument("--step-inner", type=int, default=5)
     parser.add_argument("--ttfs-repeats", type=int, default=2, help="extra start-up-only processes per config")
+    original = parser.add_argument_group("against the original v1.4.3 (whole processes, interleaved)")
+    original.add_argument("--original-root", help="a checkout of the original v1.4.3 (never changed: it is copied)")
+    original.add_argument("--original-python", help="the interpreter that has the original's requirements")
+    original.add_argument("--port-python", default=sys.executable, help="the interpreter for this port")
+    original.add_argument("--original-epochs", nargs=2, type=int, default=[10, 100], metavar=("SHORT", "LONG"),
+                          help="Training_epochs of the two runs whose difference is timed")
+    original.add_argument("--rounds", type=int, default=2, help="interleaved rounds (the median is reported)")
+    original.add_argument("--process-timeout", type=float, default=3600, help="seconds one whole process may take")
     args = parser.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
+        return 0
+    if bool(args.original_root) != bool(args.original_python):
+        parser.error("--original-root and --original-python go together")
+    if args.original_root:
+        import _original
+        short, long = args.original_epochs
+        if not 4 <= short < long:
+            parser.error("--original-epochs: need 4 <= SHORT < LONG (the original's LR schedule needs at least 4 epochs)")
+        report = _original.compare(args, FILTERS)
+        text = _original.table(report)
+        print(text)
+        C.write_report(args.json if args.json != DEFAULT_JSON else str(C.RESULTS / "bench_original.json"),
+                       dict(report, table=text))
         return 0
     report = measure(args)
     text = table(report)

@@ -110,7 +110,8 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
             log.warning(line)
     started = time.perf_counter()
     x = surrogate.prepare(raw, inputs)
-    fields = surrogate.fields(x, samples, sampling=sampling)
+    point, draws = surrogate.sample(x, samples, sampling=sampling)
+    fields = point if draws is None else draws
     seconds = time.perf_counter() - started
     atomic_write(out, lambda f: np.save(f, fields.astype(np.float32)))
     meta = {"inputs": files, "input_type": surrogate.input_type, "shape": list(fields.shape),
@@ -119,7 +120,6 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
             "seconds": seconds}
     if domain is not None:
         meta.update(_domain_entries(domain))
-    point = fields if samples == 1 else surrogate.fields(x)
     scales = surrogate.band_scales(sampling)
     if samples > 1:
         meta.update(_write_bands(out, fields, point, scales, sampling))
@@ -130,7 +130,7 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
                      "vtk_fields": mesh.fields if samples == 1 else [f"{n}{s}" for n in mesh.fields for s in ("", "_std")]})
     if truth is not None:
         from modules.evaluate import evaluate
-        meta["evaluation"] = evaluate(surrogate, inputs, files, truth, out, point, fields if samples > 1 else None,
+        meta["evaluation"] = evaluate(surrogate, inputs, files, truth, out, point, draws,
                                       sampling, scales, plot, domain)
     save_json(out.with_suffix(".json"), {k: (v["files"] if k == "evaluation" else v) for k, v in meta.items()})
     return meta

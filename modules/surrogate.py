@@ -91,39 +91,47 @@ class Surrogate:
                             "vae_levels, or retrain with the GP conditioner (--lc_only=1).")
         return requested
 
-    @torch.inference_mode()
-    def fields(self, inputs: torch.Tensor, samples: int = 1, batch_size: int = 64,
-               sampling: str = "vae_levels") -> np.ndarray:
-        """Physical fields for model-ready inputs: (n, T, N), or (n, K, T, N) when samples > 1.
+    def fields(self, inputs: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """The deterministic point prediction (`fix` mode) for model-ready inputs: (n, T, N), physical units."""
+        return self.sample(inputs, 1, batch_size)[0]
 
-        One sample is the deterministic point prediction (`fix` mode). K > 1 draws, with
-        `predictive`, the latents from the conditioner's (GP's) posterior, each decoded in `fix`
-        mode, their spread about the point prediction scaled by the calibrated `spread_scale`;
-        with `vae_levels` (the original's), the VAE's hierarchical levels at random around the
-        predicted latents.
+    @torch.inference_mode()
+    def sample(self, inputs: torch.Tensor, samples: int, batch_size: int = 64,
+               sampling: str = "vae_levels") -> tuple[np.ndarray, np.ndarray | None]:
+        """The point prediction (n, T, N) and, when samples > 1, K draws (n, K, T, N), physical units.
+
+        With `predictive` the draws take the latents from the conditioner's (GP's) posterior, each
+        decoded in `fix` mode, their spread about the point prediction scaled by the calibrated
+        `spread_scale`; with `vae_levels` (the original's), the VAE's hierarchical levels at random
+        around the predicted latents. The point prediction is decoded once, for both.
         """
-        out = []
+        points, draws = [], []
         for chunk in inputs.split(max(1, batch_size // samples)):
             chunk = chunk.to(self.device)
-            if samples == 1:
-                field = self.decoder(*self.conditioner(chunk), mode="fix")[:, None]          # (B, 1, N, T)
-            elif sampling == "predictive":
+            if samples > 1 and sampling == "predictive":
                 mean, std = self.conditioner.predict(chunk)                                 # (B, m)
-                draws = mean[:, None] + std[:, None] * torch.randn(
+                latents = mean[:, None] + std[:, None] * torch.randn(
                     (len(chunk), samples, mean.shape[1]), dtype=mean.dtype, device=mean.device)
-                point = self.decoder(*self.conditioner.split(mean.float()), mode="fix")[:, None]
-                field = self.decoder(*self.conditioner.split(draws.flatten(0, 1).float()), mode="fix")
+                point = self.decoder(*self.conditioner.split(mean.float()), mode="fix")     # (B, N, T)
+                field = self.decoder(*self.conditioner.split(latents.flatten(0, 1).float()), mode="fix")
                 scale = self.conditioner.spread_scale.float()
-                field = point + scale * (field.unflatten(0, (len(chunk), samples)) - point)  # (B, K, N, T)
+                field = point[:, None] + scale * (field.unflatten(0, (len(chunk), samples)) - point[:, None])
             else:
                 main, hier = self.conditioner(chunk)
-                reps = self.decoder(main.repeat_interleave(samples, 0), hier.repeat_interleave(samples, 0),
-                                    mode="random")                                          # (B·K, N, T)
-                field = reps.unflatten(0, (len(chunk), samples))                            # (B, K, N, T)
-            field = self.field_scaler.inverse_transform(field.float()).transpose(-1, -2)    # (B, K, T, N)
-            out.append(field.cpu())
-        result = torch.cat(out).numpy()
-        return result[:, 0] if samples == 1 else result
+                point = self.decoder(main, hier, mode="fix")
+                field = None
+                if samples > 1:
+                    reps = self.decoder(main.repeat_interleave(samples, 0), hier.repeat_interleave(samples, 0),
+                                        mode="random")                                      # (B·K, N, T)
+                    field = reps.unflatten(0, (len(chunk), samples))                        # (B, K, N, T)
+            points.append(self._physical(point))
+            if field is not None:
+                draws.append(self._physical(field))
+        return torch.cat(points).numpy(), (torch.cat(draws).numpy() if draws else None)
+
+    def _physical(self, field: torch.Tensor) -> torch.Tensor:
+        """Decoder output (..., N, T) → physical units (..., T, N) on the host."""
+        return self.field_scaler.inverse_transform(field.float()).transpose(-1, -2).cpu()
 
     def reconstruct(self, fields: np.ndarray, batch: int = 16) -> np.ndarray:
         """The VAE alone on true fields (n, T, N): encoded to μ and decoded (`fix`), physical units."""

@@ -211,8 +211,9 @@ def predictive_validation(surrogate: Surrogate, data: ConditionerData, store: Fi
         if keep is None:
             keep = np.sort(rng.choice(true.size, min(true.size, max_values), replace=False))
         x = data.inputs[idx.to(data.inputs.device)]
-        draws.append(surrogate.fields(x, samples, sampling="predictive")[0].reshape(samples, -1)[:, keep])
-        points.append(surrogate.fields(x)[0].reshape(-1)[keep])
+        point, sampled = surrogate.sample(x, samples, sampling="predictive")
+        draws.append(sampled[0].reshape(samples, -1)[:, keep])
+        points.append(point[0].reshape(-1)[keep])
         truths.append(true[keep])
     return np.stack(draws), np.stack(points), np.stack(truths)
 

@@ -71,3 +71,63 @@ def test_bench_stream_quick_compares_streaming_with_preloading(tmp_path):
     assert [r["mode"] for r in rows] == ["preloaded", "streamed", "streamed + prefetch 2"]
     assert all(_finite(r["samples_per_s"], r["over_preloaded"]) and r["samples_per_s"] > 0 for r in rows)
     assert rows[0]["over_preloaded"] == 1.0 and "× preloaded" in result.stdout
+
+
+def test_original_comparison_writes_the_originals_condition_file_with_the_sizes(tmp_path):
+    """The comparison's condition file is the original's own with only the named values changed,
+    and it parses as the port's condition file with exactly those values."""
+    sys.path.insert(0, str(BENCH))
+    import _original
+    from modules.config import parse_condition
+    text = _original.condition_text({"Dim1": 400, "n_sample": 400, "Dim3": 300, "Dim3_red": 300, "Training_epochs": 7,
+                                     "input_type": "csv", "param_dir": tmp_path / "p.csv"})
+    original = (ROOT / "tests" / "fixtures" / "original_condition.txt").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(original, text.splitlines()) if a != b]
+    assert len(changed) == 7 and len(text.splitlines()) == len(original)
+    assert any("# num nodes" in b for _, b in changed)                       # comments stay
+    path = tmp_path / "condition.txt"
+    path.write_text(text)
+    cfg = parse_condition(path)
+    assert (cfg.data.Dim1, cfg.data.Dim3, cfg.data.Dim3_red, cfg.vae.Training_epochs, cfg.conditioner.input_type,
+            cfg.conditioner.param_dir) == (400, 300, 300, 7, "csv", str(tmp_path / "p.csv"))
+    with pytest.raises(ValueError, match="'no_such_key' found 0 times"):
+        _original.condition_text({"no_such_key": 1})
+
+
+def test_original_comparison_patches_a_copy_and_never_the_checkout(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    import _original
+    root = tmp_path / "original"
+    (root / "modules").mkdir(parents=True)
+    source = "x = torch.from_numpy(a).float().pin_memory()\ny = torch.from_numpy(b).float().pin_memory()\n"
+    (root / "modules" / "utils.py").write_text(source)
+    (root / "SimulGen-VAE.py").write_text("print('hi')\n")
+    applied = _original.prepare_original(root, tmp_path / "copy")
+    assert applied == ["modules/utils.py: '.float().pin_memory()' → '.float()' ×2"]
+    assert (tmp_path / "copy" / "modules" / "utils.py").read_text().count("pin_memory") == 0
+    assert (root / "modules" / "utils.py").read_text() == source                   # the checkout is untouched
+    assert (tmp_path / "copy" / "model_save").is_dir()
+
+
+def test_bench_train_against_an_original_times_whole_processes(tmp_path):
+    """The mode end to end, with this checkout standing in for the original (same command line
+    and condition file): four whole processes, per-epoch times from their differences."""
+    out = tmp_path / "original.json"
+    result = _run("bench_train.py", "--quick", "--archs", "R1", "--precisions", "fp32", "--original-root", str(ROOT),
+                  "--original-python", sys.executable, "--original-epochs", "4", "6", "--rounds", "1",
+                  "--json", str(out))
+    report = json.loads(out.read_text())
+    assert report["programs"] == ["original", "port fp32"]
+    (row,) = report["rows"]
+    assert row["patches"] == []                                   # this checkout has no pinned dataset
+    for label in report["programs"]:
+        assert [len(v) for v in row["seconds"][label].values()] == [1, 1]
+        assert _finite(row["per_epoch_s"][label], row["fixed_s"][label])
+    assert "× (samples)" in result.stdout and report["table"] in result.stdout
+
+
+def test_bench_train_original_mode_refuses_a_folder_without_the_original(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--original-root", str(tmp_path),
+                             "--original-python", sys.executable], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "no SimulGen-VAE.py there" in result.stderr
+    assert "Traceback" not in result.stderr

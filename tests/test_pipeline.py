@@ -110,6 +110,23 @@ def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_pre
     assert json.loads(levels.with_suffix(".json").read_text())["sampling"] == "vae_levels"
 
 
+def test_sampling_returns_the_point_prediction_beside_the_draws(trained):
+    """Surrogate.sample decodes the point prediction once for the draws and the bands: it is the
+    same array Surrogate.fields gives, under both samplings, and the draws spread around it."""
+    from modules.run import Paths
+    from modules.surrogate import Surrogate
+    work = trained[0]
+    surrogate = Surrogate.load(Paths(work), torch.device("cpu"))
+    raw = np.loadtxt(work / "input_data/params.csv", delimiter=",")[:3]
+    x = surrogate.prepare(raw)
+    point = surrogate.fields(x)
+    assert surrogate.sample(x, 1)[1] is None
+    for sampling in ("predictive", "vae_levels"):
+        same, draws = surrogate.sample(x, 4, sampling=sampling)
+        np.testing.assert_array_equal(same, point)
+        assert draws.shape == (3, 4, *point.shape[1:]) and not np.allclose(draws, point[:, None])
+
+
 def test_the_classical_baseline_is_fitted_on_the_training_runs_and_reported(trained):
     """summary.json holds POD + GPR's validation error beside the surrogate's and the mean
     field's, equal to fitting it here on the same split; the last line gives the verdict."""
