@@ -21,7 +21,7 @@ With --original-root PATH --original-python PY it instead times whole processes 
 original v1.4.3 (a checkout kept outside this repository, run by its own interpreter) and of
 this port, interleaved on the same data: benchmarks/_original.py.
 
-    .venv/bin/python benchmarks/bench_train.py --original-root ~/SimulGen-VAE --original-python ~/orig-venv/bin/python
+    .venv/bin/python benchmarks/bench_train.py --nodes 2000 --original-root ~/SimulGen-VAE --original-python ~/orig-venv/bin/python
 """
 from __future__ import annotations
 
@@ -44,7 +44,6 @@ ORIGINAL = {
     ("R2", 2000): {"bare_runs_per_s": 32.5},
 }
 FILTERS = {"R1": (64, 32, 16, 8), "R2": (256, 128, 64, 32)}
-DEFAULT_JSON = str(C.RESULTS / "bench_train.json")
 
 
 # ============================================================================= worker
@@ -246,7 +245,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
-    parser.add_argument("--json", default=DEFAULT_JSON, help="where to write the table as JSON")
+    parser.add_argument("--json", help="where to write the table as JSON (default: benchmarks/results/"
+                                           "bench_train.json, or bench_original.json with --original-root)")
     parser.add_argument("--code-root", default=str(C.ROOT), help="checkout whose modules/ are measured")
     parser.add_argument("--baseline-root", help="another checkout to measure too (before/after table)")
     parser.add_argument("--archs", nargs="+", default=["R1", "R2"], choices=sorted(FILTERS))
@@ -280,13 +280,12 @@ def main(argv=None) -> int:
         report = _original.compare(args, FILTERS)
         text = _original.table(report)
         print(text)
-        C.write_report(args.json if args.json != DEFAULT_JSON else str(C.RESULTS / "bench_original.json"),
-                       dict(report, table=text))
+        C.write_report(args.json or C.RESULTS / "bench_original.json", dict(report, table=text))
         return 0
     report = measure(args)
     text = table(report)
     print(text)
-    C.write_report(args.json, dict(report, table=text))
+    C.write_report(args.json or C.RESULTS / "bench_train.json", dict(report, table=text))
     return 0
 
 
