@@ -128,7 +128,7 @@ def compare(args, filters_of: dict[str, tuple[int, ...]]) -> dict:
     short, long = args.original_epochs
     programs = [("original", [original_python, "SimulGen-VAE.py"], None)]
     programs += [(f"port {p}", [args.port_python, str(port_script)], p) for p in args.precisions]
-    warning = C.busy_warning()
+    warning, load_before = C.busy_warning(), C.load_average()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_original_") as tmp:
         tmp = Path(tmp)
@@ -164,7 +164,7 @@ def compare(args, filters_of: dict[str, tuple[int, ...]]) -> dict:
                     row["samples_per_s"][label] = samples_per_epoch(label, runs, batch) / per_epoch if per_epoch > 0 else None
                     row["fixed_s"][label] = C.median(times[label][short]) - short * per_epoch
                 rows.append(row)
-    return {"machine": C.machine(), "load_average_before": C.load_average(), "warning": warning,
+    return {"machine": C.machine(), "load_average_before": load_before, "warning": warning,
             "mode": "original", "original_root": str(original_root), "original_python": original_python,
             "settings": {"runs": runs, "steps": steps, "batch": batch, "conditioner_epochs": lc_epochs,
                          "epochs": [short, long], "rounds": args.rounds, "quick": args.quick},
