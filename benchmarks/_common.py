@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -204,6 +205,32 @@ def time_epochs(trainer) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- subprocesses
+
+def condition_text(template: Path, values: dict[str, object]) -> str:
+    """The condition file `template` with each named key's value replaced (comments and layout
+    kept); a key that is not in it exactly once is an error."""
+    text = Path(template).read_text()
+    for key, value in values.items():
+        text, count = re.subn(rf"(?m)^({re.escape(key)}[ \t]+)[^\s#]+", lambda m: f"{m.group(1)}{value}", text)
+        if count != 1:
+            raise ValueError(f"{template}: key {key!r} found {count} times, expected once")
+    return text
+
+
+def run_logged(command: list[str], cwd: Path, log: Path, timeout: float | None = None) -> float:
+    """Wall seconds of one whole process, its output appended to `log`; a failure stops the
+    benchmark with one line and the end of that log."""
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    with open(log, "a") as out:
+        proc = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-25:])
+        raise SystemExit(f"error: {' '.join(map(str, command))} (in {cwd}) exited with {proc.returncode}; "
+                         f"the end of its output ({log}):\n{tail}")
+    return seconds
+
 
 def run_worker(script: Path, spec: dict, timeout: float = 1800, env: dict | None = None) -> dict:
     """Run `script --worker SPEC` in a fresh interpreter; return the JSON it wrote."""

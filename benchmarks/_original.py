@@ -19,13 +19,9 @@ ef24cac of github.com/leesihun/SimulGen-VAE (its condition.txt is tests/fixtures
 """
 from __future__ import annotations
 
-import os
 import pickle
-import re
 import shutil
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,16 +33,6 @@ TEMPLATE = C.ROOT / "tests" / "fixtures" / "original_condition.txt"
 PATCHES = (("modules/utils.py", ".float().pin_memory()", ".float()"),)
 ARGS = ("--preset=1", "--plot=2", "--lc_only=0", "--size=small", "--load_all=1")
 IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".venv", "runs", "checkpoints", "model_save", "output")
-
-
-def condition_text(values: dict[str, object], template: Path = TEMPLATE) -> str:
-    """The original's condition file with each named key's value replaced (comments kept)."""
-    text = template.read_text()
-    for key, value in values.items():
-        text, count = re.subn(rf"(?m)^({re.escape(key)}[ \t]+)[^\s#]+", lambda m: f"{m.group(1)}{value}", text)
-        if count != 1:
-            raise ValueError(f"{template}: key {key!r} found {count} times, expected once")
-    return text
 
 
 def prepare_original(root: Path, dest: Path) -> list[str]:
@@ -85,26 +71,12 @@ def workdir(base: Path, data: Path, runs: int, steps: int, nodes: int, filters, 
               "Training_epochs": epochs, "Batch_size": batch, "n_sample": runs, "num_param": 3,
               "param_dir": data.parent / "params.csv", "n_epoch": lc_epochs,
               "latent_conditioner_batch": batch, "input_type": "csv"}
-    (base / "input_data" / "condition.txt").write_text(condition_text(values))
+    (base / "input_data" / "condition.txt").write_text(C.condition_text(TEMPLATE, values))
     (base / "preset.txt").write_text("data_No, init_beta_divisior, num_filter_enc, latent_conditioner_filter\n"
                                      f"1\n0\n{' '.join(map(str, filters))}\n16 32 64 128\n")
     link = base / "dataset1.pickle"
     if not link.exists():
         link.symlink_to(data)
-
-
-def timed(command: list[str], cwd: Path, log: Path, timeout: float) -> float:
-    """Wall seconds of one whole process; a failure stops the benchmark with the end of its log."""
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise SystemExit(f"error: {' '.join(command)} (in {cwd}) exited with {proc.returncode}; "
-                         f"the end of its output:\n{tail}")
-    return seconds
 
 
 def samples_per_epoch(program: str, runs: int, batch: int) -> int:
@@ -151,7 +123,7 @@ def compare(args, filters_of: dict[str, tuple[int, ...]]) -> dict:
                             else:
                                 cmd = command + list(ARGS) + ["--set", "recipe=original", "--set", f"precision={precision}"]
                             workdir(base, data, runs, steps, nodes, filters, epochs, lc_epochs, batch)
-                            seconds = timed(cmd, base, base / "log.txt", args.process_timeout)
+                            seconds = C.run_logged(cmd, base, base / "log.txt", args.process_timeout)
                             if rnd:
                                 times[label][epochs].append(seconds)
                             print(f"  {name} {label:<10} {epochs:4d} epochs  {f'round {rnd}' if rnd else 'warm-up'}: "

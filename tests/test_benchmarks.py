@@ -77,10 +77,12 @@ def test_original_comparison_writes_the_originals_condition_file_with_the_sizes(
     """The comparison's condition file is the original's own with only the named values changed,
     and it parses as the port's condition file with exactly those values."""
     sys.path.insert(0, str(BENCH))
+    import _common
     import _original
     from modules.config import parse_condition
-    text = _original.condition_text({"Dim1": 400, "n_sample": 400, "Dim3": 300, "Dim3_red": 300, "Training_epochs": 7,
-                                     "input_type": "csv", "param_dir": tmp_path / "p.csv"})
+    values = {"Dim1": 400, "n_sample": 400, "Dim3": 300, "Dim3_red": 300, "Training_epochs": 7, "input_type": "csv",
+              "param_dir": tmp_path / "p.csv"}
+    text = _common.condition_text(_original.TEMPLATE, values)
     original = (ROOT / "tests" / "fixtures" / "original_condition.txt").read_text().splitlines()
     changed = [(a, b) for a, b in zip(original, text.splitlines()) if a != b]
     assert len(changed) == 7 and len(text.splitlines()) == len(original)
@@ -91,7 +93,7 @@ def test_original_comparison_writes_the_originals_condition_file_with_the_sizes(
     assert (cfg.data.Dim1, cfg.data.Dim3, cfg.data.Dim3_red, cfg.vae.Training_epochs, cfg.conditioner.input_type,
             cfg.conditioner.param_dir) == (400, 300, 300, 7, "csv", str(tmp_path / "p.csv"))
     with pytest.raises(ValueError, match="'no_such_key' found 0 times"):
-        _original.condition_text({"no_such_key": 1})
+        _common.condition_text(_original.TEMPLATE, {"no_such_key": 1})
 
 
 def test_original_comparison_patches_a_copy_and_never_the_checkout(tmp_path):
@@ -121,8 +123,9 @@ def test_bench_train_against_an_original_times_whole_processes(tmp_path):
     (row,) = report["rows"]
     assert row["patches"] == []                                   # this checkout has no pinned dataset
     for label in report["programs"]:
-        assert [len(v) for v in row["seconds"][label].values()] == [1, 1]
-        assert _finite(row["per_epoch_s"][label], row["fixed_s"][label])
+        (short,), (long,) = row["seconds"][label].values()                 # one timed round of 4 and 6 epochs
+        assert 0 < short and 0 < long and row["per_epoch_s"][label] == pytest.approx((long - short) / 2)
+        assert row["fixed_s"][label] == pytest.approx(short - 4 * row["per_epoch_s"][label])
     assert "× (samples)" in result.stdout and report["table"] in result.stdout
 
 

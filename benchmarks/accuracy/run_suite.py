@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,24 +33,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))            # benchmarks/_common.py
 
+import _common as C  # noqa: E402
 from problems import PROBLEMS, generate  # noqa: E402
 
 ROUTES = ("csvs", "image", "image_vit")
 SAMPLES = 16            # --samples of the calibration measurement
 DATA_KEYS = ("Dim1", "Dim2", "Dim3", "Dim2_red", "Dim3_red", "n_sample", "num_param", "param_dir", "input_type")
-
-
-def write_condition(template: Path, out: Path, values: dict[str, str]) -> None:
-    """The shipped condition file with only the data keys' values replaced."""
-    lines = []
-    for line in template.read_text().splitlines():
-        parts = line.split("#", 1)[0].split()
-        if parts and parts[0] in values:
-            comment = line[len(line.split("#", 1)[0]):]
-            line = f"{parts[0]}\t{values[parts[0]]}\t{comment}".rstrip()
-        lines.append(line)
-    out.write_text("\n".join(lines) + "\n")
 
 
 def stage_inputs(folder: Path, src: Path, runs: np.ndarray, fields: np.ndarray, params: np.ndarray,
@@ -68,14 +56,7 @@ def stage_inputs(folder: Path, src: Path, runs: np.ndarray, fields: np.ndarray, 
 
 
 def run_cli(workdir: Path, args: list[str], log: Path) -> float:
-    started = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log, "a") as out:
-        proc = subprocess.run([sys.executable, str(ROOT / "SimulGen-VAE.py"), *args], cwd=workdir, env=env,
-                              stdout=out, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"training failed in {workdir} (exit {proc.returncode}); see {log}")
-    return time.perf_counter() - started
+    return C.run_logged([sys.executable, str(ROOT / "SimulGen-VAE.py"), *args], workdir, log)
 
 
 def vae_reconstruction(workdir: Path, test_fields: np.ndarray) -> np.ndarray:
@@ -132,7 +113,7 @@ def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Pa
                   "Dim3_red": fields.shape[2], "n_sample": len(train), "num_param": params.shape[1],
                   "param_dir": "/input_data/params.csv" if route == "csvs" else "/input_data/images",
                   "input_type": route}
-        write_condition(ROOT / "input_data" / "condition.txt", work / "input_data" / "condition.txt", values)
+        (work / "input_data" / "condition.txt").write_text(C.condition_text(ROOT / "input_data" / "condition.txt", values))
         sets = [a for o in overrides for a in ("--set", o)]
         seconds = run_cli(work, ["--preset=1", "--plot=2", f"--lc_only={0 if first else 1}", "--size=small",
                                  "--load_all=1", *sets], log)
