@@ -228,6 +228,9 @@ class ConditionerConfig:
                                   help="input_type image / image_vit: one Gaussian process per latent value on simple "
                                        "picture features (intensity moments, principal components; README, \"Recipes\") "
                                        "or the original's network (CNN for image, ViT for image_vit)")
+    gp_difficulty: bool = _key(True,
+                               help="GP conditioner: widen each prediction's spread by a GP of the training runs' "
+                                    "leave-one-out errors (README, \"Uncertainty\"); 0: the latents' posterior alone")
     lc_patience: int = _key(20000, lo=1,
                             help="early stopping: epochs without validation improvement")
     use_e2e_training: bool = _key(False,

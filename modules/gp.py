@@ -100,6 +100,16 @@ class GPPosterior:
             std[:, j] = np.sqrt(np.maximum(var, 0.0))
         return mean * self.y_std + self.y_mean, std * self.y_std
 
+    def loo_residuals(self) -> np.ndarray:
+        """Closed-form leave-one-out residuals y_i − μ₋ᵢ(x_i), (n, m) in the targets' units: each run
+        predicted by the posterior conditioned on the others, same hyperparameters
+        (Rasmussen & Williams 2006, eq. 5.12: αᵢ / [K⁻¹]ᵢᵢ)."""
+        out = np.empty(self.alpha.T.shape)
+        for j in range(len(self.y_mean)):
+            inv_chol = np.linalg.inv(self.chol[j])                                         # L⁻¹; K⁻¹ = L⁻ᵀL⁻¹
+            out[:, j] = self.alpha[j] / (inv_chol * inv_chol).sum(axis=0) * self.y_std[j]
+        return out
+
 
 def _rbf(a: np.ndarray, b: np.ndarray, amplitude: float, length: np.ndarray) -> np.ndarray:
     d = (a[:, None, :] - b[None, :, :]) / length
@@ -137,33 +147,65 @@ class GPConditioner(nn.Module):
         self.register_buffer("spread_scale", torch.ones((), dtype=f64))
         # the 50 % and 90 % bands' own scales, relative to the scaled draws (prediction's bands file)
         self.register_buffer("band_scales", torch.ones(2, dtype=f64))
+        # The difficulty model: a GP of log(leave-one-out relative error) of the conditioning runs,
+        # whose prediction widens each run's draws (`difficulty`); off (0) until set_difficulty.
+        self.register_buffer("difficulty_on", torch.zeros((), dtype=f64))
+        for name, shape, fill in (("inv_length", (1, num_param), 1.0), ("amplitude", (1,), 1.0),
+                                  ("noise", (1,), 0.0), ("y_mean", (1,), 0.0), ("y_std", (1,), 1.0),
+                                  ("alpha", (1, num_runs), 0.0)):
+            self.register_buffer(f"difficulty_{name}", torch.full(shape, fill, dtype=f64))
+        self.register_buffer("difficulty_chol", torch.eye(num_runs, dtype=f64)[None])
 
     @torch.no_grad()
-    def set_posterior(self, post: GPPosterior) -> "GPConditioner":
-        values = {"x": post.x, "inv_length": 1.0 / post.hyper.length, "amplitude": post.hyper.amplitude,
+    def set_posterior(self, post: GPPosterior, prefix: str = "") -> "GPConditioner":
+        values = {"inv_length": 1.0 / post.hyper.length, "amplitude": post.hyper.amplitude,
                   "noise": post.hyper.noise, "y_mean": post.y_mean, "y_std": post.y_std, "alpha": post.alpha,
                   "chol": post.chol}
+        if not prefix:
+            values["x"] = post.x
+        elif not np.array_equal(post.x, self.x.cpu().numpy()):
+            raise ValueError("the difficulty GP must be conditioned on the latents' inputs")
         for name, value in values.items():
-            buf = getattr(self, name)
+            buf = getattr(self, prefix + name)
             if buf.shape != value.shape:
-                raise ValueError(f"GP buffer {name}: shape {tuple(value.shape)}, expected {tuple(buf.shape)}")
+                raise ValueError(f"GP buffer {prefix + name}: shape {tuple(value.shape)}, expected {tuple(buf.shape)}")
             buf.copy_(torch.from_numpy(np.asarray(value, np.float64)))
         return self
 
-    def _kernel(self, x: Tensor) -> Tensor:
-        """k(x, X) for every column: (m, B, n)."""
-        a = x.to(self.x.dtype)[None] * self.inv_length[:, None, :]        # (m, B, d)
-        b = self.x[None] * self.inv_length[:, None, :]                    # (m, n, d)
-        sq = torch.cdist(a, b).square()
-        return self.amplitude[:, None, None] * torch.exp(-0.5 * sq)
+    def set_difficulty(self, post: GPPosterior) -> "GPConditioner":
+        """The difficulty model: a one-column GP of log(relative error), on the same inputs."""
+        self.set_posterior(post, "difficulty_")
+        self.difficulty_on.fill_(1.0)
+        return self
+
+    def with_difficulty_defaults(self, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A saved state dict of an earlier version (no difficulty model) completed with the model off."""
+        return {**{k: v for k, v in self.state_dict().items() if k.startswith("difficulty_")}, **saved}
+
+    def _posterior(self, x: Tensor, prefix: str = "") -> tuple[Tensor, Tensor]:
+        """Mean and std of the GP columns stored under `prefix`, (B, m) each, float64."""
+        inv_length, amplitude, noise, y_mean, y_std, alpha, chol = (
+            getattr(self, prefix + name) for name in ("inv_length", "amplitude", "noise", "y_mean", "y_std", "alpha",
+                                                      "chol"))
+        a = x.to(self.x.dtype)[None] * inv_length[:, None, :]             # (m, B, d)
+        b = self.x[None] * inv_length[:, None, :]                         # (m, n, d)
+        ks = amplitude[:, None, None] * torch.exp(-0.5 * torch.cdist(a, b).square())      # (m, B, n)
+        mean = torch.einsum("mbn,mn->bm", ks, alpha) * y_std + y_mean
+        v = torch.linalg.solve_triangular(chol, ks.transpose(1, 2), upper=False)          # (m, n, B)
+        var = amplitude[:, None] + noise[:, None] - v.square().sum(1)                     # (m, B)
+        return mean, var.clamp_min(0).sqrt().T * y_std
 
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean and std of the flat scaled targets, (B, m) each, float64."""
-        ks = self._kernel(x)                                               # (m, B, n)
-        mean = torch.einsum("mbn,mn->bm", ks, self.alpha) * self.y_std + self.y_mean
-        v = torch.linalg.solve_triangular(self.chol, ks.transpose(1, 2), upper=False)   # (m, n, B)
-        var = self.amplitude[:, None] + self.noise[:, None] - v.square().sum(1)          # (m, B)
-        return mean, var.clamp_min(0).sqrt().T * self.y_std
+        return self._posterior(x)
+
+    def difficulty(self, x: Tensor) -> Tensor:
+        """The expected relative L2 error of each input's prediction beyond the latents' own
+        posterior spread, (B,) float64: the difficulty GP's median, exp(E[log error]); zeros
+        when no difficulty model was fitted."""
+        if not self.difficulty_on:
+            return torch.zeros(len(x), dtype=self.x.dtype, device=self.x.device)
+        return self._posterior(x, "difficulty_")[0][:, 0].exp()
 
     def split(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         main = flat[:, :self.latent_dim_end]

@@ -383,7 +383,7 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     (training and validation), as a model is refitted on all its data once it is validated:
     on the suite this cut the test error by 10-15 % (benchmarks/accuracy/NOTES.md, H10)."""
     from modules.gp import GPPosterior, fit_hyperparameters
-    from modules.train_conditioner import evaluate_surrogate
+    from modules.train_conditioner import evaluate_surrogate, fit_difficulty
     cfg, paths = ctx.cfg, ctx.paths
     if cfg.conditioner.use_e2e_training:
         log.warning("use_e2e_training 1 has no effect with the GP conditioner (it has nothing to fine-tune)")
@@ -394,13 +394,22 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     hyper = fit_hyperparameters(x[train_idx], y[train_idx], cfg.run.seed)
     arch = ctx.conditioner_architecture()
     held_out = dataclasses.replace(arch, num_runs=len(train_idx)).build()
-    held_out.set_posterior(GPPosterior.condition(hyper, x[train_idx], y[train_idx]))
+    held_post = GPPosterior.condition(hyper, x[train_idx], y[train_idx])
+    held_out.set_posterior(held_post)
     saved = fit_hyperparameters(x, y, cfg.run.seed)
-    final = arch.build().set_posterior(GPPosterior.condition(saved, x, y))
+    final_post = GPPosterior.condition(saved, x, y)
+    final = arch.build().set_posterior(final_post)
     out: dict = {"conditioner": f"{cfg.conditioner.kind} (gp)", "lc_gp_length_scales": saved.length.tolist(),
                  "lc_gp_noise": saved.noise.tolist()}
     if ctx.dist.is_main:
         module = held_out.to(ctx.device)
+        if cfg.conditioner.gp_difficulty:
+            seed = cfg.run.seed
+            module.set_difficulty(fit_difficulty(surrogate(module), held_post, y, store, train_idx, x[train_idx],
+                                                 seed)[0])
+            post, errors = fit_difficulty(surrogate(final), final_post, y, store, np.arange(len(x)), x, seed)
+            final.set_difficulty(post)
+            out["lc_loo_rel_l2"] = {"mean": float(errors.mean()), "max": float(errors.max())}
         evaluation = evaluate_surrogate(surrogate(module), data, store, torch.as_tensor(train_idx),
                                         torch.as_tensor(val_idx))
         out.update(_conditioner_report(evaluation, module, data, val_idx, figures))

@@ -42,8 +42,9 @@ def check_writable(out: Path) -> None:
 
 
 SAMPLING_MEANING = {
-    "predictive": "the conditioner's Gaussian-process posterior of the latents, each draw decoded: the spread is "
-                  "the regression's uncertainty (README, 'Uncertainty')",
+    "predictive": "the conditioner's Gaussian-process posterior of the latents, each draw decoded, widened by the "
+                  "error the training runs' leave-one-out errors predict at that input (gp_difficulty) and scaled "
+                  "by the conformal calibration on the validation runs (README, 'Uncertainty')",
     "vae_levels": "the original's: the VAE's hierarchical levels drawn around the predicted latents; the spread is "
                   "not related to the prediction's error (README, 'Uncertainty')",
 }

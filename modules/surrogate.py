@@ -56,6 +56,21 @@ class LatentDecoder(nn.Module):
         return field                                             # (B, N, T)
 
 
+def widen(point: torch.Tensor, draws: torch.Tensor, difficulty: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Draws (B, K, ...) spread about their point prediction (B, ...) so that each run's relative
+    spread (root of the summed variance over the norm of the point, as calibration.spread_and_error
+    measures it) becomes √(s² + d²), s its own and d its `difficulty` (B,), then `scale` times that.
+    The latents' posterior knows only how far a run lies from the training inputs; d adds what
+    the leave-one-out errors of the training runs say about that region (benchmarks/accuracy/NOTES.md, H19)."""
+    dev = draws - point[:, None]
+    flat = draws.flatten(2).double()
+    norm = point.flatten(1).double().norm(dim=1).clamp_min(1e-30)
+    spread = flat.var(dim=1, correction=0).sum(dim=1).sqrt() / norm                          # (B,)
+    gain = torch.where(spread > 0, (1 + (difficulty.double() / spread.clamp_min(1e-300)).square()).sqrt(),
+                       torch.ones_like(spread))
+    return point[:, None] + (scale * gain).to(dev.dtype).view(-1, *[1] * (dev.dim() - 1)) * dev
+
+
 @dataclass
 class Surrogate:
     conditioner: nn.Module
@@ -101,9 +116,10 @@ class Surrogate:
         """The point prediction (n, T, N) and, when samples > 1, K draws (n, K, T, N), physical units.
 
         With `predictive` the draws take the latents from the conditioner's (GP's) posterior, each
-        decoded in `fix` mode, their spread about the point prediction scaled by the calibrated
-        `spread_scale`; with `vae_levels` (the original's), the VAE's hierarchical levels at random
-        around the predicted latents. The point prediction is decoded once, for both.
+        decoded in `fix` mode; each run's spread about the point prediction is then widened by the
+        conditioner's difficulty model (`widen`) and scaled by the calibrated `spread_scale`. With
+        `vae_levels` (the original's), the VAE's hierarchical levels at random around the
+        predicted latents. The point prediction is decoded once, for both.
         """
         points, draws = [], []
         for chunk in inputs.split(max(1, batch_size // samples)):
@@ -112,22 +128,29 @@ class Surrogate:
                 mean, std = self.conditioner.predict(chunk)                                 # (B, m)
                 latents = mean[:, None] + std[:, None] * torch.randn(
                     (len(chunk), samples, mean.shape[1]), dtype=mean.dtype, device=mean.device)
-                point = self.decoder(*self.conditioner.split(mean.float()), mode="fix")     # (B, N, T)
-                field = self.decoder(*self.conditioner.split(latents.flatten(0, 1).float()), mode="fix")
-                scale = self.conditioner.spread_scale.float()
-                field = point[:, None] + scale * (field.unflatten(0, (len(chunk), samples)) - point[:, None])
+                point = self._physical(self.decoder(*self.conditioner.split(mean.float()), mode="fix"))
+                field = self._physical(self.decoder(*self.conditioner.split(latents.flatten(0, 1).float()),
+                                                    mode="fix").unflatten(0, (len(chunk), samples)))
+                field = widen(point, field, self.conditioner.difficulty(chunk).cpu(),
+                              float(self.conditioner.spread_scale))
             else:
                 main, hier = self.conditioner(chunk)
-                point = self.decoder(main, hier, mode="fix")
+                point = self._physical(self.decoder(main, hier, mode="fix"))
                 field = None
                 if samples > 1:
                     reps = self.decoder(main.repeat_interleave(samples, 0), hier.repeat_interleave(samples, 0),
                                         mode="random")                                      # (B·K, N, T)
-                    field = reps.unflatten(0, (len(chunk), samples))                        # (B, K, N, T)
-            points.append(self._physical(point))
+                    field = self._physical(reps.unflatten(0, (len(chunk), samples)))        # (B, K, T, N)
+            points.append(point)
             if field is not None:
-                draws.append(self._physical(field))
+                draws.append(field)
         return torch.cat(points).numpy(), (torch.cat(draws).numpy() if draws else None)
+
+    @torch.inference_mode()
+    def decode_latents(self, flat: np.ndarray) -> np.ndarray:
+        """Flat scaled targets (n, m) of a GP conditioner → decoded fields (n, T, N), physical units."""
+        latents = torch.from_numpy(np.asarray(flat)).float().to(self.device)
+        return self._physical(self.decoder(*self.conditioner.split(latents), mode="fix")).numpy()
 
     def _physical(self, field: torch.Tensor) -> torch.Tensor:
         """Decoder output (..., N, T) → physical units (..., T, N) on the host."""
@@ -184,8 +207,11 @@ class Surrogate:
         load_model_state(vae, vae_state["export"], paths.vae, "VAE checkpoint", _TRAIN_HINT)
         conditioner = build_from_checkpoint(ConditionerArchitecture, cond_state, cond_path, "conditioner checkpoint",
                                             _TRAIN_HINT).to(device)
-        load_model_state(conditioner, cond_state["export"], cond_path, "conditioner checkpoint", _TRAIN_HINT)
         arch = ConditionerArchitecture.from_stored(cond_state["architecture"])     # it built: it is valid
+        export = cond_state["export"]
+        if arch.model == "gp":
+            export = conditioner.with_difficulty_defaults(export)
+        load_model_state(conditioner, export, cond_path, "conditioner checkpoint", _TRAIN_HINT)
         field = load_field_scaler(paths.field_scaler, _TRAIN_HINT)
         scalers = load_npz(paths.conditioner_scalers, "conditioner scalers", _TRAIN_HINT,
                            ("main_data_min", "hier_data_min"))

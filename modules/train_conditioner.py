@@ -198,6 +198,35 @@ def evaluate_surrogate(surrogate: Surrogate, data: ConditionerData, store: Field
             "lc_val_runs": val_idx.tolist(), "_pred": pred, "_true": true}
 
 
+def sampled_fields(store: FieldStore, indices: torch.Tensor, keep: np.ndarray, batch: int = 8) -> np.ndarray:
+    """The physical values of `indices` at the flat (step, node) positions `keep`: (n, len(keep))."""
+    return np.concatenate([physical_fields(store, i).reshape(len(i), -1)[:, keep] for i in indices.split(batch)])
+
+
+def fit_difficulty(surrogate: Surrogate, post, latents: np.ndarray, store: FieldStore, runs: np.ndarray,
+                   inputs: np.ndarray, seed: int, max_values: int = 200_000):
+    """The difficulty model of a GP conditioner conditioned (`post`, modules/gp.py) on `runs`: a GP of
+    the log of each run's leave-one-out relative error, √(p² + r²), where p is the run's projection
+    error onto the POD of the other runs at the VAE's number of main latent values (compression)
+    and r the decoded size of its closed-form leave-one-out latent residual (regression).
+    Returns the fitted posterior and the errors. Values at one fixed random subset of ≤ max_values
+    (step, node) positions, so full-size fields are read once and never held whole."""
+    from modules.baseline import loo_projection_errors
+    from modules.gp import GPPosterior, fit_hyperparameters
+    idx = torch.as_tensor(runs)
+    size = store.num_time * store.num_nodes
+    keep = np.sort(np.random.default_rng(seed).choice(size, min(size, max_values), replace=False))
+    values = sampled_fields(store, idx, keep)                                        # (n, V)
+    compression = loo_projection_errors(values @ values.T, surrogate.conditioner.latent_dim_end)
+    fitted, residual = latents[runs], post.loo_residuals()
+    shift = np.concatenate([(surrogate.decode_latents(fitted[c] - residual[c]) - surrogate.decode_latents(fitted[c]))
+                            .reshape(len(c), -1)[:, keep] for c in np.array_split(np.arange(len(runs)), -(-len(runs) // 8))])
+    regression = np.linalg.norm(shift, axis=1) / np.maximum(np.linalg.norm(values, axis=1), 1e-30)
+    errors = np.maximum(np.hypot(compression, regression), 1e-12)
+    log_errors = np.log(errors)[:, None]
+    return GPPosterior.condition(fit_hyperparameters(inputs, log_errors, seed), inputs, log_errors), errors
+
+
 def predictive_validation(surrogate: Surrogate, data: ConditionerData, store: FieldStore, val_idx: torch.Tensor,
                           samples: int = 16, max_values: int = 20_000, seed: int = 0):
     """Predictive draws (n, K, P), point predictions (n, P) and true values (n, P) of the

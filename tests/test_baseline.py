@@ -80,3 +80,22 @@ def test_more_energy_keeps_more_modes(energy):
     rng = np.random.default_rng(4)
     fields = family(rng.uniform(0.5, 1.5, (40, 3)))
     assert len(POD.fit(fields, energy=energy).sigma) <= len(POD.fit(fields, energy=0.99999).sigma)
+
+
+def test_leave_one_out_projection_errors_equal_a_pod_of_the_other_runs():
+    """From the Gram matrix alone: each run's error after projection onto the mean and k leading
+    POD modes of the other runs, as POD.fit on those runs computes it."""
+    from modules.baseline import loo_projection_errors
+    rng = np.random.default_rng(5)
+    fields = family(rng.uniform(0.5, 1.5, size=(14, 3))) + 0.01 * rng.normal(size=(14, 12, 40))
+    flat = fields.reshape(14, -1)
+    errors = loo_projection_errors(flat @ flat.T, 3)
+    for j in range(14):
+        pod = POD.fit(np.delete(fields, j, axis=0), energy=1.0, max_modes=3)
+        assert len(pod.sigma) == 3
+        recon = pod.reconstruct(pod.coefficients(fields[j:j + 1]), fields.shape[1:])
+        assert errors[j] == pytest.approx(relative_l2(recon, fields[j:j + 1])[0], rel=1e-6)
+    more = loo_projection_errors(flat @ flat.T, 6)
+    assert (more < errors).all()                                        # more modes, less left out
+    every = loo_projection_errors(flat @ flat.T, 40)                    # more modes than the others span
+    assert np.isfinite(every).all() and (every <= more).all() and (every > 0).all()

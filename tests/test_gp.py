@@ -70,3 +70,44 @@ def test_a_noisy_first_column_does_not_spoil_the_next_columns_fit():
     warm_only = GPHyper(hyper.amplitude[[0, 0]], hyper.length[[0, 0]], hyper.noise[[0, 0]])
     stuck, _ = GPPosterior.condition(warm_only, x, y).predict(x_new)
     assert np.abs(stuck[:, 1] - truth).max() > 10 * error          # what the test guards against
+
+
+def test_leave_one_out_residuals_equal_conditioning_on_the_other_runs():
+    """The closed form αᵢ/[K⁻¹]ᵢᵢ is the residual of run i under the posterior conditioned on the
+    other runs (same kernel, same standardisation), for every run and column."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(size=(15, 2))
+    y = np.column_stack([smooth(x), 2 - x[:, 0]]) + 0.01 * rng.normal(size=(15, 2))
+    hyper = GPHyper(np.array([1.3, 0.7]), np.array([[0.3, 0.5], [0.8, 0.4]]), np.array([1e-3, 1e-2]))
+    post = GPPosterior.condition(hyper, x, y)
+    loo = post.loo_residuals()
+    for j in range(2):
+        z = (y[:, j] - post.y_mean[j]) / post.y_std[j]
+        d = (x[:, None] - x[None]) / hyper.length[j]
+        k = hyper.amplitude[j] * np.exp(-0.5 * (d * d).sum(-1)) + (hyper.noise[j] + 1e-10) * np.eye(15)
+        for i in range(15):
+            o = np.delete(np.arange(15), i)
+            mu = k[i, o] @ np.linalg.solve(k[np.ix_(o, o)], z[o])
+            assert loo[i, j] == pytest.approx((z[i] - mu) * post.y_std[j], rel=1e-7, abs=1e-12)
+
+
+def test_difficulty_model_is_off_until_set_and_then_predicts_the_exponentiated_gp():
+    rng = np.random.default_rng(4)
+    x = rng.uniform(size=(12, 3))
+    arch = ConditionerArchitecture(input_type="csvs", model="gp", num_param=3, num_runs=12, latent_dim_end=2,
+                                   latent_dim=1, num_levels=1)
+    gp = GPConditioner(arch).set_posterior(GPPosterior.condition(
+        GPHyper(np.ones(3), np.full((3, 3), 0.5), np.full(3, 1e-4)), x, rng.normal(size=(12, 3))))
+    x_new = torch.from_numpy(rng.uniform(size=(5, 3)))
+    assert torch.equal(gp.difficulty(x_new), torch.zeros(5, dtype=torch.float64))
+    log_err = np.log(0.01 + x[:, :1])
+    post = GPPosterior.condition(GPHyper(np.ones(1), np.full((1, 3), 0.7), np.full(1, 1e-3)), x, log_err)
+    gp.set_difficulty(post)
+    np.testing.assert_allclose(gp.difficulty(x_new).numpy(), np.exp(post.predict(x_new.numpy())[0][:, 0]), rtol=1e-10)
+    with pytest.raises(ValueError, match="latents' inputs"):
+        gp.set_difficulty(GPPosterior.condition(post.hyper, x + 1, log_err))
+    old = {k: v for k, v in gp.state_dict().items() if not k.startswith("difficulty_")}
+    fresh = GPConditioner(arch)
+    fresh.load_state_dict(fresh.with_difficulty_defaults(old))          # a checkpoint from before the model
+    assert torch.equal(fresh.difficulty(x_new), torch.zeros(5, dtype=torch.float64))
+    assert torch.equal(fresh.predict(x_new)[0], gp.predict(x_new)[0])

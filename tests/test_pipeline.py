@@ -76,6 +76,7 @@ def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_pre
     assert 0 < cal["crps"] < cal["mae"] and cal["spread_skill"] > 0          # the spread earns its keep
     state = torch.load(work / "checkpoints/conditioner.pt", weights_only=True)
     assert float(state["export"]["spread_scale"]) == pytest.approx(summary["lc_spread_scale"])
+    assert float(state["export"]["difficulty_on"]) == 1 and 0 < summary["lc_loo_rel_l2"]["mean"] < 1
     new = tmp_path / "new.csv"
     np.savetxt(new, np.loadtxt(work / "input_data/params.csv", delimiter=",")[:3], delimiter=",")
     out = tmp_path / "draws.npy"
@@ -125,6 +126,26 @@ def test_sampling_returns_the_point_prediction_beside_the_draws(trained):
         same, draws = surrogate.sample(x, 4, sampling=sampling)
         np.testing.assert_array_equal(same, point)
         assert draws.shape == (3, 4, *point.shape[1:]) and not np.allclose(draws, point[:, None])
+
+
+def test_the_difficulty_model_widens_each_runs_spread_by_its_predicted_error(trained):
+    """With the same draws, the saved difficulty model turns each run's relative spread s·c into
+    c·√(s² + d²), d the model's predicted leave-one-out error at that input (c: the conformal scale)."""
+    from modules.calibration import spread_and_error
+    from modules.run import Paths
+    from modules.surrogate import Surrogate
+    surrogate = Surrogate.load(Paths(trained[0]), torch.device("cpu"))
+    x = surrogate.prepare(np.loadtxt(trained[0] / "input_data/params.csv", delimiter=",")[:4])
+    d = surrogate.conditioner.difficulty(x).numpy()
+    assert (d > 0).all() and len(set(d.round(12))) == 4
+    spreads = []
+    for on in (1.0, 0.0):
+        surrogate.conditioner.difficulty_on.fill_(on)
+        torch.manual_seed(7)
+        point, draws = surrogate.sample(x, 8, sampling="predictive")
+        spreads.append(spread_and_error(draws, point, point)[0])
+    c = float(surrogate.conditioner.spread_scale)
+    np.testing.assert_allclose(spreads[0] ** 2, spreads[1] ** 2 + (c * d) ** 2, rtol=1e-4)
 
 
 def test_the_classical_baseline_is_fitted_on_the_training_runs_and_reported(trained):
@@ -264,6 +285,8 @@ def test_checkpoints_of_the_earlier_layout_still_predict_the_same(trained, tmp_p
         state = torch.load(path, weights_only=True)
         state["run"]["config"] = {k: v for section in state["run"]["config"].values() for k, v in section.items()}
         state["architecture"] = {k: state["architecture"][k] for k in keep}
+        if name == "conditioner.pt":        # before the GP's difficulty model
+            state["export"] = {k: v for k, v in state["export"].items() if not k.startswith("difficulty_")}
         torch.save(state, path)
     new = tmp_path / "new.csv"
     np.savetxt(new, np.loadtxt(work / "input_data/params.csv", delimiter=",")[:3], delimiter=",")

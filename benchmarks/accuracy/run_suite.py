@@ -73,7 +73,7 @@ def stats(rel: np.ndarray, mean_rel: np.ndarray) -> dict:
 
 
 def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Path, work_root: Path,
-                tag: str) -> dict:
+                tag: str, reuse_vae: bool = False) -> dict:
     from modules.baseline import classical_baselines, relative_l2
     from modules.cond_inputs import ImageFeatures, list_images, load_images
 
@@ -99,13 +99,16 @@ def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Pa
     result["baseline_seconds"] = time.perf_counter() - started
 
     work = work_root / tag / name
-    shutil.rmtree(work, ignore_errors=True)
-    stage_inputs(work / "input_data", src, train, fields, params, problem.has_images)
-    stage_inputs(work / "test_inputs", src, test, fields, params, problem.has_images)
-    shutil.copy(ROOT / "preset.txt", work / "preset.txt")
+    if not reuse_vae:
+        shutil.rmtree(work, ignore_errors=True)
+        stage_inputs(work / "input_data", src, train, fields, params, problem.has_images)
+        stage_inputs(work / "test_inputs", src, test, fields, params, problem.has_images)
+        shutil.copy(ROOT / "preset.txt", work / "preset.txt")
+    elif not (work / "checkpoints" / "vae.pt").is_file():
+        sys.exit(f"error: --reuse-vae: {work} holds no trained VAE; run this tag without --reuse-vae first.")
     log = work / "train.log"
     result["routes"] = {}
-    first = True
+    first = not reuse_vae
     for route in routes:
         if route != "csvs" and not problem.has_images:
             continue
@@ -118,7 +121,7 @@ def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Pa
         seconds = run_cli(work, ["--preset=1", "--plot=2", f"--lc_only={0 if first else 1}", "--size=small",
                                  "--load_all=1", *sets], log)
         summary = json.loads(max((work / "runs").glob("*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())
-        if first:
+        if first or reuse_vae and "vae_reconstruction" not in result:
             recon = vae_reconstruction(work, test_fields)
             result["vae_reconstruction"] = stats(relative_l2(recon, test_fields), base.rel_l2["mean"])
             result["vae_seconds"] = summary.get("vae_seconds")
@@ -186,16 +189,19 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=HERE / "data", help="where the problems are generated")
     p.add_argument("--work", type=Path, default=HERE / "work", help="working directories of the runs")
     p.add_argument("--tag", default="default", help="name of this configuration's results")
+    p.add_argument("--reuse-vae", action="store_true",
+                   help="keep the VAEs an earlier run of this tag trained and retrain only the conditioners "
+                        "(--lc_only=1): for conditioner experiments")
     args = p.parse_args()
     results = []
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
     for name in args.problems:
         print(f"== {name}", flush=True)
-        results.append(run_problem(name, args.routes, args.overrides, args.data, args.work, args.tag))
+        results.append(run_problem(name, args.routes, args.overrides, args.data, args.work, args.tag, args.reuse_vae))
         (out_dir / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
         print(markdown(results[-1:]), flush=True)
-    if args.tag == "default" and not args.overrides:
+    if args.tag == "default" and not args.overrides and not args.reuse_vae:
         text = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
         text = replace_marked(text, "table", markdown(results))
         text = replace_marked(text, "calibration", calibration_markdown(results))
