@@ -33,8 +33,8 @@ def coverage(samples: np.ndarray, truth: np.ndarray, level: float, centre: np.nd
     return float(((truth >= lo) & (truth <= hi)).mean())
 
 
-def scale_about(samples: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
-    """Samples spread `scale` times as far from the point prediction `centre` (n, T, N)."""
+def scale_about(samples: np.ndarray, centre: np.ndarray, scale) -> np.ndarray:
+    """Samples spread `scale` times (a number, or per run (n, 1, ...)) as far from the point prediction `centre` (n, T, N)."""
     return centre[:, None] + scale * (samples - centre[:, None])
 
 
@@ -71,6 +71,17 @@ def spread_and_error(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray)
     norm = np.linalg.norm(truth.reshape(n, -1), axis=1)
     spread = np.sqrt(samples.var(axis=1).reshape(n, -1).sum(axis=1)) / norm
     return spread, np.linalg.norm((centre - truth).reshape(n, -1), axis=1) / norm
+
+
+def widen(samples: np.ndarray, centre: np.ndarray, difficulty: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """Samples (n, K, ...) spread about the point prediction `centre` so that each run's relative
+    spread (spread_and_error's) becomes √(s² + d²), s its own and d its `difficulty` (n,), then
+    `scale` times that. The latents' posterior knows only how far a run lies from the training
+    inputs; d adds what the training runs' leave-one-out errors say about that region
+    (benchmarks/accuracy/NOTES.md, H19). A run without spread stays as it is."""
+    spread, _ = spread_and_error(samples, centre, centre)
+    gain = np.sqrt(1 + (difficulty / np.where(spread > 0, spread, 1.0)) ** 2) * (spread > 0) + (spread <= 0)
+    return scale_about(samples, centre, (scale * gain).reshape(-1, *[1] * (samples.ndim - 1)))
 
 
 def calibration_metrics(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray,

@@ -383,7 +383,8 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     (training and validation), as a model is refitted on all its data once it is validated:
     on the suite this cut the test error by 10-15 % (benchmarks/accuracy/NOTES.md, H10)."""
     from modules.gp import GPPosterior, fit_hyperparameters
-    from modules.train_conditioner import evaluate_surrogate, fit_difficulty
+    from modules.train_conditioner import (DIFFICULTY_VALUES, evaluate_surrogate, fit_difficulty, sample_positions,
+                                          sampled_fields)
     cfg, paths = ctx.cfg, ctx.paths
     if cfg.conditioner.use_e2e_training:
         log.warning("use_e2e_training 1 has no effect with the GP conditioner (it has nothing to fine-tune)")
@@ -405,9 +406,11 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
         module = held_out.to(ctx.device)
         if cfg.conditioner.gp_difficulty:
             seed = cfg.run.seed
-            module.set_difficulty(fit_difficulty(surrogate(module), held_post, y, store, train_idx, x[train_idx],
-                                                 seed)[0])
-            post, errors = fit_difficulty(surrogate(final), final_post, y, store, np.arange(len(x)), x, seed)
+            keep = sample_positions(store, DIFFICULTY_VALUES, seed)
+            values = sampled_fields(store, keep)
+            module.set_difficulty(fit_difficulty(surrogate(module), held_post, y, values, keep, train_idx,
+                                                 x[train_idx], seed)[0])
+            post, errors = fit_difficulty(surrogate(final), final_post, y, values, keep, np.arange(len(x)), x, seed)
             final.set_difficulty(post)
             out["lc_loo_rel_l2"] = {"mean": float(errors.mean()), "max": float(errors.max())}
         evaluation = evaluate_surrogate(surrogate(module), data, store, torch.as_tensor(train_idx),

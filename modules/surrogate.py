@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modules.calibration import widen
 from modules.checkpoint import build_from_checkpoint, load_checkpoint, load_model_state, load_npz
 from modules.cond_inputs import ImageFeatures, MinMaxScaler
 from modules.conditioners import ConditionerArchitecture
@@ -54,21 +55,6 @@ class LatentDecoder(nn.Module):
         xs = hier.float() * self.hier_a + self.hier_b            # (B, L-1, Ld)
         field, _ = self.vae.decode(z, xs, mode=mode)
         return field                                             # (B, N, T)
-
-
-def widen(point: torch.Tensor, draws: torch.Tensor, difficulty: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """Draws (B, K, ...) spread about their point prediction (B, ...) so that each run's relative
-    spread (root of the summed variance over the norm of the point, as calibration.spread_and_error
-    measures it) becomes √(s² + d²), s its own and d its `difficulty` (B,), then `scale` times that.
-    The latents' posterior knows only how far a run lies from the training inputs; d adds what
-    the leave-one-out errors of the training runs say about that region (benchmarks/accuracy/NOTES.md, H19)."""
-    dev = draws - point[:, None]
-    flat = draws.flatten(2).double()
-    norm = point.flatten(1).double().norm(dim=1).clamp_min(1e-30)
-    spread = flat.var(dim=1, correction=0).sum(dim=1).sqrt() / norm                          # (B,)
-    gain = torch.where(spread > 0, (1 + (difficulty.double() / spread.clamp_min(1e-300)).square()).sqrt(),
-                       torch.ones_like(spread))
-    return point[:, None] + (scale * gain).to(dev.dtype).view(-1, *[1] * (dev.dim() - 1)) * dev
 
 
 @dataclass
@@ -131,8 +117,8 @@ class Surrogate:
                 point = self._physical(self.decoder(*self.conditioner.split(mean.float()), mode="fix"))
                 field = self._physical(self.decoder(*self.conditioner.split(latents.flatten(0, 1).float()),
                                                     mode="fix").unflatten(0, (len(chunk), samples)))
-                field = widen(point, field, self.conditioner.difficulty(chunk).cpu(),
-                              float(self.conditioner.spread_scale))
+                field = torch.from_numpy(widen(field.numpy(), point.numpy(), self.conditioner.difficulty(chunk).cpu().numpy(),
+                                               float(self.conditioner.spread_scale)))
             else:
                 main, hier = self.conditioner(chunk)
                 point = self._physical(self.decoder(main, hier, mode="fix"))

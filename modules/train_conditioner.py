@@ -198,29 +198,36 @@ def evaluate_surrogate(surrogate: Surrogate, data: ConditionerData, store: Field
             "lc_val_runs": val_idx.tolist(), "_pred": pred, "_true": true}
 
 
-def sampled_fields(store: FieldStore, indices: torch.Tensor, keep: np.ndarray, batch: int = 8) -> np.ndarray:
-    """The physical values of `indices` at the flat (step, node) positions `keep`: (n, len(keep))."""
-    return np.concatenate([physical_fields(store, i).reshape(len(i), -1)[:, keep] for i in indices.split(batch)])
+DIFFICULTY_VALUES = 200_000     # values per run the difficulty model reads (README, "Uncertainty")
 
 
-def fit_difficulty(surrogate: Surrogate, post, latents: np.ndarray, store: FieldStore, runs: np.ndarray,
-                   inputs: np.ndarray, seed: int, max_values: int = 200_000):
+def sample_positions(store: FieldStore, max_values: int, seed: int) -> np.ndarray:
+    """One fixed random subset of ≤ max_values flat (step, node) positions, sorted."""
+    size = store.num_time * store.num_nodes
+    return np.sort(np.random.default_rng(seed).choice(size, min(size, max_values), replace=False))
+
+
+def sampled_fields(store: FieldStore, keep: np.ndarray, batch: int = 8) -> np.ndarray:
+    """Every run's physical values at the flat positions `keep`: (P, len(keep)), read once."""
+    return np.concatenate([physical_fields(store, i).reshape(len(i), -1)[:, keep]
+                           for i in torch.arange(store.num_runs).split(batch)])
+
+
+def fit_difficulty(surrogate: Surrogate, post, latents: np.ndarray, values: np.ndarray, keep: np.ndarray,
+                   runs: np.ndarray, inputs: np.ndarray, seed: int, batch: int = 8):
     """The difficulty model of a GP conditioner conditioned (`post`, modules/gp.py) on `runs`: a GP of
     the log of each run's leave-one-out relative error, √(p² + r²), where p is the run's projection
     error onto the POD of the other runs at the VAE's number of main latent values (compression)
-    and r the decoded size of its closed-form leave-one-out latent residual (regression).
-    Returns the fitted posterior and the errors. Values at one fixed random subset of ≤ max_values
-    (step, node) positions, so full-size fields are read once and never held whole."""
+    and r the decoded size of its closed-form leave-one-out latent residual (regression). Both on
+    the runs' values at the positions `keep` (`sampled_fields`: full-size fields are never held
+    whole). Returns the fitted posterior and the errors."""
     from modules.baseline import loo_projection_errors
     from modules.gp import GPPosterior, fit_hyperparameters
-    idx = torch.as_tensor(runs)
-    size = store.num_time * store.num_nodes
-    keep = np.sort(np.random.default_rng(seed).choice(size, min(size, max_values), replace=False))
-    values = sampled_fields(store, idx, keep)                                        # (n, V)
+    values = values[runs]                                                            # (n, V)
     compression = loo_projection_errors(values @ values.T, surrogate.conditioner.latent_dim_end)
-    fitted, residual = latents[runs], post.loo_residuals()
-    shift = np.concatenate([(surrogate.decode_latents(fitted[c] - residual[c]) - surrogate.decode_latents(fitted[c]))
-                            .reshape(len(c), -1)[:, keep] for c in np.array_split(np.arange(len(runs)), -(-len(runs) // 8))])
+    fitted, moved = latents[runs], latents[runs] - post.loo_residuals()
+    shift = np.concatenate([(surrogate.decode_latents(moved[s:s + batch]) - surrogate.decode_latents(fitted[s:s + batch]))
+                            .reshape(len(fitted[s:s + batch]), -1)[:, keep] for s in range(0, len(runs), batch)])
     regression = np.linalg.norm(shift, axis=1) / np.maximum(np.linalg.norm(values, axis=1), 1e-30)
     errors = np.maximum(np.hypot(compression, regression), 1e-12)
     log_errors = np.log(errors)[:, None]
@@ -232,13 +239,11 @@ def predictive_validation(surrogate: Surrogate, data: ConditionerData, store: Fi
     """Predictive draws (n, K, P), point predictions (n, P) and true values (n, P) of the
     validation runs, in physical units, at one fixed random subset of P ≤ max_values
     (step, node) positions (so full-size fields need not be held K times), run by run."""
-    rng = np.random.default_rng(seed)
-    draws, points, truths, keep = [], [], [], None
+    keep = sample_positions(store, max_values, seed)
+    draws, points, truths = [], [], []
     for i in val_idx.tolist():
         idx = torch.tensor([i])
         true = physical_fields(store, idx)[0].reshape(-1)
-        if keep is None:
-            keep = np.sort(rng.choice(true.size, min(true.size, max_values), replace=False))
         x = data.inputs[idx.to(data.inputs.device)]
         point, sampled = surrogate.sample(x, samples, sampling="predictive")
         draws.append(sampled[0].reshape(samples, -1)[:, keep])

@@ -2,7 +2,8 @@
 synthetic predictive distributions whose right answers are known."""
 import numpy as np
 
-from modules.calibration import calibration_metrics, coverage, crps, scale_about, spread_scale
+from modules.calibration import (calibration_metrics, coverage, crps, scale_about, spread_and_error, spread_scale,
+                                 widen)
 
 
 def gaussian_case(seed: int, runs: int = 30, k: int = 200, sigma_true: float = 1.0, sigma_samples: float = 1.0):
@@ -70,16 +71,12 @@ def test_each_band_gets_its_own_scale_when_the_errors_have_heavier_tails_than_th
 def test_widen_adds_the_difficulty_to_each_runs_relative_spread_in_quadrature():
     """Surrogate draws widened by the difficulty model: each run's relative spread, as
     spread_and_error measures it, becomes scale·√(s² + d²); d = 0 leaves a run as it was."""
-    import torch
-
-    from modules.calibration import spread_and_error
-    from modules.surrogate import widen
     samples, centre, _ = gaussian_case(6, runs=4, k=32)
     difficulty = np.array([0.0, 0.01, 0.05, 0.2])
     before, _ = spread_and_error(samples, centre, centre)
-    out = widen(torch.from_numpy(centre), torch.from_numpy(samples), torch.from_numpy(difficulty), 1.5).numpy()
+    out = widen(samples, centre, difficulty, 1.5)
     after, _ = spread_and_error(out, centre, centre)
     np.testing.assert_allclose(after, 1.5 * np.sqrt(before ** 2 + difficulty ** 2), rtol=1e-9)
     np.testing.assert_allclose(out[0], centre[0] + 1.5 * (samples[0] - centre[0]), rtol=1e-12)
-    same = widen(torch.from_numpy(centre), torch.from_numpy(centre[:, None].repeat(3, 1)), torch.from_numpy(difficulty))
-    np.testing.assert_array_equal(same.numpy(), centre[:, None].repeat(3, 1))    # no spread: nothing to widen
+    flat = centre[:, None].repeat(3, 1)
+    np.testing.assert_array_equal(widen(flat, centre, difficulty), flat)        # no spread: nothing to widen
