@@ -1,13 +1,14 @@
-"""How well predictive samples describe the truth, and the spread scale that calibrates them.
+"""How well predictive samples describe the truth, and the scales that calibrate them.
 
-Samples are (n, K, T, N) fields, truth (n, T, N), in physical units. The spread scale is a
+Samples are (n, K, T, N) fields, truth (n, T, N), in physical units. Each band's scale is a
 split-conformal calibration on the validation runs: each value's score is its deviation from
 the point prediction divided by the sample band's half-width on that side, and the scale is
 the score quantile at the nominal level, so the scaled 90 % band covers 90 % of those runs'
 values (normalised conformal prediction; values within a run are correlated, so the level
 holds on average over runs, not as a per-value guarantee). Each band level gets its own
 scale: the errors' tails are heavier than the samples', so one scale cannot fit the 50 %
-and the 90 % band at once (benchmarks/accuracy/NOTES.md)."""
+and the 90 % band at once (benchmarks/accuracy/NOTES.md). The samples themselves are spread
+by the factor that minimises their CRPS on those runs (`crps_scale`), or by the 90 % band's."""
 from __future__ import annotations
 
 import numpy as np
@@ -53,15 +54,30 @@ def spread_scale(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray, lev
     return float(np.quantile(score, level))
 
 
+def _half_pair_distance(samples: np.ndarray) -> np.ndarray:
+    """Per value, ½ E|X − X'| over the samples (axis 1), from the sorted samples in O(K log K)."""
+    k = samples.shape[1]
+    weights = (2 * np.arange(1, k + 1) - k - 1).reshape((1, k) + (1,) * (samples.ndim - 2))
+    return (weights * np.sort(samples, axis=1)).sum(axis=1) / (k * k)
+
+
 def crps(samples: np.ndarray, truth: np.ndarray) -> float:
     """Mean continuous ranked probability score of the sample distribution (physical units):
-    E|X − y| − ½ E|X − X'|, the second term from the sorted samples in O(K log K)."""
-    k = samples.shape[1]
-    first = np.abs(samples - truth[:, None]).mean(axis=1)
-    ordered = np.sort(samples, axis=1)
-    weights = (2 * np.arange(1, k + 1) - k - 1).reshape((1, k) + (1,) * (samples.ndim - 2))
-    second = (weights * ordered).sum(axis=1) / (k * k)          # ½ E|X − X'|
-    return float((first - second).mean())
+    E|X − y| − ½ E|X − X'|."""
+    return float((np.abs(samples - truth[:, None]).mean(axis=1) - _half_pair_distance(samples)).mean())
+
+
+def crps_scale(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray, most: float) -> float:
+    """The factor in (0, most] on the samples' spread about `centre` that minimises their mean
+    CRPS. The CRPS is convex in it (a mean of |a + s·b| minus s times the fixed ½ E|X − X'|),
+    so a bounded scalar search finds the minimum; at 0 the CRPS is the point prediction's MAE."""
+    from scipy.optimize import minimize_scalar
+    dev = samples - centre[:, None]
+    miss = centre[:, None] - truth[:, None]
+    pair = float(_half_pair_distance(dev).mean())
+    found = minimize_scalar(lambda s: float(np.abs(miss + s * dev).mean()) - s * pair, bounds=(0.0, most),
+                            method="bounded", options={"xatol": 1e-3 * most})
+    return float(found.x)
 
 
 def spread_and_error(samples: np.ndarray, centre: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

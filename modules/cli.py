@@ -71,7 +71,7 @@ def _port_flags(a) -> None:
                         "e.g. --set Training_epochs=5 --set use_ema=1")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA when available, else CPU (default auto)")
-    a.add_argument("--seed", type=int, default=None, metavar="N", help="seed of every RNG and of the split (key 'seed')")
+    a.add_argument("--seed", type=int, default=None, metavar="N", help="seed of every RNG and of the split (key 'seed'); with --predict, of the draws (default 0)")
     a.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in checkpoints/ from its last checkpoint (exact on CPU)")
     a.add_argument("--run", default=None, metavar="RUN_ID",
@@ -200,7 +200,7 @@ def _predict(args: argparse.Namespace) -> int:
         paths = Paths(paths.workdir, locate(paths, args.run))
     meta = run_prediction(args.predict, args.out, args.samples, paths,
                           resolve_device(args.device), vtk=args.vtk, sampling=args.sampling, truth=args.evaluate,
-                          plot=args.plot)
+                          plot=args.plot, seed=0 if args.seed is None else args.seed)
     runs = meta["shape"][0]
     source = "a CSV file" if meta["input_type"] == "csvs" else f"{len(meta['inputs'])} images"
     print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units): {runs} run{'s' * (runs != 1)} "

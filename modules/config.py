@@ -231,6 +231,11 @@ class ConditionerConfig:
     gp_difficulty: bool = _key(True,
                                help="GP conditioner: widen each prediction's spread by a GP of the training runs' "
                                     "leave-one-out errors (README, \"Uncertainty\"); 0: the latents' posterior alone")
+    gp_draw_scale: str = _key("crps", choices=("crps", "band90"),
+                              help="GP conditioner: spread the predictive draws by the factor that minimises their "
+                                   "CRPS on the validation runs (crps; the bands file carries each band's coverage "
+                                   "calibration) or so that their own 5-95 % range is the calibrated 90 % band "
+                                   "(band90) (README, \"Uncertainty\")")
     lc_patience: int = _key(20000, lo=1,
                             help="early stopping: epochs without validation improvement")
     use_e2e_training: bool = _key(False,

@@ -29,9 +29,10 @@ class GPHyper:
     noise: np.ndarray         # (m,) white-noise variance
 
 
-def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int = 2) -> GPHyper:
+def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int = 2,
+                        min_noise: float = 1e-10) -> GPHyper:
     """Maximum-marginal-likelihood kernels, one per column of y (n, m), on inputs x (n, d)
-    scaled to a unit-size box. Each column's optimiser starts from the default kernel (with
+    scaled to a unit-size box; the white noise is at least `min_noise` of each standardised column. Each column's optimiser starts from the default kernel (with
     random restarts for the leading columns) and, separately, from the previous column's
     optimum; the start with the higher marginal likelihood wins. Neighbouring latent or POD
     columns vary on similar scales, so the warm start often finds the better optimum, but
@@ -42,7 +43,8 @@ def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int =
 
     d, m = x.shape[1], y.shape[1]
     amp, length, noise = np.empty(m), np.empty((m, d)), np.empty(m)
-    default = ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(d), (1e-2, 1e3)) + WhiteKernel(1e-4, (1e-10, 1e0))
+    default = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(d), (1e-2, 1e3))
+               + WhiteKernel(max(1e-4, min_noise), (min_noise, 1e0)))
     previous = None
     for j in range(m):
         best = None

@@ -416,7 +416,8 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
         evaluation = evaluate_surrogate(surrogate(module), data, store, torch.as_tensor(train_idx),
                                         torch.as_tensor(val_idx))
         out.update(_conditioner_report(evaluation, module, data, val_idx, figures))
-        out.update(_calibrate_spread(surrogate(module), data, store, val_idx, cfg.run.seed, figures))
+        out.update(_calibrate_spread(surrogate(module), data, store, val_idx, cfg.run.seed, figures,
+                                      cfg.conditioner.gp_draw_scale))
         final.spread_scale.fill_(out["lc_spread_scale"])
         final.band_scales.copy_(torch.tensor([out["lc_band_scales"][str(level)] for level in LEVELS]))
         cal = out.get("calibration", {})
@@ -435,10 +436,12 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
 CALIBRATION_MIN_RUNS = 3
 
 
-def _calibrate_spread(surrogate, data, store: FieldStore, val_idx: np.ndarray, seed: int, figures: Figures) -> dict:
-    """The predictive spread's scale and each band's, split-conformal on the validation runs
+def _calibrate_spread(surrogate, data, store: FieldStore, val_idx: np.ndarray, seed: int, figures: Figures,
+                      draw_scale: str = "crps") -> dict:
+    """The predictive draws' scale (`gp_draw_scale`: the CRPS-minimising one, or the 90 % band's)
+    and each band's relative to it, split-conformal on the validation runs
     (modules/calibration.py), and the calibration numbers before and after them."""
-    from modules.calibration import band_scales, calibration_metrics, scale_about
+    from modules.calibration import band_scales, calibration_metrics, crps_scale, scale_about
     from modules.train_conditioner import predictive_validation
     if len(val_idx) < CALIBRATION_MIN_RUNS:
         log.warning("only %d validation run(s): the predictive spread is left uncalibrated (raise val_split)",
@@ -448,10 +451,13 @@ def _calibrate_spread(surrogate, data, store: FieldStore, val_idx: np.ndarray, s
         torch.manual_seed(seed)
         draws, point, truth = predictive_validation(surrogate, data, store, torch.as_tensor(val_idx), seed=seed)
     raw = band_scales(draws, point, truth)
-    scale = raw[0.9] if raw[0.9] > 0 else 1.0               # the draws spread as the 90 % band needs
+    band90 = raw[0.9] if raw[0.9] > 0 else 1.0
+    scale = band90
+    if draw_scale == "crps":        # at least 1 % of the 90 % band's, so that the draws keep a spread to scale
+        scale = max(crps_scale(draws, point, truth, 2 * band90), 0.01 * band90)
     relative = {level: raw[level] / scale for level in LEVELS}
     scaled = scale_about(draws, point, scale)
-    figures.calibration(scaled, point, truth, "calibration")
+    figures.calibration(scaled, point, truth, "calibration", relative)
     return {"lc_spread_scale": scale, "lc_band_scales": {str(k): v for k, v in relative.items()},
             "calibration_unscaled": calibration_metrics(draws, point, truth),
             "calibration": calibration_metrics(scaled, point, truth, relative)}

@@ -191,9 +191,11 @@ class Figures:
         ax.grid(alpha=0.3)
         self.finish(fig, name)
 
-    def calibration(self, samples: np.ndarray, centre: np.ndarray, truth: np.ndarray, name: str) -> None:
-        """Nominal against observed coverage of the central bands, and each run's spread
-        against its error (modules/calibration.py), on the validation runs."""
+    def calibration(self, samples: np.ndarray, centre: np.ndarray, truth: np.ndarray, name: str,
+                    band_scales: dict[float, float] | None = None) -> None:
+        """Nominal against observed coverage of the samples' central bands and of the calibrated
+        bands (each widened by its `band_scales` entry, as the bands file holds them), and each
+        run's spread against its error (modules/calibration.py), on the validation runs."""
         if not self.active:
             return
         from modules.calibration import coverage, spread_and_error
@@ -202,7 +204,11 @@ class Figures:
         spread, error = spread_and_error(samples, centre, truth)
         fig, (left, right) = self.plt.subplots(1, 2, figsize=(10, 4.5))
         left.plot([0, 1], [0, 1], color="k", linewidth=0.8, label="ideal")
-        left.plot(levels, observed, marker="o", label="observed")
+        left.plot(levels, observed, marker="o", label="the samples' own bands")
+        if band_scales:
+            left.plot(list(band_scales), [coverage(samples, truth, level, centre, scale)
+                                          for level, scale in band_scales.items()],
+                      linestyle="none", marker="s", markersize=8, label="calibrated bands (bands file)")
         left.set_xlabel("nominal coverage of the central band")
         left.set_ylabel("fraction of true values inside")
         left.legend()

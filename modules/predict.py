@@ -44,7 +44,9 @@ def check_writable(out: Path) -> None:
 SAMPLING_MEANING = {
     "predictive": "the conditioner's Gaussian-process posterior of the latents, each draw decoded, widened by the "
                   "error the training runs' leave-one-out errors predict at that input (gp_difficulty) and scaled "
-                  "by the conformal calibration on the validation runs (README, 'Uncertainty')",
+                  "as the validation runs say (gp_draw_scale: by default by the factor that minimises the draws' "
+                  "CRPS); the calibrated 50 % and 90 % bands are the bands file's, not the draws' own quantiles "
+                  "(README, 'Uncertainty')",
     "vae_levels": "the original's: the VAE's hierarchical levels drawn around the predicted latents; the spread is "
                   "not related to the prediction's error (README, 'Uncertainty')",
 }
@@ -84,9 +86,11 @@ def _write_bands(out: Path, samples: np.ndarray, point: np.ndarray, scales: dict
 
 
 def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: torch.device,
-                   vtk: Path | None = None, sampling: str = "auto", truth: Path | None = None, plot: int = 2) -> dict:
+                   vtk: Path | None = None, sampling: str = "auto", truth: Path | None = None, plot: int = 2,
+                   seed: int = 0) -> dict:
     """Predict the inputs of `source`; with `truth` (the held-out runs' fields) also evaluate
-    the predictions against them (modules/evaluate.py)."""
+    the predictions against them (modules/evaluate.py). The draws are seeded (`seed`), so the
+    same command gives the same samples and bands."""
     if samples < 1:
         raise UserError(f"--samples {samples}: give 1 or more realisations per input.")
     if not source.exists():
@@ -111,12 +115,14 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
             log.warning(line)
     started = time.perf_counter()
     x = surrogate.prepare(raw, inputs)
-    point, draws = surrogate.sample(x, samples, sampling=sampling)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        point, draws = surrogate.sample(x, samples, sampling=sampling)
     fields = point if draws is None else draws
     seconds = time.perf_counter() - started
     atomic_write(out, lambda f: np.save(f, fields.astype(np.float32)))
     meta = {"inputs": files, "input_type": surrogate.input_type, "shape": list(fields.shape),
-            "layout": "[n, T, N]" if samples == 1 else "[n, K, T, N]", "samples": samples,
+            "layout": "[n, T, N]" if samples == 1 else "[n, K, T, N]", "samples": samples, "seed": seed,
             "units": "physical (inverse of the per-node scaling)", "checkpoints": surrogate.sources,
             "seconds": seconds}
     if domain is not None:

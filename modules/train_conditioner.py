@@ -199,6 +199,7 @@ def evaluate_surrogate(surrogate: Surrogate, data: ConditionerData, store: Field
 
 
 DIFFICULTY_VALUES = 200_000     # values per run the difficulty model reads (README, "Uncertainty")
+DIFFICULTY_NOISE = 0.01        # the difficulty GP's least noise, a fraction of its standardised variance (NOTES H21)
 
 
 def sample_positions(store: FieldStore, max_values: int, seed: int) -> np.ndarray:
@@ -220,7 +221,10 @@ def fit_difficulty(surrogate: Surrogate, post, latents: np.ndarray, values: np.n
     error onto the POD of the other runs at the VAE's number of main latent values (compression)
     and r the decoded size of its closed-form leave-one-out latent residual (regression). Both on
     the runs' values at the positions `keep` (`sampled_fields`: full-size fields are never held
-    whole). Returns the fitted posterior and the errors."""
+    whole). The GP treats at least DIFFICULTY_NOISE of the log errors' variance as noise: each is
+    one run's error, and without that floor the marginal likelihood can pick a kernel that
+    interpolates them exactly (benchmarks/accuracy/NOTES.md, H21). Returns the fitted posterior
+    and the errors."""
     from modules.baseline import loo_projection_errors
     from modules.gp import GPPosterior, fit_hyperparameters
     values = values[runs]                                                            # (n, V)
@@ -231,7 +235,8 @@ def fit_difficulty(surrogate: Surrogate, post, latents: np.ndarray, values: np.n
     regression = np.linalg.norm(shift, axis=1) / np.maximum(np.linalg.norm(values, axis=1), 1e-30)
     errors = np.maximum(np.hypot(compression, regression), 1e-12)
     log_errors = np.log(errors)[:, None]
-    return GPPosterior.condition(fit_hyperparameters(inputs, log_errors, seed), inputs, log_errors), errors
+    hyper = fit_hyperparameters(inputs, log_errors, seed, min_noise=DIFFICULTY_NOISE)
+    return GPPosterior.condition(hyper, inputs, log_errors), errors
 
 
 def predictive_validation(surrogate: Surrogate, data: ConditionerData, store: FieldStore, val_idx: torch.Tensor,

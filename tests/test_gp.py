@@ -72,6 +72,14 @@ def test_a_noisy_first_column_does_not_spoil_the_next_columns_fit():
     assert np.abs(stuck[:, 1] - truth).max() > 10 * error          # what the test guards against
 
 
+def test_the_noise_floor_keeps_the_fit_from_interpolating():
+    """Noise-free smooth data: the free fit takes almost no noise, the floored one sits at its floor."""
+    x = np.random.default_rng(3).uniform(size=(40, 2))
+    y = smooth(x)[:, None]
+    assert fit_hyperparameters(x, y, seed=0).noise[0] < 1e-3
+    assert fit_hyperparameters(x, y, seed=0, min_noise=0.05).noise[0] == pytest.approx(0.05)
+
+
 def test_leave_one_out_residuals_equal_conditioning_on_the_other_runs():
     """The closed form αᵢ/[K⁻¹]ᵢᵢ is the residual of run i under the posterior conditioned on the
     other runs (same kernel, same standardisation), for every run and column."""

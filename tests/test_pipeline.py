@@ -65,14 +65,16 @@ def test_gp_conditioner_beats_the_mean_and_the_classical_baseline_on_the_demo(tr
 
 
 def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_prediction(trained, tmp_path):
-    """The GP's posterior draws, scaled by the conformal factor found on the validation runs,
-    cover 90 % of those runs' values; prediction draws from it and writes the bands."""
+    """The GP's posterior draws, spread by the CRPS-minimising factor found on the validation
+    runs, with each band's conformal scale relative to them: the 50 % and 90 % bands cover
+    those fractions of those runs' values; prediction draws from it and writes the bands."""
     work, _, summary, _ = trained
     raw, cal = summary["calibration_unscaled"], summary["calibration"]
     assert abs(cal["coverage_90"] - 0.9) < 0.01 and abs(cal["coverage_50"] - 0.5) < 0.01 and cal["runs"] == 16
-    assert summary["lc_band_scales"]["0.9"] == 1.0 and summary["lc_band_scales"]["0.5"] > 0
-    assert summary["lc_spread_scale"] > 0 and 0 < raw["coverage_90"] < 1
-    assert (raw["coverage_90"] < 0.9) == (summary["lc_spread_scale"] > 1)
+    scale, bands_rel = summary["lc_spread_scale"], summary["lc_band_scales"]
+    assert scale > 0 and bands_rel["0.5"] > 0 and 0 < raw["coverage_90"] < 1
+    assert (raw["coverage_90"] < 0.9) == (scale * bands_rel["0.9"] > 1)     # the 90 % band's own conformal factor
+    assert scale * bands_rel["0.9"] > 0.5 and cal["crps"] <= raw["crps"]    # 1 was in the searched range
     assert 0 < cal["crps"] < cal["mae"] and cal["spread_skill"] > 0          # the spread earns its keep
     state = torch.load(work / "checkpoints/conditioner.pt", weights_only=True)
     assert float(state["export"]["spread_scale"]) == pytest.approx(summary["lc_spread_scale"])
@@ -84,12 +86,17 @@ def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_pre
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["sampling"] == "predictive" and "posterior" in meta["sampling_meaning"]
     draws = np.load(out)
+    again, other = tmp_path / "again.npy", tmp_path / "other.npy"       # the draws are seeded
+    assert run_cli(work, "--predict", str(new), "--out", str(again), "--samples", "8").returncode == 0
+    assert run_cli(work, "--predict", str(new), "--out", str(other), "--samples", "8", "--seed", "1").returncode == 0
+    np.testing.assert_array_equal(np.load(again), draws)
+    assert not np.allclose(np.load(other), draws) and json.loads(other.with_suffix(".json").read_text())["seed"] == 1
     with np.load(meta["bands"]) as bands:
         assert set(bands.files) == {"mean", "std", "q05", "q25", "q50", "q75", "q95"}
         np.testing.assert_allclose(bands["mean"], draws.mean(axis=1), rtol=1e-5)
-        np.testing.assert_allclose(bands["q95"], np.percentile(draws, 95, axis=1), rtol=1e-5)
-        half = (bands["q75"] - bands["q25"]) / (np.percentile(draws, 75, axis=1) - np.percentile(draws, 25, axis=1))
-        np.testing.assert_allclose(np.median(half), summary["lc_band_scales"]["0.5"], rtol=1e-3)   # its own scale
+        for level, (lo, hi) in (("0.5", (25, 75)), ("0.9", (5, 95))):      # each band its own scale
+            half = (bands[f"q{hi}"] - bands[f"q{lo:02d}"]) / np.subtract(*np.percentile(draws, (hi, lo), axis=1))
+            np.testing.assert_allclose(np.median(half), bands_rel[level], rtol=1e-3)
         assert (bands["q05"] <= bands["q50"]).all() and (bands["q50"] <= bands["q95"]).all()
     # an input outside the training range: one warning line, a flag, and a wider spread
     rows = np.loadtxt(work / "input_data/params.csv", delimiter=",")[:1].repeat(2, axis=0)
@@ -136,8 +143,10 @@ def test_the_difficulty_model_widens_each_runs_spread_by_its_predicted_error(tra
     from modules.surrogate import Surrogate
     surrogate = Surrogate.load(Paths(trained[0]), torch.device("cpu"))
     x = surrogate.prepare(np.loadtxt(trained[0] / "input_data/params.csv", delimiter=",")[:4])
+    from modules.train_conditioner import DIFFICULTY_NOISE
     d = surrogate.conditioner.difficulty(x).numpy()
     assert (d > 0).all() and len(set(d.round(12))) == 4
+    assert float(surrogate.conditioner.difficulty_noise[0]) >= DIFFICULTY_NOISE * (1 - 1e-9)   # never interpolating
     spreads = []
     for on in (1.0, 0.0):
         surrogate.conditioner.difficulty_on.fill_(on)
