@@ -231,6 +231,11 @@ class ConditionerConfig:
     gp_difficulty: bool = _key(True,
                                help="GP conditioner: widen each prediction's spread by a GP of the training runs' "
                                     "leave-one-out errors (README, \"Uncertainty\"); 0: the latents' posterior alone")
+    gp_refit_basis: bool = _key(True,
+                                help="GP conditioner, VAE with a linear path (linear_modes > 0): once validated, refit "
+                                     "that POD path on every training run, validation runs too, for the saved model, "
+                                     "as the GP is refitted (README, \"Accuracy\"); 0: keep the VAE's, fitted on its "
+                                     "training split")
     gp_draw_scale: str = _key("crps", choices=("crps", "band90"),
                               help="GP conditioner: spread the predictive draws by the factor that minimises their "
                                    "CRPS on the validation runs (crps; the bands file carries each band's coverage "

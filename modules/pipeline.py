@@ -276,8 +276,7 @@ def _vae_stage(ctx: RunContext, store: FieldStore, train_idx, val_idx, figures: 
     trainer.fit()
     model = trainer.best_module()
     if ctx.dist.is_main:
-        recon_iter = 0 if cfg.vae.latent_target == "mu" else cfg.vae.Recon_iter
-        latents = extract_latents(model, store, recon_iter, max(cfg.vae.Batch_size, 1))
+        latents = extract_latents(model, store, _recon_iter(cfg), max(cfg.vae.Batch_size, 1))
         save_latents(ctx.paths.latents, latents)
         history = trainer.history
         summary.update({
@@ -303,6 +302,11 @@ def _vae_stage(ctx: RunContext, store: FieldStore, train_idx, val_idx, figures: 
     return load_npz(ctx.paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
 
 
+def _recon_iter(cfg: Config) -> int:
+    """Draws per run when extracting the latents: 0 takes μ (`latent_target mu`)."""
+    return 0 if cfg.vae.latent_target == "mu" else cfg.vae.Recon_iter
+
+
 def _frozen_vae(ctx: RunContext) -> torch.nn.Module:
     """The saved VAE's exported weights, in eval mode and without gradients."""
     paths = ctx.paths
@@ -317,19 +321,31 @@ def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict
     from modules.surrogate import LatentDecoder, Surrogate
     from modules.train_conditioner import ConditionerData, ConditionerTrainer, evaluate_surrogate
     cfg, paths = ctx.cfg, ctx.paths
-    data = ConditionerData.build(inputs, latents["main"], latents["hierarchical"], ctx.device,
-                                 joint_targets=cfg.conditioner.lc_target_scaling == "joint",
-                                 feature_runs=train_idx if cfg.conditioner.uses_image_features else None)
+    def build(vae, main: np.ndarray, hier: np.ndarray):
+        """The conditioner's data and a maker of surrogates, for latents of `vae`."""
+        data = ConditionerData.build(inputs, main, hier, ctx.device,
+                                     joint_targets=cfg.conditioner.lc_target_scaling == "joint",
+                                     feature_runs=train_idx if cfg.conditioner.uses_image_features else None)
+        decoder = LatentDecoder(vae, data.main_scaler, data.hier_scaler, ctx.device)
+
+        def surrogate(module) -> Surrogate:
+            return Surrogate(module, decoder, store.scaler, data.input_scaler, cfg.conditioner.kind,
+                             cfg.conditioner.num_param, cfg.conditioner.param_data_type, ctx.device, {})
+        return data, surrogate
+
+    vae = _frozen_vae(ctx)
+    data, surrogate = build(vae, latents["main"], latents["hierarchical"])
     if ctx.dist.is_main:
         data.save_scalers(paths.conditioner_scalers)
-    decoder = LatentDecoder(_frozen_vae(ctx), data.main_scaler, data.hier_scaler, ctx.device)
-
-    def surrogate(module) -> Surrogate:
-        return Surrogate(module, decoder, store.scaler, data.input_scaler, cfg.conditioner.kind, cfg.conditioner.num_param,
-                         cfg.conditioner.param_data_type, ctx.device, {})
-
     if cfg.conditioner.uses_gp:
-        return _gp_conditioner_stage(ctx, data, surrogate, store, train_idx, val_idx, vae_run_id, figures)
+        final = None
+        if cfg.conditioner.gp_refit_basis and vae.linear is not None:
+            from modules.train_vae import extract_latents, refit_linear_path
+            final_vae = refit_linear_path(vae, store, np.arange(store.num_runs), cfg.run.seed)
+            fitted = extract_latents(final_vae, store, _recon_iter(cfg), max(cfg.vae.Batch_size, 1))
+            final = (final_vae, *build(final_vae, fitted.main, fitted.hierarchical))
+        return _gp_conditioner_stage(ctx, data, surrogate, store, train_idx, val_idx, vae_run_id, figures, final)
+    decoder = LatentDecoder(vae, data.main_scaler, data.hier_scaler, ctx.device)
     resume = ctx.resume and _belongs_to(paths.conditioner, "conditioner", vae_run_id)
     ctx_stage = _with_resume(ctx, resume)
     trainer = ConditionerTrainer(ctx_stage, data, train_idx, val_idx, vae_run_id=vae_run_id)
@@ -377,11 +393,14 @@ def _conditioner_report(evaluation: dict, module, data, val_idx: np.ndarray, fig
 
 
 def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, train_idx, val_idx, vae_run_id: str,
-                          figures: Figures) -> dict:
+                          figures: Figures, final_basis: tuple | None = None) -> dict:
     """`csv_conditioner gp` / `image_conditioner gp`. The validation numbers come from kernels fitted on, and a posterior
     conditioned on, the training runs only. The saved GP is then refitted on every run
     (training and validation), as a model is refitted on all its data once it is validated:
-    on the suite this cut the test error by 10-15 % (benchmarks/accuracy/NOTES.md, H10)."""
+    on the suite this cut the test error by 10-15 % (benchmarks/accuracy/NOTES.md, H10).
+    `final_basis` (the VAE with its linear path refitted on every run, its conditioner data and
+    surrogate maker; `gp_refit_basis`) does the same for the VAE's POD path: the saved GP is
+    conditioned on that VAE's latents, and the conditioner checkpoint carries the path (H22)."""
     from modules.gp import GPPosterior, fit_hyperparameters
     from modules.train_conditioner import (DIFFICULTY_VALUES, evaluate_surrogate, fit_difficulty, sample_positions,
                                           sampled_fields)
@@ -397,8 +416,10 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     held_out = dataclasses.replace(arch, num_runs=len(train_idx)).build()
     held_post = GPPosterior.condition(hyper, x[train_idx], y[train_idx])
     held_out.set_posterior(held_post)
-    saved = fit_hyperparameters(x, y, cfg.run.seed)
-    final_post = GPPosterior.condition(saved, x, y)
+    final_vae, final_data, final_surrogate = final_basis or (None, data, surrogate)
+    y_final = y if final_vae is None else torch.cat([final_data.main, final_data.hier.flatten(1)], 1).double().cpu().numpy()
+    saved = fit_hyperparameters(x, y_final, cfg.run.seed)
+    final_post = GPPosterior.condition(saved, x, y_final)
     final = arch.build().set_posterior(final_post)
     out: dict = {"conditioner": f"{cfg.conditioner.kind} (gp)", "lc_gp_length_scales": saved.length.tolist(),
                  "lc_gp_noise": saved.noise.tolist()}
@@ -410,7 +431,8 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
             values = sampled_fields(store, keep)
             module.set_difficulty(fit_difficulty(surrogate(module), held_post, y, values, keep, train_idx,
                                                  x[train_idx], seed)[0])
-            post, errors = fit_difficulty(surrogate(final), final_post, y, values, keep, np.arange(len(x)), x, seed)
+            post, errors = fit_difficulty(final_surrogate(final), final_post, y_final, values, keep, np.arange(len(x)),
+                                          x, seed)
             final.set_difficulty(post)
             out["lc_loo_rel_l2"] = {"mean": float(errors.mean()), "max": float(errors.max())}
         evaluation = evaluate_surrogate(surrogate(module), data, store, torch.as_tensor(train_idx),
@@ -425,7 +447,13 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
                                                **{f"val_{k}": cal[k] for k in ("coverage_50", "coverage_90", "crps") if k in cal}})
     seconds = time.perf_counter() - started
     split = {"train": torch.as_tensor(train_idx), "val": torch.as_tensor(val_idx)}
-    save_fitted(ctx, paths.conditioner, "conditioner", final, arch, {"vae_run_id": vae_run_id, "split": split}, seconds)
+    extra = {"vae_run_id": vae_run_id, "split": split}
+    if final_vae is not None:
+        extra["linear_path"] = {k: v.cpu() for k, v in final_vae.linear.state_dict().items()}
+        out["lc_refit_basis"] = True
+        if ctx.dist.is_main:
+            final_data.save_scalers(paths.conditioner_scalers)
+    save_fitted(ctx, paths.conditioner, "conditioner", final, arch, extra, seconds)
     if ctx.dist.is_main and paths.conditioner_e2e.exists():
         paths.conditioner_e2e.unlink()      # stale: it belongs to an earlier conditioner
     out["lc_seconds"] = seconds

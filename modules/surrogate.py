@@ -191,6 +191,12 @@ class Surrogate:
                             f"than {paths.vae} (run {vae_run}); retrain the conditioner with --lc_only=1.")
         vae = build_from_checkpoint(VAEArchitecture, vae_state, paths.vae, "VAE checkpoint", _TRAIN_HINT).to(device)
         load_model_state(vae, vae_state["export"], paths.vae, "VAE checkpoint", _TRAIN_HINT)
+        if cond_state["extra"].get("linear_path") is not None:      # the GP's: refitted on every run (gp_refit_basis)
+            if vae.linear is None:
+                raise UserError(f"{cond_path} carries a linear POD path, but the VAE in {paths.vae} has none; "
+                                f"retrain the conditioner with --lc_only=1.")
+            load_model_state(vae.linear, cond_state["extra"]["linear_path"], cond_path, "conditioner checkpoint",
+                             _TRAIN_HINT)
         conditioner = build_from_checkpoint(ConditionerArchitecture, cond_state, cond_path, "conditioner checkpoint",
                                             _TRAIN_HINT).to(device)
         arch = ConditionerArchitecture.from_stored(cond_state["architecture"])     # it built: it is valid

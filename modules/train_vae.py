@@ -1,6 +1,7 @@
 """Stage 1: train the hierarchical VAE, then extract every run's latents."""
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -59,6 +60,17 @@ def init_from_training_runs(model: HierarchicalVAE, store: FieldStore, runs: tor
         model.init_from_frame_basis(basis)
     if model.linear is not None:
         model.init_from_data(basis, (store.get(i).to(basis.device) for i in runs.split(8)))
+
+
+def refit_linear_path(model: HierarchicalVAE, store: FieldStore, runs, seed: int) -> HierarchicalVAE:
+    """A copy of `model` whose linear POD path is refitted on `runs` (their frame modes and run-level
+    POD); the networks are unchanged. The GP conditioner's saved model uses it with every
+    training run, validation runs included (`gp_refit_basis`, benchmarks/accuracy/NOTES.md H22)."""
+    final = copy.deepcopy(model)
+    runs = torch.as_tensor(runs)
+    basis = frame_basis(store, runs, final.linear.modes, seed).to(final.linear.frame.device)
+    final.linear.init_from_data(basis, (store.get(i).to(basis.device) for i in runs.split(8)))
+    return final
 
 
 class VAETrainer(StageTrainer):

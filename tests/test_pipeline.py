@@ -157,6 +157,35 @@ def test_the_difficulty_model_widens_each_runs_spread_by_its_predicted_error(tra
     np.testing.assert_allclose(spreads[0] ** 2, spreads[1] ** 2 + (c * d) ** 2, rtol=1e-4)
 
 
+def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switch_keeps_the_vaes(trained, tmp_path):
+    """gp_refit_basis 1 (default): the conditioner checkpoint carries the VAE's linear POD path refitted
+    on every run, validation runs included, and prediction decodes through it, so the validation runs
+    now lie in its span; gp_refit_basis 0 keeps the VAE's own path (fitted on its training split)."""
+    from modules.baseline import relative_l2
+    from modules.run import Paths
+    from modules.surrogate import Surrogate
+    work, _, summary, _ = trained
+    state = torch.load(work / "checkpoints/conditioner.pt", weights_only=True)
+    vae_frame = torch.load(work / "checkpoints/vae.pt", weights_only=True)["export"]["linear.frame"]
+    surrogate = Surrogate.load(Paths(work), torch.device("cpu"))
+    assert summary["lc_refit_basis"] is True
+    torch.testing.assert_close(surrogate.decoder.vae.linear.frame, state["extra"]["linear_path"]["frame"])
+    assert not torch.allclose(surrogate.decoder.vae.linear.frame.abs(), vae_frame.abs(), atol=1e-3)
+    val = state["extra"]["split"]["val"].numpy()
+    fields = np.load(work / "input_data/dataset1.npy")[val]
+    refit_error = relative_l2(surrogate.reconstruct(fields), fields).mean()
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy, ignore=shutil.ignore_patterns("runs"))
+    result = run_cli(copy, "--preset=1", "--plot=0", "--lc_only=1", "--set", "input_type=csvs",
+                     "--set", "param_dir=/input_data/params.csv", "--set", "gp_refit_basis=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = torch.load(copy / "checkpoints/conditioner.pt", weights_only=True)
+    assert "linear_path" not in kept["extra"]
+    own = Surrogate.load(Paths(copy), torch.device("cpu"))
+    torch.testing.assert_close(own.decoder.vae.linear.frame, vae_frame)
+    assert refit_error < relative_l2(own.reconstruct(fields), fields).mean()     # out of the VAE's span before
+
+
 def test_the_classical_baseline_is_fitted_on_the_training_runs_and_reported(trained):
     """summary.json holds POD + GPR's validation error beside the surrogate's and the mean
     field's, equal to fitting it here on the same split; the last line gives the verdict."""
