@@ -157,10 +157,12 @@ def test_the_difficulty_model_widens_each_runs_spread_by_its_predicted_error(tra
     np.testing.assert_allclose(spreads[0] ** 2, spreads[1] ** 2 + (c * d) ** 2, rtol=1e-4)
 
 
-def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switch_keeps_the_vaes(trained, tmp_path):
+def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switches_keep_the_earlier_ways(trained,
+                                                                                                         tmp_path):
     """gp_refit_basis 1 (default): the conditioner checkpoint carries the VAE's linear POD path refitted
     on every run, validation runs included, and prediction decodes through it, so the validation runs
-    now lie in its span; gp_refit_basis 0 keeps the VAE's own path (fitted on its training split)."""
+    now lie in its span; gp_refit_basis 0 keeps the VAE's own path (fitted on its training split).
+    gp_draw_scale band90 spreads the draws as the calibrated 90 % band (its relative scale 1)."""
     from modules.baseline import relative_l2
     from modules.run import Paths
     from modules.surrogate import Surrogate
@@ -177,8 +179,13 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switch_
     copy = tmp_path / "copy"
     shutil.copytree(work, copy, ignore=shutil.ignore_patterns("runs"))
     result = run_cli(copy, "--preset=1", "--plot=0", "--lc_only=1", "--set", "input_type=csvs",
-                     "--set", "param_dir=/input_data/params.csv", "--set", "gp_refit_basis=0")
+                     "--set", "param_dir=/input_data/params.csv", "--set", "gp_refit_basis=0",
+                     "--set", "gp_draw_scale=band90")
     assert result.returncode == 0, result.stderr[-3000:]
+    band90 = json.loads((sorted((copy / "runs").iterdir())[-1] / "summary.json").read_text())
+    assert band90["lc_band_scales"]["0.9"] == 1.0 and "lc_refit_basis" not in band90
+    assert abs(band90["calibration"]["coverage_90"] - 0.9) < 0.01
+    assert summary["lc_band_scales"]["0.9"] != 1.0      # the default's draws are spread for their CRPS
     kept = torch.load(copy / "checkpoints/conditioner.pt", weights_only=True)
     assert "linear_path" not in kept["extra"]
     own = Surrogate.load(Paths(copy), torch.device("cpu"))
