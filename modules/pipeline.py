@@ -331,21 +331,20 @@ def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict
         def surrogate(module) -> Surrogate:
             return Surrogate(module, decoder, store.scaler, data.input_scaler, cfg.conditioner.kind,
                              cfg.conditioner.num_param, cfg.conditioner.param_data_type, ctx.device, {})
-        return data, surrogate
+        return data, decoder, surrogate
 
     vae = _frozen_vae(ctx)
-    data, surrogate = build(vae, latents["main"], latents["hierarchical"])
-    if ctx.dist.is_main:
-        data.save_scalers(paths.conditioner_scalers)
+    data, decoder, surrogate = build(vae, latents["main"], latents["hierarchical"])
     if cfg.conditioner.uses_gp:
         final = None
         if cfg.conditioner.gp_refit_basis and vae.linear is not None:
             from modules.train_vae import extract_latents, refit_linear_path
             final_vae = refit_linear_path(vae, store, np.arange(store.num_runs), cfg.run.seed)
             fitted = extract_latents(final_vae, store, _recon_iter(cfg), max(cfg.vae.Batch_size, 1))
-            final = (final_vae, *build(final_vae, fitted.main, fitted.hierarchical))
+            final = build(final_vae, fitted.main, fitted.hierarchical)
         return _gp_conditioner_stage(ctx, data, surrogate, store, train_idx, val_idx, vae_run_id, figures, final)
-    decoder = LatentDecoder(vae, data.main_scaler, data.hier_scaler, ctx.device)
+    if ctx.dist.is_main:
+        data.save_scalers(paths.conditioner_scalers)
     resume = ctx.resume and _belongs_to(paths.conditioner, "conditioner", vae_run_id)
     ctx_stage = _with_resume(ctx, resume)
     trainer = ConditionerTrainer(ctx_stage, data, train_idx, val_idx, vae_run_id=vae_run_id)
@@ -398,9 +397,10 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     conditioned on, the training runs only. The saved GP is then refitted on every run
     (training and validation), as a model is refitted on all its data once it is validated:
     on the suite this cut the test error by 10-15 % (benchmarks/accuracy/NOTES.md, H10).
-    `final_basis` (the VAE with its linear path refitted on every run, its conditioner data and
-    surrogate maker; `gp_refit_basis`) does the same for the VAE's POD path: the saved GP is
-    conditioned on that VAE's latents, and the conditioner checkpoint carries the path (H22)."""
+    `final_basis` (the conditioner data, decoder and surrogate maker of the VAE with its linear path
+    refitted on every run; `gp_refit_basis`) does the same for the VAE's POD path: the saved GP is
+    conditioned on that VAE's latents, the saved scalers are theirs, and the conditioner
+    checkpoint carries the path (H22)."""
     from modules.gp import GPPosterior, fit_hyperparameters
     from modules.train_conditioner import (DIFFICULTY_VALUES, evaluate_surrogate, fit_difficulty, sample_positions,
                                           sampled_fields)
@@ -409,15 +409,18 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
         log.warning("use_e2e_training 1 has no effect with the GP conditioner (it has nothing to fine-tune)")
     started = time.perf_counter()
     x = data.inputs.double().cpu().numpy()
-    y = torch.cat([data.main, data.hier.flatten(1)], 1).double().cpu().numpy()
+    def targets(d) -> np.ndarray:
+        return torch.cat([d.main, d.hier.flatten(1)], 1).double().cpu().numpy()
+
+    y = targets(data)
     train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
     hyper = fit_hyperparameters(x[train_idx], y[train_idx], cfg.run.seed)
     arch = ctx.conditioner_architecture()
     held_out = dataclasses.replace(arch, num_runs=len(train_idx)).build()
     held_post = GPPosterior.condition(hyper, x[train_idx], y[train_idx])
     held_out.set_posterior(held_post)
-    final_vae, final_data, final_surrogate = final_basis or (None, data, surrogate)
-    y_final = y if final_vae is None else torch.cat([final_data.main, final_data.hier.flatten(1)], 1).double().cpu().numpy()
+    final_data, final_decoder, final_surrogate = final_basis or (data, None, surrogate)
+    y_final = y if final_basis is None else targets(final_data)
     saved = fit_hyperparameters(x, y_final, cfg.run.seed)
     final_post = GPPosterior.condition(saved, x, y_final)
     final = arch.build().set_posterior(final_post)
@@ -448,11 +451,11 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     seconds = time.perf_counter() - started
     split = {"train": torch.as_tensor(train_idx), "val": torch.as_tensor(val_idx)}
     extra = {"vae_run_id": vae_run_id, "split": split}
-    if final_vae is not None:
-        extra["linear_path"] = {k: v.cpu() for k, v in final_vae.linear.state_dict().items()}
+    if final_decoder is not None:
+        extra["linear_path"] = {k: v.cpu() for k, v in final_decoder.vae.linear.state_dict().items()}
         out["lc_refit_basis"] = True
-        if ctx.dist.is_main:
-            final_data.save_scalers(paths.conditioner_scalers)
+    if ctx.dist.is_main:
+        final_data.save_scalers(paths.conditioner_scalers)
     save_fitted(ctx, paths.conditioner, "conditioner", final, arch, extra, seconds)
     if ctx.dist.is_main and paths.conditioner_e2e.exists():
         paths.conditioner_e2e.unlink()      # stale: it belongs to an earlier conditioner
