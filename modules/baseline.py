@@ -10,8 +10,8 @@ A surrogate is worth training only if it beats these (benchmarks/accuracy/):
     POD floor    the test fields projected onto the training modes: no regression error,
                  the best any method restricted to those modes can do.
 
-Pictures enter through a few simple features (modules/cond_inputs.py, `ImageFeatures`):
-intensity moments and a small principal-component summary of the downsampled picture.
+Pictures enter through a few features (modules/cond_inputs.py, `ImageFeatures`): moments of
+the intensity and of the drawn shape, and a small principal-component summary.
 """
 from __future__ import annotations
 
@@ -80,8 +80,14 @@ def loo_projection_errors(gram: np.ndarray, modes: int) -> np.ndarray:
 
 
 def _rbf_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
+    """Thin-plate spline in the span of the training inputs: rotating onto their principal axes keeps
+    every distance, and dropping the axes without spread keeps its linear term solvable when inputs
+    are collinear (picture features of black-and-white shapes, a duplicated CSV column)."""
     from scipy.interpolate import RBFInterpolator
-    return RBFInterpolator(x_train, y_train, kernel="thin_plate_spline")(x_test)
+    centre = x_train.mean(axis=0)
+    _, s, vt = np.linalg.svd(x_train - centre, full_matrices=False)
+    axes = vt[s > 1e-9 * max(s[0], 1e-300)].T
+    return RBFInterpolator((x_train - centre) @ axes, y_train, kernel="thin_plate_spline")((x_test - centre) @ axes)
 
 
 @dataclass(frozen=True)

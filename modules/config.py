@@ -226,7 +226,7 @@ class ConditionerConfig:
                                      "seconds; README, \"Recipes\") or the original's MLP")
     image_conditioner: str = _key("gp", choices=("gp", "network"),
                                   help="input_type image / image_vit: one Gaussian process per latent value on simple "
-                                       "picture features (intensity moments, principal components; README, \"Recipes\") "
+                                       "picture features (moments of the intensity and of the drawn shape; README, \"Recipes\") "
                                        "or the original's network (CNN for image, ViT for image_vit)")
     gp_difficulty: bool = _key(True,
                                help="GP conditioner: widen each prediction's spread by a GP of the training runs' "

@@ -214,7 +214,7 @@ class Surrogate:
         domain = None                        # files of earlier versions lack the runs: the range check only
         if input_scaler is not None:
             domain = InputDomain(input_scaler.data_min, input_scaler.data_max, scalers.get("domain_runs"))
-        features = (ImageFeatures.from_state_dict(_prefixed(scalers, "features_"))
+        features = (ImageFeatures.from_state_dict(_prefixed(scalers, "features_"), str(paths.conditioner_scalers))
                     if "features_modes" in scalers else None)
         if arch.model == "gp" and arch.input_type != "csvs" and (features is None or input_scaler is None):
             raise UserError(f"{paths.conditioner_scalers} lacks the picture-feature basis of the GP conditioner in "

@@ -47,21 +47,88 @@ def test_pod_gpr_and_rbf_learn_a_smooth_family_far_better_than_the_mean():
     assert shuffled.mean("pod_gpr") > 5 * gpr
 
 
-def test_image_features_see_where_a_disc_is_and_how_bright():
-    size = 64
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    centres = np.random.default_rng(2).uniform(0.25, 0.75, (12, 2))
-    grey = np.linspace(0.3, 1.0, 12)
-    images = np.stack([g * ((xx - cx) ** 2 + (yy - cy) ** 2 < 0.01) for (cx, cy), g in zip(centres, grey)])
-    feats = ImageFeatures.fit(images.astype(np.float32), np.arange(10)).transform(images.astype(np.float32))
-    assert feats.shape == (12, 6 + 4)
-    np.testing.assert_allclose(feats[:, 1], centres[:, 0], atol=0.01)   # centroid x
-    np.testing.assert_allclose(feats[:, 2], centres[:, 1], atol=0.01)   # centroid y
-    assert np.corrcoef(feats[:, 0], grey)[0, 1] > 0.99                  # total intensity follows the grey level
+def discs(centres, radii, greys, size=128, strip_greys=None):
+    """Anti-aliased discs on black in a fixed white frame; optionally a fixed strip whose grey varies."""
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    images = []
+    for i, ((cx, cy), r, g) in enumerate(zip(centres, radii, greys)):
+        inside = np.clip(0.5 - (np.hypot(xx - cx, yy - cy) - r) * size, 0, 1)
+        img = g * inside
+        if strip_greys is not None:
+            img[80:112, 6:10] = strip_greys[i]
+        img[:2], img[-2:], img[:, :2], img[:, -2:] = 1.0, 1.0, 1.0, 1.0
+        images.append(img)
+    return np.stack(images).astype(np.float32)
+
+
+def test_image_features_keep_where_a_shape_is_apart_from_how_bright_it_is():
+    """The frame (the same in every picture) is dropped; the same disc drawn in another grey level
+    keeps its shape's moments, and its intensity scales with the grey level."""
+    rng = np.random.default_rng(2)
+    centres, radii, greys = rng.uniform(0.3, 0.7, (12, 2)), rng.uniform(0.08, 0.16, 12), rng.uniform(0.3, 1.0, 12)
+    images = discs(centres, radii, greys)
+    features = ImageFeatures.fit(images, np.arange(10))
+    feats = features.transform(images)
+    assert feats.shape == (12, ImageFeatures.count(10)) == (12, 15)
+    name = {n: i for i, n in enumerate(features.names())}
+    for prefix in ("intensity ", "shape "):
+        np.testing.assert_allclose(feats[:, name[prefix + "centroid x"]], centres[:, 0], atol=2e-3)
+        np.testing.assert_allclose(feats[:, name[prefix + "centroid y"]], centres[:, 1], atol=2e-3)
+    np.testing.assert_allclose(feats[:, name["intensity spread in x"]], radii ** 2 / 4, rtol=0.05)
+    np.testing.assert_allclose(feats[:, name["total intensity"]], greys * np.pi * radii ** 2, rtol=0.03)
+    assert np.corrcoef(feats[:, name["shape area"]], radii ** 2)[0, 1] > 0.999
+    # the same discs in another grey level
+    other = rng.uniform(0.3, 1.0, 12)
+    again = features.transform(discs(centres, radii, other))
+    for n in ("shape area", "shape spread in x", "shape spread in y"):      # only anti-aliased edge pixels move
+        np.testing.assert_allclose(again[:, name[n]], feats[:, name[n]], rtol=0.05)
+    for n in ("shape centroid x", "shape centroid y"):
+        np.testing.assert_allclose(again[:, name[n]], feats[:, name[n]], atol=2e-3)
+    np.testing.assert_allclose(again[:, name["total intensity"]] / feats[:, name["total intensity"]],
+                               other / greys, rtol=1e-5)
+    np.testing.assert_allclose(again[:, name["mean intensity over the shape"]] / other,
+                               feats[:, name["mean intensity over the shape"]] / greys, rtol=0.02)
+
+
+def test_image_features_read_black_on_white_as_white_on_black_and_ignore_fixed_parts():
+    rng = np.random.default_rng(7)
+    centres, radii, greys = rng.uniform(0.3, 0.7, (12, 2)), rng.uniform(0.08, 0.16, 12), rng.uniform(0.3, 1.0, 12)
+    plain = discs(centres, radii, greys)
+    train = np.arange(10)
+    reference = ImageFeatures.fit(plain, train).transform(plain)
+    inverted = 1.0 - plain
+    flipped = ImageFeatures.fit(inverted, train).transform(inverted)
+    moments = ImageFeatures.count(10, components=0)
+    np.testing.assert_allclose(flipped[:, :moments], reference[:, :moments], atol=1e-6)
+    np.testing.assert_allclose(np.abs(flipped[:, moments:]), np.abs(reference[:, moments:]), atol=1e-5)  # PCA's sign
+    # a part drawn in the same place in every picture, in a grey that varies: the shape's moments
+    # stay the disc's, the intensity counts the part
+    strips = rng.uniform(0.4, 0.9, 12)
+    marked = discs(centres, radii, greys, strip_greys=strips)
+    features = ImageFeatures.fit(marked, train)
+    feats = features.transform(marked)
+    shape = [i for i, n in enumerate(features.names()) if n.startswith("shape") or n.startswith("mean intensity")]
+    np.testing.assert_allclose(feats[:, shape], reference[:, shape], atol=1e-6)
+    total = features.names().index("total intensity")
+    np.testing.assert_allclose(feats[:, total] - reference[:, total], strips * 128 / 128 ** 2, rtol=1e-5)
+
+
+def test_image_features_refuse_other_sizes_and_an_earlier_version():
+    from modules.errors import UserError
+    images = discs(np.full((4, 2), 0.5), np.linspace(0.1, 0.15, 4), np.ones(4))
+    features = ImageFeatures.fit(images, np.arange(4))
+    with pytest.raises(UserError, match="64×64 pixels, but .* fitted on 128×128"):
+        features.transform(images[:, ::2, ::2])
+    old = {k: v for k, v in features.state_dict().items() if k in ("mean", "modes")}
+    with pytest.raises(UserError, match="scalers.npz holds picture features of an earlier version"):
+        ImageFeatures.from_state_dict(old, "scalers.npz")
+    again = ImageFeatures.from_state_dict(features.state_dict(), "scalers.npz")
+    np.testing.assert_array_equal(again.transform(images), features.transform(images))
 
 
 def test_pod_gpr_on_picture_features_learns_a_geometry_driven_field():
-    """Pictures of a disc whose position sets the field: the features carry it to the GPR."""
+    """Pictures of a disc whose position sets the field: the features carry it to the GPR. The discs
+    are black and white, so their intensity and shape moments coincide: POD + RBF must still solve."""
     rng = np.random.default_rng(3)
     size = 48
     yy, xx = np.mgrid[0:size, 0:size] / size
@@ -73,6 +140,7 @@ def test_pod_gpr_on_picture_features_learns_a_geometry_driven_field():
     feats = ImageFeatures.fit(images, train).transform(images)
     result = classical_baselines(fields[train], fields[test], feats[train], feats[test])
     assert result.mean("pod_gpr") < 0.3 * result.mean("mean")
+    assert result.mean("pod_rbf") < 0.5 * result.mean("mean")
 
 
 @pytest.mark.parametrize("energy", [0.9, 0.999])
@@ -99,3 +167,4 @@ def test_leave_one_out_projection_errors_equal_a_pod_of_the_other_runs():
     assert (more < errors).all()                                        # more modes, less left out
     every = loo_projection_errors(flat @ flat.T, 40)                    # more modes than the others span
     assert np.isfinite(every).all() and (every <= more).all() and (every > 0).all()
+

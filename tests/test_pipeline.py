@@ -256,7 +256,7 @@ def test_gp_on_picture_features_is_the_picture_default_calibrated_and_flags_stra
     assert summary["conditioner"] == "image (gp)" and summary["baseline_inputs"] == "picture features"
     assert summary["lc_val_rel_l2"] < 0.5 * summary["baseline_mean_field_rel_l2"]
     assert abs(summary["calibration"]["coverage_90"] - 0.9) < 0.01
-    assert len(summary["lc_gp_length_scales"][0]) == 10                      # 6 moments + 4 components
+    assert len(summary["lc_gp_length_scales"][0]) == 15                      # 13 moments + 2 components
     pictures = tmp_path / "new"
     pictures.mkdir()
     for name in ("1.png", "2.png"):
