@@ -234,7 +234,7 @@ class ImageFeatures:
         the leading principal components of the 32×32 downsample (what the moments miss).
     Moments of the whole picture alone mix a shape's size with its grey level and with the fixed
     drawing around it: the GP on them was 2.3× (heat_inclusion) and 1.8× (demo) POD + GPR on the
-    parameters, on these 1.2× and 1.0× (benchmarks/accuracy/NOTES.md, H23).
+    parameters, on these 1.03× and 0.96× (benchmarks/accuracy/NOTES.md, H23).
 
     They are what the GP picture conditioner (`image_conditioner gp`) and the classical baseline
     read, and what the input-range check compares new pictures by. Own code, not a library: the
@@ -266,12 +266,14 @@ class ImageFeatures:
         train = np.sort(np.asarray(train_idx))
         levels = np.zeros(256, np.int64)
         low, high = np.full(images.shape[1:], np.inf), np.full(images.shape[1:], -np.inf)
+        small = []
         for chunk in cls._chunks(images, train):
             levels += np.bincount(np.round(chunk * 255).astype(np.int64).ravel(), minlength=256)[:256]
             low, high = np.minimum(low, chunk.min(axis=0)), np.maximum(high, chunk.max(axis=0))
+            small.append(cls._downsample(chunk))
         background = levels.argmax() / 255.0
         fixed_ink = (high - low < cls.FIXED) & (np.abs(low - background) >= cls.FIXED)
-        small = cls._downsample(images)[train]
+        small = np.concatenate(small)
         pca = PCA(n_components=min(components, len(small) - 1), svd_solver="full").fit(small)
         no_shape = cls(pca.mean_, pca.components_, background, fixed_ink, np.zeros(images.shape[1:], bool))
         touched = np.ones(images.shape[1:], bool)
@@ -288,7 +290,7 @@ class ImageFeatures:
     def _downsample(cls, images: np.ndarray) -> np.ndarray:
         n, h, w = images.shape
         fy, fx = max(1, h // cls.GRID), max(1, w // cls.GRID)
-        img = np.asarray(images, np.float64)[:, :h // fy * fy, :w // fx * fx]
+        img = images[:, :h // fy * fy, :w // fx * fx]
         return img.reshape(n, h // fy, fy, w // fx, fx).mean(axis=(2, 4)).reshape(n, -1)
 
     def _ink(self, img: np.ndarray) -> np.ndarray:
@@ -322,8 +324,9 @@ class ImageFeatures:
             ink = self._ink(chunk)
             shape = np.where(self.fixed_shape, 0.0, self._shape(ink))
             level = (ink * shape).sum(axis=(1, 2)) / np.maximum(shape.sum(axis=(1, 2)), 1e-12)
-            rows.append(np.column_stack(self._moments(ink) + self._moments(shape) + [level]))
-        return np.column_stack([np.concatenate(rows), (self._downsample(images) - self.mean) @ self.modes.T])
+            components = (self._downsample(chunk) - self.mean) @ self.modes.T
+            rows.append(np.column_stack(self._moments(ink) + self._moments(shape) + [level, components]))
+        return np.concatenate(rows)
 
     def names(self) -> list[str]:
         """What each feature is, for messages."""

@@ -30,7 +30,7 @@ DATA = Path(__file__).resolve().parent / "data"
 def whole_picture_features(images: np.ndarray, train: np.ndarray) -> np.ndarray:
     """H15's features: intensity moments of the whole picture and 4 principal components."""
     features = ImageFeatures.fit(images, train, components=4)
-    components = (ImageFeatures._downsample(images) - features.mean) @ features.modes.T
+    components = (ImageFeatures._downsample(np.asarray(images, np.float64)) - features.mean) @ features.modes.T
     return np.column_stack(ImageFeatures._moments(np.asarray(images, np.float64)) + [components])
 
 
