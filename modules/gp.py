@@ -31,17 +31,23 @@ class GPHyper:
 
 def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int = 2,
                         min_noise: float = 1e-10) -> GPHyper:
-    """Maximum-marginal-likelihood kernels, one per column of y (n, m), on inputs x (n, d)
-    scaled to a unit-size box; the white noise is at least `min_noise` of each standardised column. Each column's optimiser starts from the default kernel (with
-    random restarts for the leading columns) and, separately, from the previous column's
-    optimum; the start with the higher marginal likelihood wins. Neighbouring latent or POD
-    columns vary on similar scales, so the warm start often finds the better optimum, but
-    alone it carries one column's poor optimum on to all the rest (benchmarks/accuracy/NOTES.md)."""
+    """Maximum-marginal-likelihood kernels, one per column of y (n, m), on inputs x (n, d); the
+    white noise is at least `min_noise` of each standardised column. The optimiser works on x
+    divided by each column's range, so its starts and bounds, and the kernels it finds, do not
+    depend on how the caller scaled the inputs (NOTES H25). Each column's optimiser starts from
+    the default kernel (with random restarts for the leading columns) and, separately, from the
+    previous column's optimum; the start with the higher marginal likelihood wins. Neighbouring
+    latent or POD columns vary on similar scales, so the warm start often finds the better
+    optimum, but alone it carries one column's poor optimum on to all the rest
+    (benchmarks/accuracy/NOTES.md)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
     d, m = x.shape[1], y.shape[1]
+    span = np.ptp(x, axis=0)
+    span = np.where(span > 0, span, 1.0)
+    x = x / span
     amp, length, noise = np.empty(m), np.empty((m, d)), np.empty(m)
     default = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(d), (1e-2, 1e3))
                + WhiteKernel(max(1e-4, min_noise), (min_noise, 1e0)))
@@ -61,7 +67,7 @@ def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int =
         amp[j] = previous.k1.k1.constant_value
         length[j] = np.broadcast_to(previous.k1.k2.length_scale, (d,))
         noise[j] = previous.k2.noise_level
-    return GPHyper(amp, length, noise)
+    return GPHyper(amp, length * span, noise)
 
 
 @dataclass(frozen=True)

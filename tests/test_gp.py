@@ -119,3 +119,20 @@ def test_difficulty_model_is_off_until_set_and_then_predicts_the_exponentiated_g
     fresh.load_state_dict(fresh.with_difficulty_defaults(old))          # a checkpoint from before the model
     assert torch.equal(fresh.difficulty(x_new), torch.zeros(5, dtype=torch.float64))
     assert torch.equal(fresh.predict(x_new)[0], gp.predict(x_new)[0])
+
+
+def test_the_fit_does_not_depend_on_how_the_inputs_are_scaled():
+    """The optimiser works in the inputs' own box: inputs in other units (here a thousandth, below
+    the kernel's length-scale bound if taken as they are) give the same kernels, in those units,
+    and the same predictions."""
+    rng = np.random.default_rng(4)
+    x, x_new = rng.uniform(size=(40, 2)), rng.uniform(0.1, 0.9, size=(20, 2))
+    y = smooth(x)[:, None]
+    hyper = fit_hyperparameters(x, y, seed=0)
+    small = fit_hyperparameters(x * 1e-3 - 2.0, y, seed=0)
+    np.testing.assert_allclose(small.length, hyper.length * 1e-3, rtol=0.01)     # the optimiser's tolerance
+    mean, std = GPPosterior.condition(hyper, x, y).predict(x_new)
+    mean_small, std_small = GPPosterior.condition(small, x * 1e-3 - 2.0, y).predict(x_new * 1e-3 - 2.0)
+    np.testing.assert_allclose(mean_small, mean, atol=1e-4 * np.ptp(y))
+    np.testing.assert_allclose(std_small, std, rtol=0.05, atol=1e-4 * np.ptp(y))
+    assert np.abs(mean[:, 0] - smooth(x_new)).max() < 0.05 * np.ptp(smooth(x_new))
