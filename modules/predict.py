@@ -55,11 +55,17 @@ SAMPLING_MEANING = {
 def band_arrays(samples: np.ndarray, centre: np.ndarray, band_scales: dict[float, float]) -> dict[str, np.ndarray]:
     """(n, K, T, N) samples → mean, std, median and the 50 % and 90 % bands' edges, (n, T, N)
     float32 each; each band widened about the point prediction `centre` by its calibrated
-    scale (modules/calibration.py; 1 where there is none)."""
+    scale (modules/calibration.py; 1 where there is none). Two scales about the point
+    prediction, and a median of few draws on the other side of it, can cross the edges; they
+    are put back in order (monotone rearrangement), so the 90 % band holds the 50 % band and
+    both hold the median."""
     from modules.calibration import calibrated_band
     out = {"mean": samples.mean(axis=1), "std": samples.std(axis=1), "q50": np.median(samples, axis=1)}
     for level, (lo, hi) in ((0.5, ("q25", "q75")), (0.9, ("q05", "q95"))):
         out[lo], out[hi] = calibrated_band(samples, centre, level, band_scales.get(level, 1.0))
+    edges = ("q05", "q25", "q50", "q75", "q95")
+    for name, value in zip(edges, np.sort(np.stack([out[e] for e in edges]), axis=0)):
+        out[name] = value
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 

@@ -97,3 +97,21 @@ def test_widen_adds_the_difficulty_to_each_runs_relative_spread_in_quadrature():
     np.testing.assert_allclose(out[0], centre[0] + 1.5 * (samples[0] - centre[0]), rtol=1e-12)
     flat = centre[:, None].repeat(3, 1)
     np.testing.assert_array_equal(widen(flat, centre, difficulty), flat)        # no spread: nothing to widen
+
+
+def test_band_edges_stay_in_order_when_the_two_bands_scales_and_the_median_disagree():
+    """A 90 % band narrowed about the point prediction while the draws' median lies to one side
+    of it: the edges are put back in order, so the 90 % band holds the 50 % band and the median."""
+    from modules.predict import band_arrays
+    rng = np.random.default_rng(11)
+    centre = np.zeros((2, 3, 4))
+    samples = rng.normal(-0.8, 1.0, size=(2, 8, 3, 4))            # median well below the point prediction
+    bands = band_arrays(samples, centre, {0.5: 1.0, 0.9: 0.3})
+    order = np.stack([bands[k] for k in ("q05", "q25", "q50", "q75", "q95")])
+    assert (np.diff(order, axis=0) >= 0).all()
+    scale = {5: 0.3, 25: 1.0, 75: 1.0, 95: 0.3}
+    raw = [centre + scale[q] * (np.percentile(samples, q, axis=1) - centre) for q in (5, 25)]
+    raw += [np.median(samples, axis=1)]
+    raw += [centre + scale[q] * (np.percentile(samples, q, axis=1) - centre) for q in (75, 95)]
+    assert (raw[0] > raw[2]).any()                                    # the case the rearrangement repairs
+    np.testing.assert_allclose(order, np.sort(np.stack(raw), axis=0), rtol=1e-5, atol=1e-6)   # the same values
