@@ -23,7 +23,7 @@ from modules.cond_inputs import MinMaxScaler
 from modules.gp import fit_predict as gp_fit_predict
 
 ENERGY = 0.999           # POD modes kept: the smallest number holding this fraction of the variance (the issue's
-                         # definition; more modes gain only where this keeps few, e.g. the demo: NOTES H0)
+                         # definition; more modes gain only where this keeps few, e.g. the demo: NOTES H0b)
 BASELINE_MAX_BYTES = 2 * 2**30      # the in-run baselines' limit: the training fields are held in float64 for the SVD
 
 

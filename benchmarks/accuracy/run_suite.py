@@ -40,7 +40,7 @@ from problems import PROBLEMS, generate  # noqa: E402
 
 ROUTES = ("csvs", "image", "image_vit")
 SAMPLES = 16            # --samples of the calibration measurement
-FINE_ENERGY = 0.99999   # a second POD + GPR that keeps more modes: the strongest of the variants measured (NOTES H0)
+FINE_ENERGY = 0.99999   # a second POD + GPR that keeps more modes: the strongest of the variants measured (NOTES H0b)
 DATA_KEYS = ("Dim1", "Dim2", "Dim3", "Dim2_red", "Dim3_red", "n_sample", "num_param", "param_dir", "input_type")
 
 
