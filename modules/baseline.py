@@ -83,7 +83,8 @@ def loo_projection_errors(gram: np.ndarray, modes: int) -> np.ndarray:
 def _rbf_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
     """Thin-plate spline in the span of the training inputs: rotating onto their principal axes keeps
     every distance, and dropping the axes without spread keeps its linear term solvable when inputs
-    are collinear (picture features of black-and-white shapes, a duplicated CSV column)."""
+    are collinear (picture features of black-and-white shapes: their intensity and shape moments
+    coincide)."""
     from scipy.interpolate import RBFInterpolator
     centre = x_train.mean(axis=0)
     _, s, vt = np.linalg.svd(x_train - centre, full_matrices=False)

@@ -321,11 +321,10 @@ def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict
     from modules.surrogate import LatentDecoder, Surrogate
     from modules.train_conditioner import ConditionerData, ConditionerTrainer, evaluate_surrogate
     cfg, paths = ctx.cfg, ctx.paths
-    def build(vae, main: np.ndarray, hier: np.ndarray):
-        """The conditioner's data and a maker of surrogates, for latents of `vae`."""
-        data = ConditionerData.build(inputs, main, hier, ctx.device,
-                                     joint_targets=cfg.conditioner.lc_target_scaling == "joint",
-                                     feature_runs=train_idx if cfg.conditioner.uses_image_features else None)
+    joint = cfg.conditioner.lc_target_scaling == "joint"
+
+    def with_decoder(vae, data: ConditionerData):
+        """The conditioner's data with a decoder of `vae` and a maker of surrogates."""
         decoder = LatentDecoder(vae, data.main_scaler, data.hier_scaler, ctx.device)
 
         def surrogate(module) -> Surrogate:
@@ -334,14 +333,16 @@ def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict
         return data, decoder, surrogate
 
     vae = _frozen_vae(ctx)
-    data, decoder, surrogate = build(vae, latents["main"], latents["hierarchical"])
+    data, decoder, surrogate = with_decoder(vae, ConditionerData.build(
+        inputs, latents["main"], latents["hierarchical"], ctx.device, joint_targets=joint,
+        feature_runs=train_idx if cfg.conditioner.uses_image_features else None))
     if cfg.conditioner.uses_gp:
         final = None
         if cfg.conditioner.gp_refit_basis and vae.linear is not None:
             from modules.train_vae import extract_latents, refit_linear_path
             final_vae = refit_linear_path(vae, store, np.arange(store.num_runs), cfg.run.seed)
             fitted = extract_latents(final_vae, store, _recon_iter(cfg), max(cfg.vae.Batch_size, 1))
-            final = build(final_vae, fitted.main, fitted.hierarchical)
+            final = with_decoder(final_vae, data.with_latents(fitted.main, fitted.hierarchical, joint))
         return _gp_conditioner_stage(ctx, data, surrogate, store, train_idx, val_idx, vae_run_id, figures, final)
     if ctx.dist.is_main:
         data.save_scalers(paths.conditioner_scalers)

@@ -3,6 +3,7 @@ optionally fine-tune it end to end through the frozen VAE decoder, and evaluate 
 whole surrogate on the validation runs in physical units."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,14 @@ def read_conditioner_inputs(cfg, workdir: Path) -> ConditionerInputs:
     return ConditionerInputs(load_images(files, IMAGE_SIZE), [str(f) for f in files])
 
 
+def _scaled_targets(main: np.ndarray, hier: np.ndarray, joint: bool, device: torch.device):
+    """Latents → their min-max scaled tensors on `device` and the two scalers."""
+    main_scaler = MinMaxScaler().fit(main, joint=joint)
+    hier_scaler = MinMaxScaler().fit(hier, joint=joint)
+    return (torch.from_numpy(main_scaler.transform(main)).to(device),
+            torch.from_numpy(hier_scaler.transform(hier)).to(device), main_scaler, hier_scaler)
+
+
 @dataclass
 class ConditionerData:
     inputs: torch.Tensor             # model-ready inputs (P, F) or (P, 1, 256, 256), on the device
@@ -67,11 +76,16 @@ class ConditionerData:
             x = torch.from_numpy(input_scaler.transform(raw))
         else:
             x = torch.from_numpy(raw).unsqueeze(1)                       # (P, 1, H, W)
-        main_scaler = MinMaxScaler().fit(main, joint=joint_targets)
-        hier_scaler = MinMaxScaler().fit(hier, joint=joint_targets)
-        return cls(x.to(device), torch.from_numpy(main_scaler.transform(main)).to(device),
-                   torch.from_numpy(hier_scaler.transform(hier)).to(device), input_scaler, main_scaler, hier_scaler,
+        scaled_main, scaled_hier, main_scaler, hier_scaler = _scaled_targets(main, hier, joint_targets, device)
+        return cls(x.to(device), scaled_main, scaled_hier, input_scaler, main_scaler, hier_scaler,
                    np.asarray(raw, np.float64) if raw.ndim == 2 else None, features)
+
+    def with_latents(self, main: np.ndarray, hier: np.ndarray, joint_targets: bool = False) -> "ConditionerData":
+        """The same inputs (scaler, picture features) with these latents as the scaled targets."""
+        scaled_main, scaled_hier, main_scaler, hier_scaler = _scaled_targets(main, hier, joint_targets,
+                                                                             self.inputs.device)
+        return dataclasses.replace(self, main=scaled_main, hier=scaled_hier, main_scaler=main_scaler,
+                                   hier_scaler=hier_scaler)
 
     def save_scalers(self, path: Path) -> None:
         arrays = {f"main_{k}": v for k, v in self.main_scaler.state_dict().items()}

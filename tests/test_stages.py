@@ -25,6 +25,28 @@ def latent_data():
     return ConditionerInputs(params, []), main, hier
 
 
+def test_new_latents_keep_the_inputs_and_their_picture_features():
+    """gp_refit_basis swaps the targets only: the inputs, their scaler and the picture features stay
+    the ones fitted once, and the targets are scaled as a fresh build would scale them."""
+    from helpers.context import ROOT
+    from modules.cond_inputs import list_images, load_images
+    images = load_images(list_images(ROOT / "input_data/images", ".png", 80))
+    rng = np.random.default_rng(1)
+    main, hier = rng.normal(size=(80, 32)).astype(np.float32), rng.normal(size=(80, 2, 8)).astype(np.float32)
+    data = ConditionerData.build(ConditionerInputs(images, []), main, hier, torch.device("cpu"),
+                                 feature_runs=np.arange(64))
+    other_main, other_hier = 3 * main + 1, hier[::-1].copy()
+    swapped = data.with_latents(other_main, other_hier)
+    assert swapped.inputs is data.inputs and swapped.image_features is data.image_features
+    assert swapped.input_scaler is data.input_scaler
+    fresh = ConditionerData.build(ConditionerInputs(images, []), other_main, other_hier, torch.device("cpu"),
+                                  feature_runs=np.arange(64))
+    torch.testing.assert_close(swapped.main, fresh.main)
+    torch.testing.assert_close(swapped.hier, fresh.hier)
+    torch.testing.assert_close(swapped.inputs, fresh.inputs)
+    assert not torch.allclose(swapped.hier, data.hier)
+
+
 def test_progressive_dropout_reaches_every_dropout_layer_each_epoch(tmp_path, latent_data):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + ["n_epoch=4", "use_progressive_dropout=1",
                                                                      "dropout_start=0.3", "dropout_end=0.1"])
