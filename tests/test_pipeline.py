@@ -30,12 +30,12 @@ def test_vae_reconstructs_near_the_pod_floor_and_outputs_are_complete(trained):
     work, run_dir, summary, result = trained
     assert summary["vae_val_recon_mse"] <= summary["vae_val_recon_mse_initial"]
     assert 0 < summary["vae_recon_rel_l2"] < 0.1 * summary["baseline_mean_field_rel_l2"]
+    config = json.loads((run_dir / "config.json").read_text())
     latents = np.load(work / "checkpoints/latents.npz")
-    assert latents["main"].shape == (80, 32)
+    assert latents["main"].shape == (80, config["config"]["vae"]["Latent_dim_end"]) == (80, 64)
     assert latents["hierarchical"].shape == (80, 3, 8)          # L-1 levels of filters 64 32 16 8
     assert latents["recon_error"].shape == (80,)
     assert np.isfinite(latents["main"]).all()
-    config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["conditioner"]["csv_conditioner"] == "gp" and config["preset"]["encoder_filters"] == [64, 32, 16, 8]
     for name in ("vae_losses", "vae_reconstruction", "calibration", "conditioner_latents", "conditioner_prediction"):
         assert (run_dir / f"{name}.png").stat().st_size > 10_000

@@ -164,7 +164,7 @@ def test_conditioner_stops_after_patience_epochs_without_improvement_and_keeps_t
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + [f"n_epoch={epochs}", f"lc_patience={patience}"])
     rng = np.random.default_rng(0)
     # Targets unrelated to the inputs: validation can only reach the mean, then stops improving.
-    main = rng.normal(size=(80, 32)).astype(np.float32)
+    main = rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32)
     hier = rng.normal(size=(80, 3, 8)).astype(np.float32)
     data = ConditionerData.build(ConditionerInputs(csv_params(), []), main, hier, ctx.device)
     trainer = RecordingConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
@@ -201,7 +201,7 @@ def test_conditioner_stops_after_patience_epochs_without_improvement_and_keeps_t
 def test_conditioner_patience_counts_consecutive_validations_without_improvement(tmp_path):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + ["lc_patience=3"])
     rng = np.random.default_rng(0)
-    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, 32)).astype(np.float32),
+    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32),
                                  rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
     trainer = ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
     name, weight = next(iter(trainer.engine.module.named_parameters()))
@@ -219,7 +219,7 @@ def test_conditioner_patience_counts_consecutive_validations_without_improvement
 def test_conditioner_progress_line_shows_the_validation_loss(tmp_path):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS)
     rng = np.random.default_rng(0)
-    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, 32)).astype(np.float32),
+    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32),
                                  rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
     trainer = ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
     val = trainer.validate()
@@ -231,7 +231,7 @@ def test_conditioner_progress_line_shows_the_validation_loss(tmp_path):
 def random_latent_trainer(ctx, train_idx, val_idx) -> ConditionerTrainer:
     """An MLP conditioner trainer on the demo's parameters with random latent targets."""
     rng = np.random.default_rng(1)
-    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, 32)).astype(np.float32),
+    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32),
                                  rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
     return ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
 

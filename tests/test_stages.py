@@ -17,10 +17,12 @@ CSV_INPUTS = ["input_type=csvs", "param_dir=/input_data/params.csv", "csv_condit
 @pytest.fixture
 def latent_data():
     from helpers.context import ROOT
+    from modules.config import parse_condition
     rng = np.random.default_rng(0)
     params = np.loadtxt(ROOT / "input_data/params.csv", delimiter=",", dtype=np.float32)
+    latent_size = parse_condition(ROOT / "input_data/condition.txt", []).vae.Latent_dim_end
     # Latents that depend on the parameters, so the conditioner has something to learn.
-    main = np.tanh(params @ rng.normal(size=(4, 32))).astype(np.float32)
+    main = np.tanh(params @ rng.normal(size=(4, latent_size))).astype(np.float32)
     hier = np.tanh(params @ rng.normal(size=(4, 24))).reshape(80, 3, 8).astype(np.float32)
     return ConditionerInputs(params, []), main, hier
 
@@ -86,6 +88,7 @@ def test_vae_exports_the_weights_of_its_best_validation(tmp_path):
     for keep in (1, 0):
         ctx, store, train_idx, val_idx = demo_context(tmp_path / str(keep), [
             "Training_epochs=8", "val_every=1", "LearningR=1.0", "lr_min_factor=1", "linear_modes=0", "pod_init=0",
+            "Latent_dim_end=32",
             f"vae_keep_best={keep}"])
         trainer = VAETrainer(ctx, store, train_idx, val_idx)
         snapshots = []

@@ -113,6 +113,29 @@ Parameters:
   4. phase          psi (second-harmonic phase)        0.0 - 3.1416 rad
   5. viscosity      nu                                 0.002 - 0.006 m^2/s
 
+Problem "wave_membrane": a struck drum membrane
+----------------------------------------------
+A square membrane, 1 m x 1 m, fixed along its edges, at rest until a mallet strikes it at
+t = 0: the strike gives the membrane an initial velocity v0*exp(-r^2 / (2*w^2)) around the
+struck point (v0 = 1 m/s). The damped wave equation
+
+    u_tt + gamma*u_t = c^2 * (u_xx + u_yy),   u = 0 on the edges
+
+is solved by second-order central differences in space (5-point Laplacian, 65 x 65 cells,
+the 64 x 64 interior nodes saved: N = 4096, spacing 1/65 m) and time (leapfrog with the
+damping term centred, dt = 0.625 ms, 8 steps per frame; CFL number <= 0.52). T = 40 frames
+at t = 5, 10, ..., 200 ms: the waves cross the membrane 1.6 - 2.4 times and interfere with
+their reflections, so the runs differ a lot, and the mesh is 2.4 - 8x larger than the other
+problems'. Node k is (iy, ix) = divmod(k, 64) at x = (ix + 1)/65, y = (iy + 1)/65 m.
+Field: transverse displacement in mm.
+
+Parameters:
+  1. strike_x     x of the struck point                0.25 - 0.75 m
+  2. strike_y     y of the struck point                0.25 - 0.75 m
+  3. wave_speed   c = sqrt(tension / areal mass)       8.0 - 12.0 m/s
+  4. damping      gamma                                2.0 - 10.0 1/s
+  5. width        w, the mallet's footprint            0.05 - 0.10 m
+
 Problem "demo": the repository's own demo study (input_data/, see make_demo.py),
 copied as it is, 80 runs [80, 32, 256] with pictures, the last 16 runs as test.
 """
@@ -466,6 +489,69 @@ def _build_burgers(folder: Path) -> dict:
     return meta
 
 
+# ----------------------------------------------------------------------------- wave_membrane
+
+WAVE_SEED = 20250304
+WAVE_CELLS = 65                     # cells per side; (WAVE_CELLS - 1)^2 interior nodes saved
+WAVE_FRAMES = 40
+WAVE_FRAME_INTERVAL = 0.005         # s
+WAVE_SUBSTEPS = 8
+WAVE_STRIKE_SPEED = 1.0             # m/s
+WAVE_PARAMETERS = (
+    ("strike_x", 0.25, 0.75, "m", 4),
+    ("strike_y", 0.25, 0.75, "m", 4),
+    ("wave_speed", 8.0, 12.0, "m/s", 4),
+    ("damping", 2.0, 10.0, "1/s", 4),
+    ("width", 0.05, 0.10, "m", 4),
+)
+
+
+def _wave_simulate(params: np.ndarray) -> np.ndarray:
+    """Leapfrog for all runs at once: (P, T, N) displacement in mm, float32."""
+    inner = WAVE_CELLS - 1
+    h = 1.0 / WAVE_CELLS
+    dt = WAVE_FRAME_INTERVAL / WAVE_SUBSTEPS
+    coord = (np.arange(inner) + 1) * h
+    sx, sy, c, gamma, w = (params[:, k, None, None] for k in range(5))
+    strike = WAVE_STRIKE_SPEED * np.exp(-((coord[None, None, :] - sx) ** 2 + (coord[None, :, None] - sy) ** 2)
+                                        / (2.0 * w ** 2))                    # (P, iy, ix)
+    courant2 = (c * dt / h) ** 2
+    damp = gamma * dt / 2.0
+
+    def laplacian(u: np.ndarray) -> np.ndarray:                              # times h^2, u = 0 outside
+        padded = np.pad(u, ((0, 0), (1, 1), (1, 1)))
+        return (padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+                - 4.0 * u)
+
+    previous = np.zeros_like(strike)
+    current = dt * strike * (1.0 - damp)                                     # u(dt) from u(0) = 0, u_t(0) = strike
+    out = np.empty((len(params), WAVE_FRAMES, inner * inner))
+    step = 1
+    for frame in range(WAVE_FRAMES):
+        while step < (frame + 1) * WAVE_SUBSTEPS:
+            following = (2.0 * current - (1.0 - damp) * previous + courant2 * laplacian(current)) / (1.0 + damp)
+            previous, current = current, following
+            step += 1
+        out[:, frame] = current.reshape(len(params), -1)
+    return (1000.0 * out).astype(np.float32)
+
+
+def _build_wave(folder: Path) -> dict:
+    params = sample_parameters(WAVE_SEED, WAVE_PARAMETERS)
+    fields = _wave_simulate(params)
+    inner = WAVE_CELLS - 1
+    iy, ix = np.divmod(np.arange(inner * inner), inner)
+    nodes = np.stack([(ix + 1) / WAVE_CELLS, (iy + 1) / WAVE_CELLS], axis=1)
+    meta = {"physics": PROBLEMS["wave_membrane"].description,
+            "field": "displacement", "field_unit": "mm",
+            "grid": "64 x 64 interior nodes of a 65 x 65-cell square, node k = (iy, ix) = divmod(k, 64) at "
+                    "((ix + 1)/65, (iy + 1)/65) m, y up",
+            "times_s": [round(WAVE_FRAME_INTERVAL * (f + 1), 6) for f in range(WAVE_FRAMES)],
+            "solver": "5-point finite differences, leapfrog with centred damping, dt = 0.625 ms"}
+    write_common(folder, fields, params, WAVE_PARAMETERS, nodes, meta)
+    return meta
+
+
 # ----------------------------------------------------------------------------- demo
 
 def _build_demo(folder: Path) -> dict:
@@ -489,9 +575,9 @@ def _build_demo(folder: Path) -> dict:
 
 # ----------------------------------------------------------------------------- registry
 
-GENERATOR_VERSIONS = {"heat_inclusion": 1, "advection_front": 1, "burgers": 1, "demo": 1}
+GENERATOR_VERSIONS = {"heat_inclusion": 1, "advection_front": 1, "burgers": 1, "wave_membrane": 1, "demo": 1}
 _BUILDERS = {"heat_inclusion": _build_heat, "advection_front": _build_adv,
-             "burgers": _build_burgers, "demo": _build_demo}
+             "burgers": _build_burgers, "wave_membrane": _build_wave, "demo": _build_demo}
 
 
 def _complete(folder: Path, problem: Problem) -> bool:
@@ -550,6 +636,11 @@ PROBLEMS: dict[str, Problem] = {
         "1-D viscous Burgers flow on a periodic 1 m domain in which a two-harmonic initial velocity "
         "steepens into travelling, merging and decaying shocks.",
         (NUM_RUNS, BURGERS_FRAMES, BURGERS_NODES), len(BURGERS_PARAMETERS), False),
+    "wave_membrane": _problem(
+        "wave_membrane",
+        "A damped square drum membrane struck by a mallet: waves that cross it twice and interfere with their "
+        "reflections, on 4,096 nodes.",
+        (NUM_RUNS, WAVE_FRAMES, (WAVE_CELLS - 1) ** 2), len(WAVE_PARAMETERS), False),
     "demo": _problem(
         "demo",
         "The repository's demo: transient heating of a thin steel plate by two mirror-symmetric "

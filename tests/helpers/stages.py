@@ -15,7 +15,7 @@ def conditioner_stage(tmp_path: Path, overrides=()):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CONDITIONER + list(overrides))
     rng = np.random.default_rng(0)
     params = np.loadtxt(ROOT / "input_data/params.csv", delimiter=",", dtype=np.float32)
-    main = np.tanh(params @ rng.normal(size=(4, 32))).astype(np.float32)
+    main = np.tanh(params @ rng.normal(size=(4, ctx.cfg.vae.Latent_dim_end))).astype(np.float32)
     hier = np.tanh(params @ rng.normal(size=(4, 24))).reshape(80, 3, 8).astype(np.float32)
     data = ConditionerData.build(ConditionerInputs(params, []), main, hier, ctx.device)
     return ctx, ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
