@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from modules.conditioners import ConditionerArchitecture
 
 JITTER = 1e-10          # scikit-learn's default `alpha`: added to the kernel's diagonal
+FIT_MAX_RUNS = 500      # kernels are fitted on at most this many rows (a seeded subset); the GP is still
+                        # conditioned on all of them: the fit costs O(n³) per optimiser step and column
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class GPHyper:
 
 
 def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int = 2,
-                        min_noise: float = 1e-10) -> GPHyper:
+                        min_noise: float = 1e-10, max_rows: int = FIT_MAX_RUNS) -> GPHyper:
     """Maximum-marginal-likelihood kernels, one per column of y (n, m), on inputs x (n, d); the
     white noise is at least `min_noise` of each standardised column. The optimiser works on x
     divided by each column's range, so its starts and bounds, and the kernels it finds, do not
@@ -39,11 +41,15 @@ def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int =
     previous column's optimum; the start with the higher marginal likelihood wins. Neighbouring
     latent or POD columns vary on similar scales, so the warm start often finds the better
     optimum, but alone it carries one column's poor optimum on to all the rest
-    (benchmarks/accuracy/NOTES.md)."""
+    (benchmarks/accuracy/NOTES.md). Above `max_rows` rows the kernels are fitted on a seeded
+    subset of that many: at 500 rows one column's fit takes seconds, at 2,000 over a minute."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
+    if len(x) > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(len(x), max_rows, replace=False))
+        x, y = x[rows], y[rows]
     d, m = x.shape[1], y.shape[1]
     span = np.ptp(x, axis=0)
     span = np.where(span > 0, span, 1.0)

@@ -136,3 +136,21 @@ def test_the_fit_does_not_depend_on_how_the_inputs_are_scaled():
     np.testing.assert_allclose(mean_small, mean, atol=1e-4 * np.ptp(y))
     np.testing.assert_allclose(std_small, std, rtol=0.05, atol=1e-4 * np.ptp(y))
     assert np.abs(mean[:, 0] - smooth(x_new)).max() < 0.05 * np.ptp(smooth(x_new))
+
+
+def test_above_max_rows_the_kernels_come_from_a_subset_and_the_gp_conditions_on_every_row():
+    """Large studies: the kernels are fitted on a seeded subset of `max_rows` rows (the fit is
+    O(n³) per optimiser step), and the posterior still uses every row, so it predicts better than
+    the same kernels conditioned on the subset alone."""
+    rng = np.random.default_rng(5)
+    x, x_new = rng.uniform(size=(120, 2)), rng.uniform(0.1, 0.9, size=(50, 2))
+    y = smooth(x)[:, None]
+    capped = fit_hyperparameters(x, y, seed=0, max_rows=30)
+    assert fit_hyperparameters(x, y, seed=0, max_rows=30).length.tolist() == capped.length.tolist()   # seeded
+    rows = np.sort(np.random.default_rng(0).choice(len(x), 30, replace=False))
+    on_subset = fit_hyperparameters(x[rows], y[rows], seed=0)
+    np.testing.assert_allclose(capped.length, on_subset.length, rtol=1e-12)
+    assert not np.allclose(capped.length, fit_hyperparameters(x, y, seed=0).length, rtol=1e-3)
+    error = {name: np.abs(GPPosterior.condition(capped, xs, ys).predict(x_new)[0][:, 0] - smooth(x_new)).mean()
+             for name, xs, ys in (("all", x, y), ("subset", x[rows], y[rows]))}
+    assert error["all"] < 0.5 * error["subset"], error
