@@ -48,11 +48,6 @@ def frame_basis_of(runs: torch.Tensor, k: int) -> torch.Tensor:
     return basis[:, order > order[0] * 1e-12].float()
 
 
-def _fit_linear(linear, store: FieldStore, runs: torch.Tensor, basis: torch.Tensor) -> None:
-    """The linear POD path's frame modes and run-level POD, from `basis` and the scaled `runs`."""
-    linear.init_from_data(basis, (store.get(i).to(basis.device) for i in runs.split(8)))
-
-
 def init_from_training_runs(model: HierarchicalVAE, store: FieldStore, runs: torch.Tensor, pod_init: bool,
                             seed: int) -> None:
     """Data-driven initialisation, before the engine copies the model (EMA); a resume loads
@@ -64,16 +59,17 @@ def init_from_training_runs(model: HierarchicalVAE, store: FieldStore, runs: tor
     if pod_init:
         model.init_from_frame_basis(basis)
     if model.linear is not None:
-        _fit_linear(model, store, runs, basis)            # and the networks' gains start small
+        model.init_from_data(basis, (store.get(i).to(basis.device) for i in runs.split(8)))
 
 
 def refit_linear_path(model: HierarchicalVAE, store: FieldStore, runs, seed: int) -> HierarchicalVAE:
-    """A copy of `model` whose linear POD path is refitted on `runs`; the networks are unchanged.
-    The GP conditioner's saved model uses it with every training run, validation runs included
-    (`gp_refit_basis`, benchmarks/accuracy/NOTES.md H22)."""
+    """A copy of `model` whose linear POD path is refitted on `runs` (their frame modes and run-level
+    POD); the networks are unchanged. The GP conditioner's saved model uses it with every
+    training run, validation runs included (`gp_refit_basis`, benchmarks/accuracy/NOTES.md H22)."""
     final = copy.deepcopy(model)
     runs = torch.as_tensor(runs)
-    _fit_linear(final.linear, store, runs, frame_basis(store, runs, final.linear.modes, seed).to(final.linear.frame.device))
+    basis = frame_basis(store, runs, final.linear.modes, seed).to(final.linear.frame.device)
+    final.linear.init_from_data(basis, (store.get(i).to(basis.device) for i in runs.split(8)))
     return final
 
 
