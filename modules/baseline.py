@@ -20,11 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from modules.cond_inputs import MinMaxScaler
+from modules.gp import KERNELS
 from modules.gp import fit_predict as gp_fit_predict
 
 ENERGY = 0.999           # POD modes kept: the smallest number holding this fraction of the variance (the issue's
                          # definition; more modes gain only where this keeps few, e.g. the demo: NOTES H0b)
 BASELINE_MAX_BYTES = 2 * 2**30      # the in-run baselines' limit: the training fields are held in float64 for the SVD
+CV_FOLDS = 5             # `choose_kernel`'s cross-validation
+CV_MAX_RUNS = 150        # ... on a seeded subset of at most this many runs: 3 × 5 GP fits, each O(n³) per column
 
 
 def relative_l2(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -125,3 +128,32 @@ def classical_baselines(train_fields: np.ndarray, test_fields: np.ndarray, train
             pred = _rbf_fit_predict(x_train, coeff, x_test)
             out["pod_rbf"] = relative_l2(pod.reconstruct(pred, shape), test_fields)
     return BaselineResult(out, len(pod.sigma))
+
+
+def choose_kernel(fields: np.ndarray, inputs: np.ndarray, modes: int, seed: int,
+                  folds: int = CV_FOLDS) -> tuple[str, dict[str, float]]:
+    """The GP kernel family (modules/gp.py, KERNELS) that regresses the runs' POD coefficients best:
+    the mean relative L2 of each run's field when it is held out, `folds`-fold, with the POD
+    (`modes` modes) and the GPs refitted on the other folds, so that a held-out run is predicted
+    as a new design would be. Fields (n, V) flat (a subset of positions will do), inputs (n, d).
+    One family for the study: choosing per column, by marginal likelihood, on one validation
+    split, or with the POD of all runs kept across folds, picked worse families on the accuracy
+    suite (benchmarks/accuracy/NOTES.md, H28). Ties go to the RBF. Returns the family and each
+    family's error; fewer than 2 × `folds` runs: the RBF, unscored."""
+    if len(fields) < 2 * folds:
+        return KERNELS[0], {}
+    if len(fields) > CV_MAX_RUNS:
+        rows = np.sort(np.random.default_rng(seed).choice(len(fields), CV_MAX_RUNS, replace=False))
+        fields, inputs = fields[rows], inputs[rows]
+    fields = np.asarray(fields, np.float64)
+    errors = {kernel: np.empty(len(fields)) for kernel in KERNELS}
+    for held in np.array_split(np.random.default_rng(seed).permutation(len(fields)), folds):
+        fit = np.setdiff1d(np.arange(len(fields)), held)
+        pod = POD.fit(fields[fit], energy=1.0, max_modes=modes)
+        scale = MinMaxScaler((0.0, 1.0)).fit(inputs[fit])
+        x_fit, x_held = (scale.transform(inputs[i]).astype(np.float64) for i in (fit, held))
+        for kernel, err in errors.items():
+            pred = gp_fit_predict(x_fit, pod.coefficients(fields[fit]), x_held, seed, kernel)
+            err[held] = relative_l2(pod.reconstruct(pred, fields.shape[1:]), fields[held])
+    scores = {kernel: float(err.mean()) for kernel, err in errors.items()}
+    return min(scores, key=scores.get), scores

@@ -236,6 +236,11 @@ class ConditionerConfig:
                                      "that POD path on every training run, validation runs too, for the saved model, "
                                      "as the GP is refitted (README, \"Accuracy\"); 0: keep the VAE's, fitted on its "
                                      "training split")
+    gp_kernel: str = _key("rbf", choices=("rbf", "rbf+linear", "matern52", "auto"),
+                          help="GP conditioner: the kernel family of its GPs (ARD-RBF, ARD-RBF + a linear term, "
+                               "ARD-Matérn 5/2), or auto: the family whose POD + GP predicts the training runs' "
+                               "fields best in 5-fold cross-validation of every run (README, \"Accuracy\": not the "
+                               "default, its choices were right only where the families differ by several %)")
     gp_draw_scale: str = _key("crps", choices=("crps", "band90"),
                               help="GP conditioner: spread the predictive draws by the factor that minimises their "
                                    "CRPS on the validation runs (crps; the bands file carries each band's coverage "

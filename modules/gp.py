@@ -2,8 +2,9 @@
 baseline's regression (modules/baseline.py) and the default conditioner (CSV parameters or
 picture features).
 
-Hyperparameters (constant × ARD-RBF + white noise, on standardised targets) are fitted by
-scikit-learn's marginal-likelihood optimiser. The posterior itself is computed here in
+Hyperparameters (constant × ARD-RBF + white noise, on standardised targets; `gp_kernel` also
+offers the RBF plus a linear term and the ARD-Matérn 5/2) are fitted by scikit-learn's
+marginal-likelihood optimiser. The posterior itself is computed here in
 closed form, so the fitted model is a handful of arrays: the conditioner evaluates it in
 torch (on any device, in a checkpoint like any other conditioner) without pickling
 scikit-learn objects.
@@ -24,19 +25,51 @@ FIT_MAX_RUNS = 500      # kernels are fitted on at most this many rows (a seeded
                         # conditioned on all of them: the fit costs O(n³) per optimiser step and column
 
 
+MIN_LENGTH = 0.01       # the shortest length scale, a fraction of each input's range (0.05: NOTES H29)
+KERNELS = ("rbf", "rbf+linear", "matern52")     # the kernel families (`gp_kernel`; modules/baseline.py chooses)
+
+
 @dataclass(frozen=True)
 class GPHyper:
     amplitude: np.ndarray     # (m,) signal variance of each column (standardised units)
     length: np.ndarray        # (m, d) ARD length scales
     noise: np.ndarray         # (m,) white-noise variance
+    kernel: str = "rbf"       # one of KERNELS
+    # "rbf+linear": each column's linear term, variance × (bias + u·u') with u = (x − centre) / span
+    linear: np.ndarray | None = None      # (m, 2) variance and bias of each column's linear term
+    centre: np.ndarray | None = None      # (d,) the middle of the fitted inputs' box
+    span: np.ndarray | None = None        # (d,) its extent
+
+    def matrix(self, j: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Column j's kernel between the rows of a and b, without the white noise."""
+        d = (a[:, None, :] - b[None, :, :]) / self.length[j]
+        r2 = (d * d).sum(axis=-1)
+        if self.kernel == "matern52":
+            r = np.sqrt(5.0 * r2)
+            k = self.amplitude[j] * (1.0 + r + r * r / 3.0) * np.exp(-r)
+        else:
+            k = self.amplitude[j] * np.exp(-0.5 * r2)
+        if self.linear is not None:
+            ua, ub = (a - self.centre) / self.span, (b - self.centre) / self.span
+            k = k + self.linear[j, 0] * (self.linear[j, 1] + ua @ ub.T)
+        return k
+
+    def prior_variance(self, j: int, a: np.ndarray) -> np.ndarray:
+        """The diagonal of `matrix(j, a, a)`."""
+        var = np.full(len(a), self.amplitude[j])
+        if self.linear is not None:
+            var = var + self.linear[j, 0] * (self.linear[j, 1] + (((a - self.centre) / self.span) ** 2).sum(axis=1))
+        return var
 
 
 def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int = 2,
-                        min_noise: float = 1e-10, max_rows: int = FIT_MAX_RUNS) -> GPHyper:
-    """Maximum-marginal-likelihood kernels, one per column of y (n, m), on inputs x (n, d); the
-    white noise is at least `min_noise` of each standardised column. The optimiser works on x
-    divided by each column's range, so its starts and bounds, and the kernels it finds, do not
-    depend on how the caller scaled the inputs (NOTES H25). Each column's optimiser starts from
+                        min_noise: float = 1e-10, max_rows: int = FIT_MAX_RUNS, kernel: str = "rbf") -> GPHyper:
+    """Maximum-marginal-likelihood kernels of the family `kernel` (KERNELS: constant × ARD-RBF,
+    the same + constant × a linear kernel, or constant × ARD-Matérn 5/2; each + white noise), one
+    per column of y (n, m), on inputs x (n, d); the white noise is at least `min_noise` of each
+    standardised column. The optimiser works on x divided by each column's range, so its starts
+    and bounds, and the kernels it finds, do not depend on how the caller scaled the inputs
+    (NOTES H25). Each column's optimiser starts from
     the default kernel (with random restarts for the leading columns) and, separately, from the
     previous column's optimum; the start with the higher marginal likelihood wins. Neighbouring
     latent or POD columns vary on similar scales, so the warm start often finds the better
@@ -45,18 +78,25 @@ def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int =
     subset of that many: at 500 rows one column's fit takes seconds, at 2,000 over a minute."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
-    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, DotProduct, Matern, WhiteKernel
 
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown GP kernel {kernel!r}; expected one of {KERNELS}")
     if len(x) > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(len(x), max_rows, replace=False))
         x, y = x[rows], y[rows]
     d, m = x.shape[1], y.shape[1]
-    span = np.ptp(x, axis=0)
+    low, span = x.min(axis=0), np.ptp(x, axis=0)
     span = np.where(span > 0, span, 1.0)
-    x = x / span
-    amp, length, noise = np.empty(m), np.empty((m, d)), np.empty(m)
-    default = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(d), (1e-2, 1e3))
-               + WhiteKernel(max(1e-4, min_noise), (min_noise, 1e0)))
+    centre = low + 0.5 * span
+    x = (x - centre) / span                 # the box [-0.5, 0.5]: a linear term about its middle
+    amp, length, noise, linear = np.empty(m), np.empty((m, d)), np.empty(m), np.empty((m, 2))
+    bounds = (MIN_LENGTH, 1e3)
+    base = Matern(np.ones(d), bounds, nu=2.5) if kernel == "matern52" else RBF(np.ones(d), bounds)
+    signal = ConstantKernel(1.0, (1e-3, 1e3)) * base
+    if kernel == "rbf+linear":
+        signal = signal + ConstantKernel(0.1, (1e-6, 1e3)) * DotProduct(1.0, (1e-3, 1e3))
+    default = signal + WhiteKernel(max(1e-4, min_noise), (min_noise, 1e0))
     previous = None
     for j in range(m):
         best = None
@@ -70,10 +110,15 @@ def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int =
             if best is None or gp.log_marginal_likelihood_value_ > best.log_marginal_likelihood_value_:
                 best = gp
         previous = best.kernel_
-        amp[j] = previous.k1.k1.constant_value
-        length[j] = np.broadcast_to(previous.k1.k2.length_scale, (d,))
+        stationary = previous.k1.k1 if kernel == "rbf+linear" else previous.k1
+        amp[j] = stationary.k1.constant_value
+        length[j] = np.broadcast_to(stationary.k2.length_scale, (d,))
         noise[j] = previous.k2.noise_level
-    return GPHyper(amp, length * span, noise)
+        if kernel == "rbf+linear":
+            linear[j] = previous.k1.k2.k1.constant_value, previous.k1.k2.k2.sigma_0 ** 2
+    if kernel != "rbf+linear":
+        return GPHyper(amp, length * span, noise, kernel)
+    return GPHyper(amp, length * span, noise, kernel, linear, centre, span)
 
 
 @dataclass(frozen=True)
@@ -96,7 +141,7 @@ class GPPosterior:
         n, m = y.shape
         alpha, chol = np.empty((m, n)), np.empty((m, n, n))
         for j in range(m):
-            k = _rbf(x, x, hyper.amplitude[j], hyper.length[j])
+            k = hyper.matrix(j, x, x)
             k[np.diag_indices(n)] += hyper.noise[j] + JITTER
             chol[j] = np.linalg.cholesky(k)
             alpha[j] = np.linalg.solve(chol[j].T, np.linalg.solve(chol[j], z[:, j]))
@@ -107,10 +152,10 @@ class GPPosterior:
         x_new = np.asarray(x_new, np.float64)
         mean, std = np.empty((len(x_new), len(self.y_mean))), np.empty((len(x_new), len(self.y_mean)))
         for j in range(len(self.y_mean)):
-            ks = _rbf(x_new, self.x, self.hyper.amplitude[j], self.hyper.length[j])       # (b, n)
+            ks = self.hyper.matrix(j, x_new, self.x)                                        # (b, n)
             mean[:, j] = ks @ self.alpha[j]
             v = np.linalg.solve(self.chol[j], ks.T)                                         # (n, b)
-            var = self.hyper.amplitude[j] + self.hyper.noise[j] - (v * v).sum(axis=0)
+            var = self.hyper.prior_variance(j, x_new) + self.hyper.noise[j] - (v * v).sum(axis=0)
             std[:, j] = np.sqrt(np.maximum(var, 0.0))
         return mean * self.y_std + self.y_mean, std * self.y_std
 
@@ -125,14 +170,10 @@ class GPPosterior:
         return out
 
 
-def _rbf(a: np.ndarray, b: np.ndarray, amplitude: float, length: np.ndarray) -> np.ndarray:
-    d = (a[:, None, :] - b[None, :, :]) / length
-    return amplitude * np.exp(-0.5 * (d * d).sum(axis=-1))
-
-
-def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int) -> np.ndarray:
+def fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int,
+                kernel: str = "rbf") -> np.ndarray:
     """Posterior mean at x_test of GPs fitted and conditioned on the training data."""
-    hyper = fit_hyperparameters(x_train, y_train, seed)
+    hyper = fit_hyperparameters(x_train, y_train, seed, kernel=kernel)
     return GPPosterior.condition(hyper, x_train, y_train).predict(x_test)[0]
 
 
@@ -156,6 +197,12 @@ class GPConditioner(nn.Module):
         self.register_buffer("y_std", torch.ones(m, dtype=f64))
         self.register_buffer("alpha", torch.zeros(m, num_runs, dtype=f64))
         self.register_buffer("chol", torch.eye(num_runs, dtype=f64).repeat(m, 1, 1))
+        # the kernel family (GPHyper): 1 for the Matérn 5/2, 0 for the RBF; each column's linear term
+        # (variance, bias; zeros: none) about the inputs' box (centre, span)
+        self.register_buffer("matern", torch.zeros((), dtype=f64))
+        self.register_buffer("linear", torch.zeros(m, 2, dtype=f64))
+        self.register_buffer("linear_centre", torch.zeros(num_param, dtype=f64))
+        self.register_buffer("linear_span", torch.ones(num_param, dtype=f64))
         # decoded draws spread this many times as far from the point prediction (calibrated on
         # the validation runs: modules/calibration.py)
         self.register_buffer("spread_scale", torch.ones((), dtype=f64))
@@ -172,13 +219,21 @@ class GPConditioner(nn.Module):
 
     @torch.no_grad()
     def set_posterior(self, post: GPPosterior, prefix: str = "") -> "GPConditioner":
-        values = {"inv_length": 1.0 / post.hyper.length, "amplitude": post.hyper.amplitude,
-                  "noise": post.hyper.noise, "y_mean": post.y_mean, "y_std": post.y_std, "alpha": post.alpha,
+        hyper = post.hyper
+        values = {"inv_length": 1.0 / hyper.length, "amplitude": hyper.amplitude,
+                  "noise": hyper.noise, "y_mean": post.y_mean, "y_std": post.y_std, "alpha": post.alpha,
                   "chol": post.chol}
         if not prefix:
             values["x"] = post.x
+            values["matern"] = np.array(float(hyper.kernel == "matern52"))
+            if hyper.linear is not None:
+                values.update(linear=hyper.linear, linear_centre=hyper.centre, linear_span=hyper.span)
+            else:
+                values["linear"] = np.zeros_like(self.linear.cpu().numpy())
         elif not np.array_equal(post.x, self.x.cpu().numpy()):
             raise ValueError("the difficulty GP must be conditioned on the latents' inputs")
+        elif hyper.kernel != "rbf":
+            raise ValueError(f"the difficulty GP must have the RBF kernel, not {hyper.kernel}")
         for name, value in values.items():
             buf = getattr(self, prefix + name)
             if buf.shape != value.shape:
@@ -192,21 +247,36 @@ class GPConditioner(nn.Module):
         self.difficulty_on.fill_(1.0)
         return self
 
-    def with_difficulty_defaults(self, saved: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A saved state dict of an earlier version (no difficulty model) completed with the model off."""
-        return {**{k: v for k, v in self.state_dict().items() if k.startswith("difficulty_")}, **saved}
+    LATER_BUFFERS = ("difficulty_", "matern", "linear")      # prefixes of buffers earlier versions did not save
+
+    def with_defaults(self, saved: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A saved state dict of an earlier version completed with what it meant: no difficulty
+        model (off), the RBF kernel without a linear term."""
+        return {**{k: v for k, v in self.state_dict().items() if k.startswith(self.LATER_BUFFERS)}, **saved}
 
     def _posterior(self, x: Tensor, prefix: str = "") -> tuple[Tensor, Tensor]:
         """Mean and std of the GP columns stored under `prefix`, (B, m) each, float64."""
         inv_length, amplitude, noise, y_mean, y_std, alpha, chol = (
             getattr(self, prefix + name) for name in ("inv_length", "amplitude", "noise", "y_mean", "y_std", "alpha",
                                                       "chol"))
-        a = x.to(self.x.dtype)[None] * inv_length[:, None, :]             # (m, B, d)
+        x = x.to(self.x.dtype)
+        a = x[None] * inv_length[:, None, :]                              # (m, B, d)
         b = self.x[None] * inv_length[:, None, :]                         # (m, n, d)
-        ks = amplitude[:, None, None] * torch.exp(-0.5 * torch.cdist(a, b).square())      # (m, B, n)
+        dist = torch.cdist(a, b)
+        if prefix or not self.matern:                                     # the difficulty GP is an RBF
+            ks = amplitude[:, None, None] * torch.exp(-0.5 * dist.square())                # (m, B, n)
+        else:
+            r = 5.0 ** 0.5 * dist
+            ks = amplitude[:, None, None] * (1.0 + r + r.square() / 3.0) * torch.exp(-r)
+        prior = amplitude[:, None].expand(-1, len(x))                    # (m, B)
+        if not prefix and self.linear[:, 0].any():
+            ua, ub = (x - self.linear_centre) / self.linear_span, (self.x - self.linear_centre) / self.linear_span
+            variance, bias = self.linear[:, :1, None], self.linear[:, 1:, None]
+            ks = ks + variance * (bias + ua @ ub.T)
+            prior = prior + self.linear[:, :1] * (self.linear[:, 1:] + ua.square().sum(1))
         mean = torch.einsum("mbn,mn->bm", ks, alpha) * y_std + y_mean
         v = torch.linalg.solve_triangular(chol, ks.transpose(1, 2), upper=False)          # (m, n, B)
-        var = amplitude[:, None] + noise[:, None] - v.square().sum(1)                     # (m, B)
+        var = prior + noise[:, None] - v.square().sum(1)                                  # (m, B)
         return mean, var.clamp_min(0).sqrt().T * y_std
 
     def predict(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -202,7 +202,7 @@ class Surrogate:
         arch = ConditionerArchitecture.from_stored(cond_state["architecture"])     # it built: it is valid
         export = cond_state["export"]
         if arch.model == "gp":
-            export = conditioner.with_difficulty_defaults(export)
+            export = conditioner.with_defaults(export)
         load_model_state(conditioner, export, cond_path, "conditioner checkpoint", _TRAIN_HINT)
         field = load_field_scaler(paths.field_scaler, _TRAIN_HINT)
         scalers = load_npz(paths.conditioner_scalers, "conditioner scalers", _TRAIN_HINT,

@@ -168,3 +168,27 @@ def test_leave_one_out_projection_errors_equal_a_pod_of_the_other_runs():
     every = loo_projection_errors(flat @ flat.T, 40)                    # more modes than the others span
     assert np.isfinite(every).all() and (every <= more).all() and (every > 0).all()
 
+
+
+def test_the_gp_kernel_family_is_chosen_by_cross_validation():
+    """Fields whose mode coefficients are a linear trend with a small wiggle are the linear term's;
+    coefficients with kinks are the Matérn's (the RBF's smoothness rounds them); too few runs to
+    cross-validate keep the RBF. The scores are the held-out runs' mean relative L2."""
+    from modules.baseline import choose_kernel
+    from modules.gp import KERNELS
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(30, 3))
+    shapes = np.linalg.qr(rng.normal(size=(50, 2)))[0].T                 # 2 orthonormal spatial patterns
+
+    def fields(c: np.ndarray) -> np.ndarray:
+        return 4.0 + c @ shapes
+
+    trend = np.column_stack([x @ [1.0, -2.0, 0.5] + 0.05 * np.sin(9 * x[:, 0]), x @ [0.5, 1.0, -1.0]])
+    kinks = np.column_stack([np.abs(x[:, 0] - 0.5) + 0.5 * np.abs(x[:, 1] - 0.3), np.abs(x[:, 2] - 0.4)])
+    kernel, scores = choose_kernel(fields(trend), x, modes=2, seed=0)
+    assert kernel == "rbf+linear" and set(scores) == set(KERNELS)
+    assert scores["rbf+linear"] < 0.1 * scores["rbf"]
+    kernel, scores = choose_kernel(fields(kinks), x, modes=2, seed=0)
+    assert kernel == "matern52" and scores["matern52"] < 0.9 * min(scores["rbf"], scores["rbf+linear"])
+    assert 0 < scores["matern52"] < 0.1                                  # a relative error of the fields
+    assert choose_kernel(fields(trend)[:9], x[:9], modes=2, seed=0) == ("rbf", {})

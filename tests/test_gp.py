@@ -29,16 +29,44 @@ def test_posterior_equals_scikit_learn_for_the_same_kernel():
         np.testing.assert_allclose(std[:, j], ref_std, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("kernel", ["matern52", "rbf+linear"])
+def test_other_kernel_families_equal_scikit_learns(kernel):
+    from sklearn.gaussian_process.kernels import DotProduct, Matern
+    rng = np.random.default_rng(5)
+    x, x_new = rng.uniform(2, 6, size=(30, 2)), rng.uniform(1, 7, size=(7, 2))   # new inputs also outside the box
+    y = np.column_stack([smooth(x / 4), 5 + 3 * x[:, 1]])
+    centre, span = np.array([4.0, 3.5]), np.array([4.0, 2.0])
+    linear = np.array([[0.3, 0.5], [2.0, 0.1]]) if kernel == "rbf+linear" else None
+    hyper = GPHyper(np.array([1.7, 0.4]), np.array([[0.3, 0.8], [2.0, 0.5]]), np.array([1e-3, 1e-2]), kernel,
+                    linear, centre if linear is not None else None, span if linear is not None else None)
+    mean, std = GPPosterior.condition(hyper, x, y).predict(x_new)
+    u, u_new = (x - centre) / span, (x_new - centre) / span         # sklearn's dot product works about 0
+    for j in range(2):
+        amp, length = ConstantKernel(hyper.amplitude[j], "fixed"), hyper.length[j] / span
+        if kernel == "matern52":
+            signal = amp * Matern(length, "fixed", nu=2.5)
+        else:
+            signal = (amp * RBF(length, "fixed")
+                      + ConstantKernel(linear[j, 0], "fixed") * DotProduct(np.sqrt(linear[j, 1]), "fixed"))
+        ref = GaussianProcessRegressor(signal + WhiteKernel(hyper.noise[j], "fixed"), normalize_y=True,
+                                       optimizer=None).fit(u, y[:, j])
+        ref_mean, ref_std = ref.predict(u_new, return_std=True)
+        np.testing.assert_allclose(mean[:, j], ref_mean, rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(std[:, j], ref_std, rtol=1e-6, atol=1e-9)
+
+
 def _arch(num_runs: int) -> ConditionerArchitecture:
     return ConditionerArchitecture("csvs", num_param=3, latent_dim_end=4, latent_dim=3, num_levels=2, model="gp",
                                    num_runs=num_runs)
 
 
-def test_torch_conditioner_evaluates_the_posterior_and_splits_main_and_levels():
+@pytest.mark.parametrize("kernel", ["rbf", "rbf+linear", "matern52"])
+def test_torch_conditioner_evaluates_the_posterior_and_splits_main_and_levels(kernel):
     rng = np.random.default_rng(1)
     x, x_new = rng.uniform(-0.9, 0.9, size=(25, 3)), rng.uniform(-0.9, 0.9, size=(6, 3))
-    y = rng.normal(size=(25, 4 + 2 * 3)) + x[:, :1]
-    post = GPPosterior.condition(fit_hyperparameters(x, y, seed=0, restarts=0), x, y)
+    y = rng.normal(size=(25, 4 + 2 * 3)) + 3 * x[:, :1]
+    post = GPPosterior.condition(fit_hyperparameters(x, y, seed=0, restarts=0, kernel=kernel), x, y)
+    assert post.hyper.kernel == kernel and (post.hyper.linear is not None) == (kernel == "rbf+linear")
     module = GPConditioner(_arch(25)).set_posterior(post)
     mean, std = module.predict(torch.from_numpy(x_new).float())
     ref_mean, ref_std = post.predict(x_new.astype(np.float32).astype(np.float64))
@@ -114,9 +142,9 @@ def test_difficulty_model_is_off_until_set_and_then_predicts_the_exponentiated_g
     np.testing.assert_allclose(gp.difficulty(x_new).numpy(), np.exp(post.predict(x_new.numpy())[0][:, 0]), rtol=1e-10)
     with pytest.raises(ValueError, match="latents' inputs"):
         gp.set_difficulty(GPPosterior.condition(post.hyper, x + 1, log_err))
-    old = {k: v for k, v in gp.state_dict().items() if not k.startswith("difficulty_")}
+    old = {k: v for k, v in gp.state_dict().items() if not k.startswith(("difficulty_", "matern", "linear"))}
     fresh = GPConditioner(arch)
-    fresh.load_state_dict(fresh.with_difficulty_defaults(old))          # a checkpoint from before the model
+    fresh.load_state_dict(fresh.with_defaults(old))     # a checkpoint from before the model and the kernel families
     assert torch.equal(fresh.difficulty(x_new), torch.zeros(5, dtype=torch.float64))
     assert torch.equal(fresh.predict(x_new)[0], gp.predict(x_new)[0])
 

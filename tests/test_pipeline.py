@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import FAST, demo_workdir, run_cli
+from modules.gp import KERNELS
 
 # The demo's own VAE recipe, the CSV route's default conditioner (the GP).
 # The classical baseline stays on here (FAST turns it off elsewhere to keep the suite short).
@@ -162,7 +163,8 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
     """gp_refit_basis 1 (default): the conditioner checkpoint carries the VAE's linear POD path refitted
     on every run, validation runs included, and prediction decodes through it, so the validation runs
     now lie in its span; gp_refit_basis 0 keeps the VAE's own path (fitted on its training split).
-    gp_draw_scale band90 spreads the draws as the calibrated 90 % band (its relative scale 1)."""
+    gp_draw_scale band90 spreads the draws as the calibrated 90 % band (its relative scale 1).
+    gp_kernel auto (with them) saves the GPs of the family with the lowest cross-validated error."""
     from modules.baseline import relative_l2
     from modules.run import Paths
     from modules.surrogate import Surrogate
@@ -185,14 +187,19 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
     shutil.copytree(work, copy, ignore=shutil.ignore_patterns("runs"))
     result = run_cli(copy, "--preset=1", "--plot=0", "--lc_only=1", "--set", "input_type=csvs",
                      "--set", "param_dir=/input_data/params.csv", "--set", "gp_refit_basis=0",
-                     "--set", "gp_draw_scale=band90")
+                     "--set", "gp_draw_scale=band90", "--set", "gp_kernel=auto")
     assert result.returncode == 0, result.stderr[-3000:]
     band90 = json.loads((sorted((copy / "runs").iterdir())[-1] / "summary.json").read_text())
+    assert summary["lc_gp_kernel"] == "rbf" and summary["lc_gp_kernel_cv_rel_l2"] == {}     # the default: no choice
+    scores = band90["lc_gp_kernel_cv_rel_l2"]
+    assert set(scores) == set(KERNELS) and band90["lc_gp_kernel"] == min(scores, key=scores.get)
     assert band90["lc_band_scales"]["0.9"] == 1.0 and "lc_refit_basis" not in band90
     assert abs(band90["calibration"]["coverage_90"] - 0.9) < 0.01
     assert summary["lc_band_scales"]["0.9"] != 1.0      # the default's draws are spread for their CRPS
     kept = torch.load(copy / "checkpoints/conditioner.pt", weights_only=True)
     assert "linear_path" not in kept["extra"]
+    assert bool(kept["export"]["matern"]) == (band90["lc_gp_kernel"] == "matern52")
+    assert bool(kept["export"]["linear"].any()) == (band90["lc_gp_kernel"] == "rbf+linear")
     own = Surrogate.load(Paths(copy), torch.device("cpu"))
     torch.testing.assert_close(own.decoder.vae.linear.frame, vae_frame)
     assert refit_error < relative_l2(own.reconstruct(fields), fields).mean()     # out of the VAE's span before

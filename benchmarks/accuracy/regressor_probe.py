@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from modules.baseline import POD, relative_l2  # noqa: E402
 from modules.cond_inputs import MinMaxScaler  # noqa: E402
-from modules.gp import GPPosterior, fit_hyperparameters  # noqa: E402
+from modules.gp import GPPosterior, fit_hyperparameters, fit_predict  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 PROBLEMS = ("heat_inclusion", "advection_front", "burgers", "demo")
@@ -56,28 +55,9 @@ def gp_mean(x, y, x_new, shrink: bool = False):
 
 
 def rbf_linear_mean(x, y, x_new):
-    """Constant × ARD-RBF + constant × dot product + white noise, per column, with the current
-    fit's starts (the default kernel, 2 restarts on the leading 3 columns, the previous column's optimum)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.gaussian_process import GaussianProcessRegressor
-    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, DotProduct, WhiteKernel
-    d = x.shape[1]
-    x, x_new = x - 0.5, x_new - 0.5                        # the dot product about the box's centre
-    default = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(np.ones(d), (1e-2, 1e3))
-               + ConstantKernel(0.1, (1e-6, 1e3)) * DotProduct(1.0, (1e-3, 1e3)) + WhiteKernel(1e-4, (1e-10, 1e0)))
-    out, previous = np.empty((len(x_new), y.shape[1])), None
-    for j in range(y.shape[1]):
-        fits = []
-        for start, tries in ((default, 2 if j < 3 else 0), (previous, 0)):
-            if start is not None:
-                gp = GaussianProcessRegressor(start, normalize_y=True, n_restarts_optimizer=tries, random_state=0)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", ConvergenceWarning)
-                    fits.append(gp.fit(x, y[:, j]))
-        best = max(fits, key=lambda g: g.log_marginal_likelihood_value_)
-        previous = best.kernel_
-        out[:, j] = best.predict(x_new)
-    return out
+    """Constant × ARD-RBF + constant × a linear kernel + white noise, per column, with the current
+    fit's starts (modules/gp.py, kernel "rbf+linear": the tool's `gp_kernel rbf+linear`)."""
+    return fit_predict(x, y, x_new, 0, "rbf+linear")
 
 
 def linear_trend_mean(x, y, x_new):
