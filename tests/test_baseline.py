@@ -169,7 +169,6 @@ def test_leave_one_out_projection_errors_equal_a_pod_of_the_other_runs():
     assert np.isfinite(every).all() and (every <= more).all() and (every > 0).all()
 
 
-
 def test_the_gp_kernel_family_is_chosen_by_cross_validation():
     """Fields whose mode coefficients are a linear trend with a small wiggle are the linear term's;
     coefficients with kinks are the Matérn's (the RBF's smoothness rounds them); too few runs to
