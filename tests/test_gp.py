@@ -63,7 +63,8 @@ def _arch(num_runs: int) -> ConditionerArchitecture:
 @pytest.mark.parametrize("kernel", ["rbf", "rbf+linear", "matern52"])
 def test_torch_conditioner_evaluates_the_posterior_and_splits_main_and_levels(kernel):
     rng = np.random.default_rng(1)
-    x, x_new = rng.uniform(-0.9, 0.9, size=(25, 3)), rng.uniform(-0.9, 0.9, size=(6, 3))
+    offset = np.array([1.0, -0.5, 2.0])          # a box off the origin: the linear term is about its middle
+    x, x_new = rng.uniform(-0.9, 0.9, size=(25, 3)) + offset, rng.uniform(-0.9, 0.9, size=(6, 3)) + offset
     y = rng.normal(size=(25, 4 + 2 * 3)) + 3 * x[:, :1]
     post = GPPosterior.condition(fit_hyperparameters(x, y, seed=0, restarts=0, kernel=kernel), x, y)
     assert post.hyper.kernel == kernel and (post.hyper.linear is not None) == (kernel == "rbf+linear")

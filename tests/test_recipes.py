@@ -32,6 +32,15 @@ def csv_params() -> np.ndarray:
     return np.loadtxt(ROOT / "input_data/params.csv", delimiter=",", dtype=np.float32)   # (80, 4)
 
 
+def random_latent_data(ctx, seed: int) -> ConditionerData:
+    """The demo's parameters with random latent targets, unrelated to them: validation can only
+    reach the mean."""
+    rng = np.random.default_rng(seed)
+    main = rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32)
+    return ConditionerData.build(ConditionerInputs(csv_params(), []), main,
+                                 rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
+
+
 # ----------------------------------------------------------------------------- VAE validation
 
 @pytest.mark.parametrize("epochs,val_every", [(12, None), (5, 2)])
@@ -162,12 +171,8 @@ class RecordingConditionerTrainer(ConditionerTrainer):
 def test_conditioner_stops_after_patience_epochs_without_improvement_and_keeps_the_best_weights(tmp_path):
     patience, epochs = 3, 60
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + [f"n_epoch={epochs}", f"lc_patience={patience}"])
-    rng = np.random.default_rng(0)
     # Targets unrelated to the inputs: validation can only reach the mean, then stops improving.
-    main = rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32)
-    hier = rng.normal(size=(80, 3, 8)).astype(np.float32)
-    data = ConditionerData.build(ConditionerInputs(csv_params(), []), main, hier, ctx.device)
-    trainer = RecordingConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
+    trainer = RecordingConditionerTrainer(ctx, random_latent_data(ctx, 0), train_idx, val_idx, vae_run_id="x")
     trainer.validated_weights = []
     trainer.fit()
 
@@ -200,10 +205,7 @@ def test_conditioner_stops_after_patience_epochs_without_improvement_and_keeps_t
 
 def test_conditioner_patience_counts_consecutive_validations_without_improvement(tmp_path):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS + ["lc_patience=3"])
-    rng = np.random.default_rng(0)
-    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32),
-                                 rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
-    trainer = ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
+    trainer = ConditionerTrainer(ctx, random_latent_data(ctx, 0), train_idx, val_idx, vae_run_id="x")
     name, weight = next(iter(trainer.engine.module.named_parameters()))
     # an improvement resets the count; an equal loss is not an improvement
     losses = [1.0, 0.9, 0.95, 0.8, 0.85, 0.8, 0.9]
@@ -218,10 +220,7 @@ def test_conditioner_patience_counts_consecutive_validations_without_improvement
 
 def test_conditioner_progress_line_shows_the_validation_loss(tmp_path):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, CSV_INPUTS)
-    rng = np.random.default_rng(0)
-    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32),
-                                 rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
-    trainer = ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
+    trainer = ConditionerTrainer(ctx, random_latent_data(ctx, 0), train_idx, val_idx, vae_run_id="x")
     val = trainer.validate()
     assert val["loss"] == pytest.approx(val["main"] + val["hier"])
     shown = trainer.progress_values({"loss": 1.0}, val, {"lr": 1e-3})
@@ -230,10 +229,7 @@ def test_conditioner_progress_line_shows_the_validation_loss(tmp_path):
 
 def random_latent_trainer(ctx, train_idx, val_idx) -> ConditionerTrainer:
     """An MLP conditioner trainer on the demo's parameters with random latent targets."""
-    rng = np.random.default_rng(1)
-    data = ConditionerData.build(ConditionerInputs(csv_params(), []), rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32),
-                                 rng.normal(size=(80, 3, 8)).astype(np.float32), ctx.device)
-    return ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="x")
+    return ConditionerTrainer(ctx, random_latent_data(ctx, 1), train_idx, val_idx, vae_run_id="x")
 
 
 @pytest.mark.parametrize("smoothing", [0.2, 0.0])

@@ -176,7 +176,8 @@ def test_conditioner_resume_refuses_a_checkpoint_of_another_split(tmp_path):
     ctx, _, train_idx, val_idx = demo_context(tmp_path, keys)
     params = np.loadtxt(ROOT / "input_data/params.csv", delimiter=",", dtype=np.float32)
     rng = np.random.default_rng(0)
-    latents = rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32), rng.normal(size=(80, 3, 8)).astype(np.float32)
+    latents = (rng.normal(size=(80, ctx.cfg.vae.Latent_dim_end)).astype(np.float32),
+               rng.normal(size=(80, 3, 8)).astype(np.float32))
     data = ConditionerData.build(ConditionerInputs(params, []), *latents, ctx.device)
     ConditionerTrainer(ctx, data, train_idx, val_idx, vae_run_id="v").fit()
     saved = ctx.paths.conditioner.read_bytes()
