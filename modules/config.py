@@ -246,6 +246,12 @@ class ConditionerConfig:
                                    "CRPS on the validation runs (crps; the bands file carries each band's coverage "
                                    "calibration) or so that their own 5-95 % range is the calibrated 90 % band "
                                    "(band90) (README, \"Uncertainty\")")
+    gp_frame_net: str = _key("blend", choices=("blend", "off"),
+                             help="GP conditioner: also train a network from the inputs and the time to each saved "
+                                  "frame, on every frame of the training runs, and blend its prediction with the GP's "
+                                  "by the weight that predicts the validation runs best (README, \"Accuracy\"); "
+                                  "off: the GP alone")
+    frame_net_epochs: int = _key(150, lo=1, help="epochs of the frame network (gp_frame_net blend)")
     lc_patience: int = _key(20000, lo=1,
                             help="early stopping: epochs without validation improvement")
     use_e2e_training: bool = _key(False,

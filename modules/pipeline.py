@@ -327,9 +327,10 @@ def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict
         """The conditioner's data with a decoder of `vae` and a maker of surrogates."""
         decoder = LatentDecoder(vae, data.main_scaler, data.hier_scaler, ctx.device)
 
-        def surrogate(module) -> Surrogate:
+        def surrogate(module, frame_net=None) -> Surrogate:
             return Surrogate(module, decoder, store.scaler, data.input_scaler, cfg.conditioner.kind,
-                             cfg.conditioner.num_param, cfg.conditioner.param_data_type, ctx.device, {})
+                             cfg.conditioner.num_param, cfg.conditioner.param_data_type, ctx.device, {},
+                             frame_net=frame_net)
         return data, decoder, surrogate
 
     vae = _frozen_vae(ctx)
@@ -401,7 +402,8 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     `final_basis` (the conditioner data, decoder and surrogate maker of the VAE with its linear path
     refitted on every run; `gp_refit_basis`) does the same for the VAE's POD path: the saved GP is
     conditioned on that VAE's latents, the saved scalers are theirs, and the conditioner
-    checkpoint carries the path (H22)."""
+    checkpoint carries the path (H22). With `gp_frame_net blend` the frame network is blended in
+    before the validation numbers and the calibration (`_frame_nets`, H30)."""
     from modules.baseline import CV_FOLDS, choose_kernel
     from modules.gp import GPPosterior, fit_hyperparameters
     from modules.train_conditioner import (DIFFICULTY_VALUES, evaluate_surrogate, fit_difficulty, sample_positions,
@@ -440,6 +442,7 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     out: dict = {"conditioner": f"{cfg.conditioner.kind} (gp)", "lc_gp_kernel": kernel,
                  "lc_gp_kernel_cv_rel_l2": kernel_scores, "lc_gp_length_scales": saved.length.tolist(),
                  "lc_gp_noise": saved.noise.tolist()}
+    held_net = final_net = None
     if ctx.dist.is_main:
         module = held_out.to(ctx.device)
         if cfg.conditioner.gp_difficulty:
@@ -449,10 +452,13 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
                                           x, seed)
             final.set_difficulty(post)
             out["lc_loo_rel_l2"] = {"mean": float(errors.mean()), "max": float(errors.max())}
-        evaluation = evaluate_surrogate(surrogate(module), data, store, torch.as_tensor(train_idx),
+        if cfg.conditioner.gp_frame_net == "blend":
+            held_net, final_net, frame_out = _frame_nets(ctx, surrogate(module), data, store, train_idx, val_idx)
+            out.update(frame_out)
+        evaluation = evaluate_surrogate(surrogate(module, held_net), data, store, torch.as_tensor(train_idx),
                                         torch.as_tensor(val_idx))
         out.update(_conditioner_report(evaluation, module, data, val_idx, figures))
-        out.update(_calibrate_spread(surrogate(module), data, store, val_idx, cfg.run.seed, figures,
+        out.update(_calibrate_spread(surrogate(module, held_net), data, store, val_idx, cfg.run.seed, figures,
                                       cfg.conditioner.gp_draw_scale))
         final.spread_scale.fill_(out["lc_spread_scale"])
         final.band_scales.copy_(torch.tensor([out["lc_band_scales"][str(level)] for level in LEVELS]))
@@ -462,6 +468,8 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     seconds = time.perf_counter() - started
     split = {"train": torch.as_tensor(train_idx), "val": torch.as_tensor(val_idx)}
     extra = {"vae_run_id": vae_run_id, "split": split}
+    if final_net is not None:
+        extra["frame_net"] = final_net.stored()
     if final_decoder is not None:
         extra["linear_path"] = {k: v.cpu() for k, v in final_decoder.vae.linear.state_dict().items()}
         out["lc_refit_basis"] = True
@@ -473,6 +481,44 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     out["lc_seconds"] = seconds
     barrier()
     return out
+
+
+def _frame_nets(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_idx: np.ndarray,
+                val_idx: np.ndarray) -> tuple:
+    """`gp_frame_net blend` (modules/frame_net.py): the frame network trained on the training runs, with its
+    blend weight chosen on the validation runs, and, for the saved model, the network refitted on every run
+    with that weight, as the GP is refitted. None for both, and why in the summary, where it cannot be."""
+    from modules.frame_net import MAX_GIB, choose_weight, fits_in_memory, train_frame_net
+    from modules.train_conditioner import physical_fields
+    cfg = ctx.cfg
+    why = ("no validation run to choose its weight on" if len(val_idx) == 0 else
+           None if fits_in_memory(store.num_runs, store.num_time, store.num_nodes) else
+           f"the training frames need more than {MAX_GIB} GiB")
+    if why:
+        log.info("frame network skipped: %s", why)
+        return None, None, {"lc_frame_net": f"skipped: {why}"}
+    started = time.perf_counter()
+    x = data.inputs.float().cpu().numpy()
+    epochs, seed = cfg.conditioner.frame_net_epochs, cfg.run.seed
+    held = train_frame_net(x[train_idx], physical_fields(store, torch.as_tensor(train_idx)), epochs, seed, ctx.device)
+    val_t = torch.as_tensor(val_idx)
+    truth = physical_fields(store, val_t)
+    gp = gp_surrogate.fields(data.inputs[val_t.to(data.inputs.device)])
+    with torch.inference_mode():
+        own = held(torch.as_tensor(x[val_idx], device=ctx.device)).cpu().numpy()
+    weight, errors = choose_weight(gp, own, truth)
+    final = None
+    if weight > 0:
+        held.weight.fill_(weight)
+        final = train_frame_net(x, physical_fields(store, torch.arange(store.num_runs)), epochs, seed, ctx.device)
+        final.weight.fill_(weight)
+    else:           # the GP alone, its draws calibrated without the network's disagreement, as it is saved
+        held = None
+    seconds = time.perf_counter() - started
+    log.info("frame network: validation rel. L2 %.4g against the GP's %.4g; blend weight %.2f (%.0f s)",
+             errors[-1], errors[0], weight, seconds)
+    return held, final, {"lc_frame_net": "blend", "lc_frame_net_weight": weight, "lc_val_rel_l2_gp": float(errors[0]),
+                         "lc_val_rel_l2_frame_net": float(errors[-1]), "lc_frame_net_seconds": seconds}
 
 
 CALIBRATION_MIN_RUNS = 3

@@ -21,6 +21,7 @@ from modules.config import stored_sections
 from modules.data import FieldScaler, load_field_scaler
 from modules.domain import InputDomain
 from modules.errors import UserError
+from modules.frame_net import FrameNet
 from modules.run import Paths
 from modules.vae import VAEArchitecture
 
@@ -71,11 +72,14 @@ class Surrogate:
     dataset: Path | None = None            # the training dataset (its mesh.vtu is beside it, for --vtk)
     domain: InputDomain | None = None      # the training inputs' domain (CSV rows or picture features)
     image_features: ImageFeatures | None = None   # pictures through the GP: what it reads of them
+    frame_net: FrameNet | None = None      # blended with the GP's prediction (gp_frame_net; modules/frame_net.py)
 
     def __post_init__(self):
         # Once here, not per call: .eval() walks every submodule (0.5 ms of a 3 ms prediction).
         self.conditioner.eval()
         self.decoder.eval()
+        if self.frame_net is not None:
+            self.frame_net.eval()
 
     @property
     def has_predictive(self) -> bool:
@@ -106,19 +110,24 @@ class Surrogate:
         conditioner's difficulty model (`widen`) and scaled by the calibrated `spread_scale`. With
         `vae_levels` (the original's), the VAE's hierarchical levels at random around the
         predicted latents. The point prediction is decoded once, for both.
+
+        With a frame network (`gp_frame_net`) the point prediction moves by the blend weight times
+        the network's disagreement with the GP, and so does every draw; predictive draws also take a
+        standard-normal multiple of that disagreement each (where the two models disagree, the
+        truth may lie on either side), before the widening and scaling, which the validation runs
+        calibrate on these draws.
         """
         points, draws = [], []
         for chunk in inputs.split(max(1, batch_size // samples)):
             chunk = chunk.to(self.device)
-            if samples > 1 and sampling == "predictive":
+            predictive = samples > 1 and sampling == "predictive"
+            if predictive:
                 mean, std = self.conditioner.predict(chunk)                                 # (B, m)
                 latents = mean[:, None] + std[:, None] * torch.randn(
                     (len(chunk), samples, mean.shape[1]), dtype=mean.dtype, device=mean.device)
                 point = self._physical(self.decoder(*self.conditioner.split(mean.float()), mode="fix"))
                 field = self._physical(self.decoder(*self.conditioner.split(latents.flatten(0, 1).float()),
                                                     mode="fix").unflatten(0, (len(chunk), samples)))
-                field = torch.from_numpy(widen(field.numpy(), point.numpy(), self.conditioner.difficulty(chunk).cpu().numpy(),
-                                               float(self.conditioner.spread_scale)))
             else:
                 main, hier = self.conditioner(chunk)
                 point = self._physical(self.decoder(main, hier, mode="fix"))
@@ -127,6 +136,17 @@ class Surrogate:
                     reps = self.decoder(main.repeat_interleave(samples, 0), hier.repeat_interleave(samples, 0),
                                         mode="random")                                      # (B·K, N, T)
                     field = self._physical(reps.unflatten(0, (len(chunk), samples)))        # (B, K, T, N)
+            if self.frame_net is not None:
+                apart = self.frame_net.disagreement(point, chunk).cpu()
+                shift = float(self.frame_net.weight) * apart
+                point = point + shift
+                if field is not None:
+                    field = field + shift[:, None]
+                if predictive:
+                    field = field + torch.randn((len(chunk), samples, 1, 1), dtype=field.dtype) * apart[:, None]
+            if predictive:
+                field = torch.from_numpy(widen(field.numpy(), point.numpy(), self.conditioner.difficulty(chunk).cpu().numpy(),
+                                               float(self.conditioner.spread_scale)))
             points.append(point)
             if field is not None:
                 draws.append(field)
@@ -225,12 +245,21 @@ class Surrogate:
         preset = cond_state["run"].get("preset", {})
         dataset = (paths.workdir / config["run"].get("dataset_dir", "") /
                    f"dataset{preset.get('dataset_number', 1)}.npy")
+        frame_net = None
+        if (stored := cond_state["extra"].get("frame_net")) is not None:
+            try:
+                frame_net = FrameNet(**stored["shape"]).to(device)
+            except (TypeError, KeyError) as err:
+                raise UserError(f"{cond_path}: its frame network's sizes are unreadable ({err}); the file is damaged "
+                                f"or from another tool: retrain the conditioner with --lc_only=1.") from None
+            load_model_state(frame_net, stored["state"], cond_path, "conditioner checkpoint", _TRAIN_HINT)
         return cls(conditioner, LatentDecoder(vae, main_scaler, hier_scaler, device),
                    field, input_scaler, arch.input_type, arch.num_param,
                    config["conditioner"]["param_data_type"], device,
                    {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
                     "conditioner_scalers": str(paths.conditioner_scalers),
-                    "weights": "EMA" if config["engine"].get("use_ema") else "trained"}, dataset, domain, features)
+                    "weights": "EMA" if config["engine"].get("use_ema") else "trained"}, dataset, domain, features,
+                   frame_net)
 
 
 def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -246,6 +246,11 @@ def _misshape_first_weight(state: dict) -> None:
         state[part][key] = torch.zeros(3)
 
 
+def _damage_frame_net(state: dict) -> None:
+    """The conditioner checkpoint's frame network (gp_frame_net) loses its sizes."""
+    state["extra"]["frame_net"] = {"shape": {"inputs": 4}, "state": {}}
+
+
 def _remove(ctx: Ctx, relative: str, args: list[str]) -> list[str]:
     """Delete <copy>/relative (a file or a folder); return `args`."""
     assert ctx.wd.name == "copy"
@@ -482,6 +487,11 @@ CASES = [
          lambda c: _replace_checkpoint(c, ["--predict", "input_data/params.csv", "--out", c.rel(c.case / "pred.npy")],
                                        "conditioner.pt"),
          ("conditioner checkpoint", "conditioner.pt loads, but is not a SimulGenVAE conditioner checkpoint"),
+         where="copy"),
+    Case("predict-frame-net-damaged",
+         lambda c: _replace_checkpoint(c, ["--predict", "input_data/params.csv", "--out", c.rel(c.case / "pred.npy")],
+                                       "conditioner.pt", change=_damage_frame_net),
+         ("conditioner.pt: its frame network's sizes are unreadable", "retrain the conditioner with --lc_only=1"),
          where="copy"),
     Case("resume-checkpoint-weights-do-not-fit",
          lambda c: _replace_checkpoint(c, [*BASE, *QUICK_SETS, "--resume"], change=_misshape_first_weight),

@@ -136,6 +136,61 @@ def test_sampling_returns_the_point_prediction_beside_the_draws(trained):
         assert draws.shape == (3, 4, *point.shape[1:]) and not np.allclose(draws, point[:, None])
 
 
+def test_the_frame_network_is_blended_by_the_validation_runs_best_weight_and_moves_every_prediction(trained):
+    """gp_frame_net blend (the default): the network's weight is the one of the 21 tried with the lowest
+    validation error, so the blend is at least as good there as the GP and the network alone; the
+    checkpoint carries the network (refitted on every run) exactly when its weight is above 0; and a
+    surrogate with a network moves the GP's point prediction and every draw by weight × the network's
+    disagreement with the GP, predictive draws also along that disagreement."""
+    import dataclasses
+    from modules.calibration import spread_and_error
+    from modules.frame_net import train_frame_net
+    from modules.run import Paths
+    from modules.surrogate import Surrogate
+    work, _, summary, _ = trained
+    weight = summary["lc_frame_net_weight"]
+    assert summary["lc_frame_net"] == "blend" and 0 <= weight <= 1 and summary["lc_frame_net_seconds"] > 0
+    assert summary["lc_val_rel_l2"] <= min(summary["lc_val_rel_l2_gp"], summary["lc_val_rel_l2_frame_net"]) + 1e-9
+    assert summary["lc_val_rel_l2"] == pytest.approx(np.mean(summary["lc_val_rel_l2_per_run"]))
+    state = torch.load(work / "checkpoints/conditioner.pt", weights_only=True)
+    surrogate = Surrogate.load(Paths(work), torch.device("cpu"))
+    assert ("frame_net" in state["extra"]) == (weight > 0) == (surrogate.frame_net is not None)
+    if surrogate.frame_net is not None:
+        assert float(surrogate.frame_net.weight) == pytest.approx(weight)
+    raw = np.loadtxt(work / "input_data/params.csv", delimiter=",")
+    x = surrogate.prepare(raw)
+    net = train_frame_net(x[:12].numpy(), np.load(work / "input_data/dataset1.npy")[:12], 2, 0, torch.device("cpu"))
+    net.weight.fill_(0.3)
+    gp, blended = (dataclasses.replace(surrogate, frame_net=f) for f in (None, net))
+    gp_point = gp.fields(x[:3])
+    with torch.inference_mode():
+        own = net(x[:3]).numpy()
+    np.testing.assert_allclose(blended.fields(x[:3]), gp_point + 0.3 * (own - gp_point), rtol=1e-5, atol=1e-6)
+    for model in (gp, blended):
+        torch.manual_seed(3)
+        model.levels = model.sample(x[:3], 4, sampling="vae_levels")[1]
+        torch.manual_seed(3)
+        model.draws = model.sample(x[:3], 64, sampling="predictive")
+    np.testing.assert_allclose(blended.levels - gp.levels, 0.3 * (own - gp_point)[:, None].repeat(4, 1), atol=1e-5)
+    assert (spread_and_error(blended.draws[1], blended.draws[0], blended.draws[0])[0]
+            > spread_and_error(gp.draws[1], gp.draws[0], gp.draws[0])[0]).all()
+
+
+def test_a_frame_network_that_adds_nothing_gets_weight_0_and_the_gp_alone_is_calibrated_and_saved(trained, tmp_path):
+    """One epoch leaves the network near the mean frame, far worse than the GP: its weight is 0, and the
+    GP's draws are calibrated and saved without it (its disagreement would have widened them)."""
+    work = tmp_path / "copy"
+    shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("runs"))
+    result = run_cli(work, "--preset=1", "--plot=0", "--lc_only=1", "--set", "input_type=csvs",
+                     "--set", "param_dir=/input_data/params.csv", "--set", "frame_net_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((next((work / "runs").iterdir()) / "summary.json").read_text())
+    assert summary["lc_frame_net_weight"] == 0 and summary["lc_val_rel_l2_frame_net"] > 2 * summary["lc_val_rel_l2_gp"]
+    assert summary["lc_val_rel_l2"] == pytest.approx(summary["lc_val_rel_l2_gp"])
+    assert "frame_net" not in torch.load(work / "checkpoints/conditioner.pt", weights_only=True)["extra"]
+    assert abs(summary["calibration"]["coverage_90"] - 0.9) < 0.01
+
+
 def test_the_difficulty_model_widens_each_runs_spread_by_its_predicted_error(trained):
     """With the same draws, the saved difficulty model turns each run's relative spread s·c into
     c·√(s² + d²), d the model's predicted leave-one-out error at that input (c: the conformal scale)."""
@@ -164,7 +219,8 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
     on every run, validation runs included, and prediction decodes through it, so the validation runs
     now lie in its span; gp_refit_basis 0 keeps the VAE's own path (fitted on its training split).
     gp_draw_scale band90 spreads the draws as the calibrated 90 % band (its relative scale 1).
-    gp_kernel auto (with them) saves the GPs of the family with the lowest cross-validated error."""
+    gp_kernel auto (with them) saves the GPs of the family with the lowest cross-validated error;
+    gp_frame_net off trains and saves no frame network."""
     from modules.baseline import relative_l2
     from modules.run import Paths
     from modules.surrogate import Surrogate
@@ -187,7 +243,7 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
     shutil.copytree(work, copy, ignore=shutil.ignore_patterns("runs"))
     result = run_cli(copy, "--preset=1", "--plot=0", "--lc_only=1", "--set", "input_type=csvs",
                      "--set", "param_dir=/input_data/params.csv", "--set", "gp_refit_basis=0",
-                     "--set", "gp_draw_scale=band90", "--set", "gp_kernel=auto")
+                     "--set", "gp_draw_scale=band90", "--set", "gp_kernel=auto", "--set", "gp_frame_net=off")
     assert result.returncode == 0, result.stderr[-3000:]
     band90 = json.loads((sorted((copy / "runs").iterdir())[-1] / "summary.json").read_text())
     assert summary["lc_gp_kernel"] == "rbf" and summary["lc_gp_kernel_cv_rel_l2"] == {}     # the default: no choice
@@ -197,7 +253,7 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
     assert abs(band90["calibration"]["coverage_90"] - 0.9) < 0.01
     assert summary["lc_band_scales"]["0.9"] != 1.0      # the default's draws are spread for their CRPS
     kept = torch.load(copy / "checkpoints/conditioner.pt", weights_only=True)
-    assert "linear_path" not in kept["extra"]
+    assert "linear_path" not in kept["extra"] and "frame_net" not in kept["extra"] and "lc_frame_net" not in band90
     assert bool(kept["export"]["matern"]) == (band90["lc_gp_kernel"] == "matern52")
     assert bool(kept["export"]["linear"].any()) == (band90["lc_gp_kernel"] == "rbf+linear")
     own = Surrogate.load(Paths(copy), torch.device("cpu"))
@@ -476,6 +532,8 @@ def test_evaluate_reports_errors_compression_share_baselines_and_calibration(tra
     assert result.returncode == 0, result.stderr[-3000:]
     assert "evaluation on 4 held-out runs" in result.stdout and "VAE alone" in result.stdout
     report = json.loads((tmp_path / "pred_evaluation.json").read_text())
+    assert report["frame_net_weight"] == pytest.approx(trained[2]["lc_frame_net_weight"])
+    assert ("does not decode through the VAE" in result.stdout) == (report["frame_net_weight"] > 0)
     again = tmp_path / "point.npy"                 # the point prediction the report scores
     assert run_cli(work, "--predict", str(tmp_path / "held.csv"), "--out", str(again)).returncode == 0
     point = np.load(again)
