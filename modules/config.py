@@ -251,7 +251,8 @@ class ConditionerConfig:
                                   "frame, on every frame of the training runs, and blend its prediction with the GP's "
                                   "by the weight that predicts the validation runs best (README, \"Accuracy\"); "
                                   "off: the GP alone")
-    frame_net_epochs: int = _key(150, lo=1, help="epochs of the frame network (gp_frame_net blend)")
+    frame_net_epochs: int = _key(150, lo=1, help="epochs of the frame network (gp_frame_net blend), at most "
+                                                 "10,000 optimiser steps of 128 frames in all")
     lc_patience: int = _key(20000, lo=1,
                             help="early stopping: epochs without validation improvement")
     use_e2e_training: bool = _key(False,

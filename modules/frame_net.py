@@ -28,6 +28,7 @@ LR = 2e-3                   # peak of the one-cycle schedule
 WEIGHT_DECAY = 1e-5
 WEIGHTS = np.arange(21) / 20           # the blend weights `choose_weight` tries: 0, 0.05, ..., 1
 MAX_GIB = 2                 # training frames held at once (float32); above this the network is skipped
+MAX_STEPS = 10_000          # optimiser steps at most, whatever the epochs (the suite's problems need 2,400-9,000)
 
 
 class FrameNet(nn.Module):
@@ -70,7 +71,8 @@ def fits_in_memory(runs: int, steps: int, nodes: int) -> bool:
 def train_frame_net(inputs: np.ndarray, fields: np.ndarray, epochs: int, seed: int,
                     device: torch.device) -> FrameNet:
     """A FrameNet trained by AdamW with a one-cycle schedule on every frame of `fields` (n, T, N),
-    physical units, whose runs have the scaled `inputs` (n, d). Deterministic for a seed (on CPU)."""
+    physical units, whose runs have the scaled `inputs` (n, d), for `epochs` or MAX_STEPS optimiser
+    steps, whichever is fewer (the cost of a step grows with N). Deterministic for a seed (on CPU)."""
     n, steps, nodes = fields.shape
     mean = fields.mean(axis=0)
     unit = float(np.abs(fields - mean).max()) or 1.0
@@ -83,6 +85,7 @@ def train_frame_net(inputs: np.ndarray, fields: np.ndarray, epochs: int, seed: i
     x = net.frame_inputs(torch.as_tensor(inputs, dtype=torch.float32, device=device))
     y = torch.as_tensor((fields - mean) / unit, dtype=torch.float32, device=device).flatten(0, 1)
     batches = (len(x) + BATCH - 1) // BATCH
+    epochs = min(epochs, max(1, MAX_STEPS // batches))
     opt = torch.optim.AdamW(net.net.parameters(), LR, weight_decay=WEIGHT_DECAY)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=epochs * batches)
     order = torch.Generator().manual_seed(seed)

@@ -66,3 +66,20 @@ def test_training_is_seeded_and_the_stored_network_predicts_the_same():
     untrained = train_frame_net(params, fields, epochs=1, seed=4, device=CPU)
     np.testing.assert_allclose(untrained.mean.numpy(), fields.mean(axis=0), rtol=1e-6, atol=1e-30)
     assert float(untrained.unit) == np.abs(fields - fields.mean(axis=0)).max().astype(np.float32)
+
+
+def test_the_optimiser_steps_are_capped_whatever_the_epochs(monkeypatch):
+    """MAX_STEPS bounds the training of large studies: with the cap at 3 steps of 2 batches per
+    epoch, 50 epochs train exactly as 1 epoch does, and 1 epoch is not cut."""
+    import modules.frame_net as frame_net
+    rng = np.random.default_rng(3)
+    params = rng.random((16, 3))
+    fields = moving_pulses(params, steps=16, nodes=24)              # 256 frames: 2 batches of 128
+    monkeypatch.setattr(frame_net, "MAX_STEPS", 3)
+    capped, one = (train_frame_net(params, fields, epochs=e, seed=0, device=CPU) for e in (50, 1))
+    x = torch.as_tensor(params[:2])
+    monkeypatch.setattr(frame_net, "MAX_STEPS", 10_000)
+    two = train_frame_net(params, fields, epochs=2, seed=0, device=CPU)
+    with torch.inference_mode():
+        torch.testing.assert_close(capped(x), one(x), rtol=0, atol=0)
+        assert not torch.allclose(two(x), one(x))

@@ -134,9 +134,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results = {name: probe(name, args.dims, args.epochs, args.seed) for name in args.problems}
     OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=1) + "\n")
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    for name in args.problems:          # written after each problem, kept beside earlier problems' results
+        results[name] = probe(name, args.dims, args.epochs, args.seed)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
