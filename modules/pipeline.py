@@ -487,30 +487,26 @@ def _frame_nets(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_id
                 val_idx: np.ndarray) -> tuple:
     """`gp_frame_net blend` (modules/frame_net.py): the frame network trained on the training runs, with its
     blend weight chosen on the validation runs, and, for the saved model, the network refitted on every run
-    with that weight, as the GP is refitted. None for both, and why in the summary, where it cannot be."""
+    with that weight, as the GP is refitted. None for both at weight 0, and where the frames are too large
+    (the summary says why)."""
     from modules.frame_net import MAX_GIB, choose_weight, fits_in_memory, train_frame_net
     from modules.train_conditioner import physical_fields
-    cfg = ctx.cfg
-    why = ("no validation run to choose its weight on" if len(val_idx) == 0 else
-           None if fits_in_memory(store.num_runs, store.num_time, store.num_nodes) else
-           f"the training frames need more than {MAX_GIB} GiB")
-    if why:
-        log.info("frame network skipped: %s", why)
-        return None, None, {"lc_frame_net": f"skipped: {why}"}
+    if not fits_in_memory(store.num_runs, store.num_time, store.num_nodes):
+        log.info("frame network skipped: the training frames need more than %d GiB", MAX_GIB)
+        return None, None, {"lc_frame_net": f"skipped: the training frames need more than {MAX_GIB} GiB"}
     started = time.perf_counter()
     x = data.inputs.float().cpu().numpy()
-    epochs, seed = cfg.conditioner.frame_net_epochs, cfg.run.seed
-    held = train_frame_net(x[train_idx], physical_fields(store, torch.as_tensor(train_idx)), epochs, seed, ctx.device)
-    val_t = torch.as_tensor(val_idx)
-    truth = physical_fields(store, val_t)
-    gp = gp_surrogate.fields(data.inputs[val_t.to(data.inputs.device)])
+    fields = physical_fields(store, torch.arange(store.num_runs))          # every run, read once
+    epochs, seed = ctx.cfg.conditioner.frame_net_epochs, ctx.cfg.run.seed
+    held = train_frame_net(x[train_idx], fields[train_idx], epochs, seed, ctx.device)
+    gp = gp_surrogate.fields(data.inputs[torch.as_tensor(val_idx).to(data.inputs.device)])
     with torch.inference_mode():
         own = held(torch.as_tensor(x[val_idx], device=ctx.device)).cpu().numpy()
-    weight, errors = choose_weight(gp, own, truth)
+    weight, errors = choose_weight(gp, own, fields[val_idx])
     final = None
     if weight > 0:
         held.weight.fill_(weight)
-        final = train_frame_net(x, physical_fields(store, torch.arange(store.num_runs)), epochs, seed, ctx.device)
+        final = train_frame_net(x, fields, epochs, seed, ctx.device)
         final.weight.fill_(weight)
     else:           # the GP alone, its draws calibrated without the network's disagreement, as it is saved
         held = None
