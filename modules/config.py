@@ -252,7 +252,18 @@ class ConditionerConfig:
                                   "by the weight that predicts the validation runs best (README, \"Accuracy\"); "
                                   "off: the GP alone")
     frame_net_epochs: int = _key(150, lo=1, help="epochs of the frame network (gp_frame_net blend), at most "
-                                                 "10,000 optimiser steps of 128 frames in all")
+                                                 "10,000 optimiser steps of 128 frames in all, on CPU at most 2e7 / nodes")
+    gp_point_net: str = _key("blend", choices=("blend", "off"),
+                             help="GP conditioner: also train a network from the inputs, the time and a node's "
+                                  "position to the field there, on random points of the training runs, and blend it "
+                                  "in beside the frame network by the weights that predict the validation runs best "
+                                  "(README, \"Accuracy\"); off: without it")
+    point_net_steps: int = _key(6000, lo=1, help="optimiser steps of the point network (gp_point_net blend), "
+                                                 "4,096 random points each")
+    node_positions: str = _key("auto", help="where the point network's nodes are: auto (the mesh.vtu that "
+                                            "--import_runs writes beside the dataset, else an embedding of the "
+                                            "nodes learnt from the training fields), embedding, or a CSV / .npy "
+                                            "file of one row of 1-3 coordinates per node, read as param_dir is")
     lc_patience: int = _key(20000, lo=1,
                             help="early stopping: epochs without validation improvement")
     use_e2e_training: bool = _key(False,

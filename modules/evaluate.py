@@ -81,7 +81,7 @@ def evaluate(surrogate, inputs: np.ndarray, files: list[str], truth_path: Path, 
     n = len(truth)
     diff = point - truth
     report: dict = {"truth": str(truth_path), "runs": n, "inputs": files,
-                    "frame_net_weight": 0.0 if surrogate.frame_net is None else float(surrogate.frame_net.weight)}
+                    "network_weight": 0.0 if surrogate.frame_net is None else float(surrogate.frame_net.weight)}
     per_run = {"rel_l2": relative_l2(point, truth), "rmse": np.sqrt((diff ** 2).reshape(n, -1).mean(axis=1)),
                "max_abs_error": np.abs(diff).reshape(n, -1).max(axis=1),
                "vae_rel_l2": relative_l2(surrogate.reconstruct(truth), truth)}
@@ -142,9 +142,9 @@ def describe(report: dict) -> list[str]:
              f"  surrogate: relative L2 {triple('rel_l2')}; RMSE mean {s['rmse']['mean']:.4g}; "
              f"max abs error {s['max_abs_error']['max']:.4g}",
              f"  VAE alone (true fields encoded and decoded): relative L2 {triple('vae_rel_l2')} — the compression's "
-             + ("share; the rest is the conditioner's" if not report["frame_net_weight"] else
-                f"share of the GP's part; the frame network (blend weight {report['frame_net_weight']:.2f}) does not "
-                f"decode through the VAE")]
+             + ("share; the rest is the conditioner's" if not report["network_weight"] else
+                f"share of the GP's part; the networks blended in (weight {report['network_weight']:.2f} in all) do "
+                f"not decode through the VAE")]
     if "baseline_pod_gpr_rel_l2" in s:
         ratio = s["rel_l2"]["mean"] / max(s["baseline_pod_gpr_rel_l2"]["mean"], 1e-30)
         lines.append(f"  POD + GPR (refitted on all training runs): {s['baseline_pod_gpr_rel_l2']['mean']:.4g} "

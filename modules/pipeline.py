@@ -106,6 +106,10 @@ def _preflight(flags: Flags, cfg: Config, preset: Preset, paths: Paths, dist_inf
     check_dataset(array, (cfg.data.Dim1, cfg.data.Dim2, cfg.data.Dim3), data_path)
     runs = reduce(array, cfg.data.Dim2_red, cfg.data.Dim3_red)                      # (P, T', N'), a view
     inputs = read_conditioner_inputs(cfg, workdir)
+    if cfg.conditioner.uses_gp and cfg.conditioner.gp_point_net == "blend" \
+            and cfg.conditioner.node_positions not in ("auto", "embedding"):
+        from modules.point_net import positions_file, read_positions
+        read_positions(positions_file(cfg.conditioner.node_positions, workdir), cfg.data.Dim3, cfg.data.Dim3_red)
     if not flags.lc_only:       # the global batches must split evenly over the DDP processes
         per_rank_batch(cfg.vae.Batch_size, dist_info.world_size, "Batch_size")
     per_rank_batch(cfg.conditioner.latent_conditioner_batch, dist_info.world_size, "latent_conditioner_batch")
@@ -452,9 +456,10 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
                                           x, seed)
             final.set_difficulty(post)
             out["lc_loo_rel_l2"] = {"mean": float(errors.mean()), "max": float(errors.max())}
-        if cfg.conditioner.gp_frame_net == "blend":
-            held_net, final_net, frame_out = _frame_nets(ctx, surrogate(module), data, store, train_idx, val_idx)
-            out.update(frame_out)
+        if "blend" in (cfg.conditioner.gp_frame_net, cfg.conditioner.gp_point_net):
+            held_net, final_net, blend_out = _networks(ctx, surrogate(module), data, store, train_idx, val_idx,
+                                                       figures.dataset)
+            out.update(blend_out)
         evaluation = evaluate_surrogate(surrogate(module, held_net), data, store, torch.as_tensor(train_idx),
                                         torch.as_tensor(val_idx))
         out.update(_conditioner_report(evaluation, module, data, val_idx, figures))
@@ -483,38 +488,75 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     return out
 
 
-def _frame_nets(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_idx: np.ndarray,
-                val_idx: np.ndarray) -> tuple:
-    """`gp_frame_net blend` (modules/frame_net.py): the frame network trained on the training runs, with its
-    blend weight chosen on the validation runs, and, for the saved model, the network refitted on every run
-    with that weight, as the GP is refitted. None for both at weight 0, and where the frames are too large
-    (the summary says why)."""
-    from modules.frame_net import MAX_GIB, choose_weight, fits_in_memory, train_frame_net
+def _networks(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_idx: np.ndarray,
+              val_idx: np.ndarray, dataset: Path | None) -> tuple:
+    """`gp_frame_net blend` and `gp_point_net blend` (modules/frame_net.py, modules/point_net.py): each network
+    trained on the training runs, the blend weights chosen together on the validation runs, and, for the saved
+    model, each network with a weight refitted on every run, as the GP is refitted. Returns the held-out and the
+    saved NetBlend, None for both where every weight is 0 or no network could be trained (the summary says
+    why), and the summary's entries."""
+    from modules.baseline import relative_l2
+    from modules.frame_net import MAX_GIB, NetBlend, choose_weights, fits_in_memory, train_frame_net
+    from modules.point_net import node_positions, train_point_net
     from modules.train_conditioner import physical_fields
+    conditioner = ctx.cfg.conditioner
+    wanted = [kind for kind, key in (("frame", conditioner.gp_frame_net), ("point", conditioner.gp_point_net))
+              if key == "blend"]
     if not fits_in_memory(store.num_runs, store.num_time, store.num_nodes):
-        log.info("frame network skipped: the training frames need more than %d GiB", MAX_GIB)
-        return None, None, {"lc_frame_net": f"skipped: the training frames need more than {MAX_GIB} GiB"}
-    started = time.perf_counter()
+        log.info("frame and point networks skipped: the training frames need more than %d GiB", MAX_GIB)
+        why = f"skipped: the training frames need more than {MAX_GIB} GiB"
+        return None, None, {f"lc_{kind}_net": why for kind in wanted}
     x = data.inputs.float().cpu().numpy()
-    fields = physical_fields(store, torch.arange(store.num_runs))          # every run, read once
-    epochs, seed = ctx.cfg.conditioner.frame_net_epochs, ctx.cfg.run.seed
-    held = train_frame_net(x[train_idx], fields[train_idx], epochs, seed, ctx.device)
+    fields = physical_fields(store, torch.arange(store.num_runs), dtype=np.float32)    # every run, read once
+    seed, out = ctx.cfg.run.seed, {}
+    trainers = {}
+    if "frame" in wanted:
+        trainers["frame"] = lambda idx: train_frame_net(x[idx], fields[idx], conditioner.frame_net_epochs, seed,
+                                                        ctx.device)
+    if "point" in wanted:
+        started = time.perf_counter()
+        positions, source = node_positions(conditioner.node_positions, ctx.paths.workdir, dataset,
+                                           fields[train_idx], ctx.cfg.data.Dim3, seed)
+        out["lc_point_net_positions"] = source
+        if positions is None:
+            out["lc_point_net"] = source
+        else:
+            trainers["point"] = lambda idx: train_point_net(x[idx], fields[idx], positions, conditioner.point_net_steps,
+                                                            seed, ctx.device)
+        out["lc_point_net_positions_seconds"] = time.perf_counter() - started
+    held, own, seconds = {}, {}, {}
+    for kind, train in trainers.items():
+        started = time.perf_counter()
+        held[kind] = train(train_idx)
+        with torch.inference_mode():
+            own[kind] = held[kind](torch.as_tensor(x[val_idx], device=ctx.device)).cpu().numpy()
+        seconds[kind] = time.perf_counter() - started
+    if not held:
+        return None, None, out
     gp = gp_surrogate.fields(data.inputs[torch.as_tensor(val_idx).to(data.inputs.device)])
-    with torch.inference_mode():
-        own = held(torch.as_tensor(x[val_idx], device=ctx.device)).cpu().numpy()
-    weight, errors = choose_weight(gp, own, fields[val_idx])
-    final = None
-    if weight > 0:
-        held.weight.fill_(weight)
-        final = train_frame_net(x, fields, epochs, seed, ctx.device)
-        final.weight.fill_(weight)
-    else:           # the GP alone, its draws calibrated without the network's disagreement, as it is saved
-        held = None
-    seconds = time.perf_counter() - started
-    log.info("frame network: validation rel. L2 %.4g against the GP's %.4g; blend weight %.2f (%.0f s)",
-             errors[-1], errors[0], weight, seconds)
-    return held, final, {"lc_frame_net": "blend", "lc_frame_net_weight": weight, "lc_val_rel_l2_gp": float(errors[0]),
-                         "lc_val_rel_l2_frame_net": float(errors[-1]), "lc_frame_net_seconds": seconds}
+    truth = fields[val_idx]
+    weights, _, errors = choose_weights(gp, list(own.values()), truth)
+    out["lc_val_rel_l2_gp"] = float(errors[0])
+    for kind, weight in zip(held, weights):
+        out.update({f"lc_{kind}_net": "blend", f"lc_{kind}_net_weight": float(weight),
+                    f"lc_val_rel_l2_{kind}_net": float(relative_l2(own[kind], truth).mean())})
+    kept = [kind for kind, weight in zip(held, weights) if weight > 0]
+    held_blend = final_blend = None
+    if kept:            # else the GP alone, its draws calibrated without the networks' disagreement, as it is saved
+        shares = [float(w) for w in weights if w > 0]
+        held_blend = NetBlend([held[kind] for kind in kept], shares)
+        refitted = []
+        for kind in kept:
+            started = time.perf_counter()
+            refitted.append(trainers[kind](slice(None)))          # every run, the arrays as they are
+            seconds[kind] += time.perf_counter() - started
+        final_blend = NetBlend(refitted, shares)
+    for kind in held:
+        out[f"lc_{kind}_net_seconds"] = seconds[kind]
+    log.info("blend on the validation runs: GP %.4g%s -> %.4g with weights %s", errors[0],
+             "".join(f", {kind} network {out[f'lc_val_rel_l2_{kind}_net']:.4g}" for kind in held), errors.min(),
+             ", ".join(f"{kind} {w:.2f}" for kind, w in zip(held, weights)))
+    return held_blend, final_blend, out
 
 
 CALIBRATION_MIN_RUNS = 3

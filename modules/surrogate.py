@@ -21,7 +21,7 @@ from modules.config import stored_sections
 from modules.data import FieldScaler, load_field_scaler
 from modules.domain import InputDomain
 from modules.errors import UserError
-from modules.frame_net import FrameNet
+from modules.frame_net import NetBlend, load_blend
 from modules.run import Paths
 from modules.vae import VAEArchitecture
 
@@ -72,7 +72,7 @@ class Surrogate:
     dataset: Path | None = None            # the training dataset (its mesh.vtu is beside it, for --vtk)
     domain: InputDomain | None = None      # the training inputs' domain (CSV rows or picture features)
     image_features: ImageFeatures | None = None   # pictures through the GP: what it reads of them
-    frame_net: FrameNet | None = None      # blended with the GP's prediction (gp_frame_net; modules/frame_net.py)
+    frame_net: NetBlend | None = None      # networks blended with the GP's prediction (gp_frame_net, gp_point_net)
 
     def __post_init__(self):
         # Once here, not per call: .eval() walks every submodule (0.5 ms of a 3 ms prediction).
@@ -111,11 +111,11 @@ class Surrogate:
         `vae_levels` (the original's), the VAE's hierarchical levels at random around the
         predicted latents. The point prediction is decoded once, for both.
 
-        With a frame network (`gp_frame_net`) the point prediction moves by the blend weight times
-        the network's disagreement with the GP, and so does every draw; predictive draws also take a
-        standard-normal multiple of that disagreement each (where the two models disagree, the
-        truth may lie on either side), before the widening and scaling, which the validation runs
-        calibrate on these draws.
+        With networks blended in (`gp_frame_net`, `gp_point_net`) the point prediction moves by the
+        blend's total weight times the disagreement of the networks' weighted mean with the GP, and
+        so does every draw; predictive draws also take a standard-normal multiple of that
+        disagreement each (where the models disagree, the truth may lie on either side), before the
+        widening and scaling, which the validation runs calibrate on these draws.
         """
         points, draws = [], []
         for chunk in inputs.split(max(1, batch_size // samples)):
@@ -247,12 +247,7 @@ class Surrogate:
                    f"dataset{preset.get('dataset_number', 1)}.npy")
         frame_net = None
         if (stored := cond_state["extra"].get("frame_net")) is not None:
-            try:
-                frame_net = FrameNet(**stored["shape"]).to(device)
-            except (TypeError, KeyError) as err:
-                raise UserError(f"{cond_path}: its frame network's sizes are unreadable ({err}); the file is damaged "
-                                f"or from another tool: retrain the conditioner with --lc_only=1.") from None
-            load_model_state(frame_net, stored["state"], cond_path, "conditioner checkpoint", _TRAIN_HINT)
+            frame_net = load_blend(stored, str(cond_path), _TRAIN_HINT).to(device)
         return cls(conditioner, LatentDecoder(vae, main_scaler, hier_scaler, device),
                    field, input_scaler, arch.input_type, arch.num_param,
                    config["conditioner"]["param_data_type"], device,

@@ -180,11 +180,13 @@ class ConditionerTrainer(StageTrainer):
         check_same_split(state["split"], self.val_idx, self.checkpoint)
 
 
-def physical_fields(store: FieldStore, indices: torch.Tensor, batch: int = 64) -> np.ndarray:
-    """True fields of `indices` in physical units, (n, T, N)."""
-    parts = [store.scaler.inverse_transform(store.get(i).double()).transpose(1, 2).cpu().numpy()
-             for i in indices.split(batch)]
-    return np.concatenate(parts)
+def physical_fields(store: FieldStore, indices: torch.Tensor, batch: int = 64, dtype=np.float64) -> np.ndarray:
+    """True fields of `indices` in physical units, (n, T, N), filled `batch` runs at a time (no second copy)."""
+    out = np.empty((len(indices), store.num_time, store.num_nodes), dtype)
+    for start, i in zip(range(0, len(indices), batch), indices.split(batch)):
+        part = store.scaler.inverse_transform(store.get(i).double()).transpose(1, 2).cpu().numpy()
+        out[start:start + len(i)] = part
+    return out
 
 
 def evaluate_surrogate(surrogate: Surrogate, data: ConditionerData, store: FieldStore,

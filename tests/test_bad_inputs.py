@@ -45,9 +45,9 @@ SCRIPT = REPO / "SimulGen-VAE.py"
 WORKERS = max(2, min(4, os.cpu_count() or 2))   # commands run side by side
 TIMEOUT = 120            # per command; a case that slipped through into training would show here
 
-# One tiny, fast training run: 2 VAE epochs, 2 conditioner epochs, the MLP on params.csv.
+# One tiny, fast training run: 2 VAE epochs, 2 conditioner epochs, the GP on params.csv, a 20-step point network.
 QUICK = {"Training_epochs": "2", "n_epoch": "2", "input_type": "csvs", "param_dir": "/input_data/params.csv"}
-QUICK_SETS = [a for k, v in QUICK.items() for a in ("--set", f"{k}={v}")]
+QUICK_SETS = [*(a for k, v in QUICK.items() for a in ("--set", f"{k}={v}")), "--set", "point_net_steps=20"]
 BASE = ["--preset=1", "--plot=2"]
 # What torchrun sets; none may leak into the cases (--use_ddp must see "not under torchrun").
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -392,6 +392,11 @@ CASES = [
          lambda c: [*BASE, *QUICK_SETS, "--set", "param_dir=/input_data/no_such_params.csv"],
          ("parameter CSV not found", "no_such_params.csv", "param_dir")),
 
+    Case("node-positions-wrong-rows",
+         lambda c: [*BASE, *QUICK_SETS, "--set",
+                    "node_positions=" + c.write_file("".join(f"{i},0.5\n" for i in range(10)), "nodes.csv")],
+         ("node_positions", "nodes.csv: holds a 10x2 table", "it needs 256 rows")),
+
     # --- the conditioner inputs: images -----------------------------------------------
     Case("images-folder-missing",
          lambda c: c.images(None),
@@ -491,7 +496,7 @@ CASES = [
     Case("predict-frame-net-damaged",
          lambda c: _replace_checkpoint(c, ["--predict", "input_data/params.csv", "--out", c.rel(c.case / "pred.npy")],
                                        "conditioner.pt", change=_damage_frame_net),
-         ("conditioner.pt: its frame network's sizes are unreadable", "retrain the conditioner with --lc_only=1"),
+         ("conditioner.pt: its blended network's sizes are unreadable", "retrain the conditioner with --lc_only=1"),
          where="copy"),
     Case("resume-checkpoint-weights-do-not-fit",
          lambda c: _replace_checkpoint(c, [*BASE, *QUICK_SETS, "--resume"], change=_misshape_first_weight),

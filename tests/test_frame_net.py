@@ -1,13 +1,14 @@
-"""The frame network (modules/frame_net.py): it learns a moving pulse from every frame where a
-run-level POD + GP cannot, its blend weight is the validation runs' best, and it is
-deterministic and stored whole."""
+"""The frame and point networks (modules/frame_net.py, modules/point_net.py): they learn a moving
+pulse from every frame where a run-level POD + GP cannot, their blend weights are the validation
+runs' best, and they are deterministic and stored whole."""
 import numpy as np
 import pytest
 import torch
 
 from modules.baseline import POD, relative_l2
-from modules.checkpoint import load_model_state
-from modules.frame_net import WEIGHTS, FrameNet, choose_weight, train_frame_net
+from modules.frame_net import (WEIGHTS, NetBlend, blend_errors, choose_weights, load_blend,
+                               train_frame_net, training_epochs)
+from modules.point_net import PointNet, embed_nodes, mesh_positions, read_positions, train_point_net
 from modules.gp import fit_predict
 
 CPU = torch.device("cpu")
@@ -35,13 +36,19 @@ def test_the_network_learns_a_moving_pulse_that_pod_and_a_gp_of_its_coefficients
     assert net_error < 0.5 * pod_error < 0.5 * mean_error          # measured: 0.15, 0.42 and 0.91
 
 
-def test_the_blend_weight_is_the_one_that_made_the_truth_and_ties_go_to_the_gp():
+def test_the_blend_weights_are_the_ones_that_made_the_truth_and_ties_go_to_the_gp():
     rng = np.random.default_rng(1)
-    gp, net = rng.normal(size=(2, 5, 4, 7)), rng.normal(size=(2, 5, 4, 7))
-    weight, errors = choose_weight(gp, net, gp + 0.35 * (net - gp))
-    assert weight == WEIGHTS[7] == 0.35 and errors[7] < 1e-12 < errors.min(initial=1.0, where=WEIGHTS != 0.35)
-    assert errors[0] == relative_l2(gp, gp + 0.35 * (net - gp)).mean()
-    assert choose_weight(gp, gp.copy(), net)[0] == 0.0            # the network adds nothing: the GP alone
+    gp, net, other = rng.normal(size=(3, 5, 4, 7))
+    weights, combos, errors = choose_weights(gp, [net], gp + 0.35 * (net - gp))
+    assert weights.tolist() == [0.35] and np.allclose(combos[:, 0], WEIGHTS) and errors[7] < 1e-6 < 1e-2 < np.delete(errors, 7).min()
+    assert errors[0] == pytest.approx(relative_l2(gp, gp + 0.35 * (net - gp)).mean(), rel=1e-12)
+    assert choose_weights(gp, [gp.copy()], net)[0].tolist() == [0.0]      # the network adds nothing: the GP alone
+    truth = gp + 0.2 * (net - gp) + 0.45 * (other - gp)
+    weights, combos, errors = choose_weights(gp, [net, other], truth)
+    assert weights.tolist() == [0.2, 0.45] and len(combos) == 231 and combos.sum(axis=1).max() == 1.0
+    # the quadratic forms give what the blended fields give
+    direct = [relative_l2(gp + w1 * (net - gp) + w2 * (other - gp), truth).mean() for w1, w2 in combos[::17]]
+    np.testing.assert_allclose(blend_errors(gp, [net, other], truth, combos[::17]), direct, rtol=1e-10)
 
 
 def test_training_is_seeded_and_the_stored_network_predicts_the_same():
@@ -54,18 +61,30 @@ def test_training_is_seeded_and_the_stored_network_predicts_the_same():
     with torch.inference_mode():
         torch.testing.assert_close(first(x), again(x), rtol=0, atol=0)
         assert not torch.allclose(first(x), other(x))
-        first.weight.fill_(0.4)
-        stored = first.stored()
-        loaded = FrameNet(**stored["shape"])
-        load_model_state(loaded, stored["state"], "conditioner.pt", "conditioner checkpoint", "retrain")
-        torch.testing.assert_close(loaded.eval()(x), first(x), rtol=0, atol=0)
-        assert float(loaded.weight) == pytest.approx(0.4) and stored["shape"] == {"inputs": 3, "steps": 5, "nodes": 24, "width": 256}
-        point = torch.zeros(3, 5, 24)
-        torch.testing.assert_close(loaded.disagreement(point, x), first(x))
+        assert first.stored()["shape"] == {"inputs": 3, "steps": 5, "nodes": 24, "width": 256}
+        # a blend of two networks is stored whole: the loaded one predicts the same weighted mean
+        blend = NetBlend([first, other], [0.3, 0.1])
+        loaded = load_blend(blend.stored(), "conditioner.pt", "retrain").eval()
+        torch.testing.assert_close(loaded(x), 0.75 * first(x) + 0.25 * other(x), rtol=1e-6, atol=1e-6)
+        assert float(loaded.weight) == pytest.approx(0.4)
+        point = torch.zeros(3, 5, 24, dtype=torch.float64)
+        torch.testing.assert_close(loaded.disagreement(point, x), loaded(x).double())
+        # the earlier layout, one frame network holding its weight, loads as a blend of one
+        earlier = {"shape": first.stored()["shape"], "state": {**first.stored()["state"], "weight": torch.tensor(0.4)}}
+        alone = load_blend(earlier, "conditioner.pt", "retrain").eval()
+        torch.testing.assert_close(alone(x), first(x), rtol=0, atol=0)
+        assert float(alone.weight) == pytest.approx(0.4)
     # the mean frame and the unit make the targets centred: the untrained network predicts the mean frame
     untrained = train_frame_net(params, fields, epochs=1, seed=4, device=CPU)
     np.testing.assert_allclose(untrained.mean.numpy(), fields.mean(axis=0), rtol=1e-6, atol=1e-30)
-    assert float(untrained.unit) == np.abs(fields - fields.mean(axis=0)).max().astype(np.float32)
+    assert float(untrained.unit) == pytest.approx(np.abs(fields - fields.mean(axis=0)).max(), rel=1e-6)
+    # float32 frames (the pipeline's, to halve the memory) train the same network and are left as they were
+    single = fields.astype(np.float32)
+    kept = single.copy()
+    from_single = train_frame_net(params, single, epochs=3, seed=4, device=CPU)
+    np.testing.assert_array_equal(single, kept)
+    with torch.inference_mode():
+        torch.testing.assert_close(from_single(x), first(x), rtol=1e-5, atol=1e-6)
 
 
 def test_the_optimiser_steps_are_capped_whatever_the_epochs(monkeypatch):
@@ -80,6 +99,85 @@ def test_the_optimiser_steps_are_capped_whatever_the_epochs(monkeypatch):
     x = torch.as_tensor(params[:2])
     monkeypatch.setattr(frame_net, "MAX_STEPS", 10_000)
     two = train_frame_net(params, fields, epochs=2, seed=0, device=CPU)
+    monkeypatch.setattr(frame_net, "CPU_NODE_STEPS", 3 * 24)        # on CPU the mesh's size caps them too
+    by_nodes = train_frame_net(params, fields, epochs=50, seed=0, device=CPU)
     with torch.inference_mode():
         torch.testing.assert_close(capped(x), one(x), rtol=0, atol=0)
+        torch.testing.assert_close(by_nodes(x), one(x), rtol=0, atol=0)
         assert not torch.allclose(two(x), one(x))
+
+
+def test_large_meshes_train_fewer_steps_on_cpu_only():
+    """heat_inclusion's 60 batches of 1,681 nodes keep their 150 epochs; 50,000 nodes get what 2e7
+    steps × nodes allow on CPU (400 steps: 6 epochs), the whole 10,000 steps on a GPU."""
+    cuda = torch.device("cuda")                 # a device object only: nothing runs on it
+    assert training_epochs(150, 60, 1681, CPU) == 150
+    assert training_epochs(150, 60, 50_000, CPU) == 6 and training_epochs(150, 60, 50_000, cuda) == 150
+    assert training_epochs(150, 500, 50_000, cuda) == 20 and training_epochs(150, 5_000, 50_000, CPU) == 1
+
+
+def test_the_point_network_learns_a_pulse_that_moves_across_the_mesh_from_the_nodes_positions():
+    """Given where each node is, the pulse is one shape that moves with the parameters: the point
+    network learns it from a few runs better than POD + GP, and is seeded and stored whole."""
+    rng = np.random.default_rng(5)
+    train, test = rng.random((32, 3)), rng.random((8, 3))          # 32,768 points: 1,500 steps are 188 passes
+    fields, truth = moving_pulses(train, nodes=64), moving_pulses(test, nodes=64)
+    order = rng.permutation(64)                                 # the nodes in no spatial order: positions say where
+    fields, truth = fields[..., order], truth[..., order]
+    positions = np.linspace(0.0, 1.0, 64)[order, None]
+    net = train_point_net(train, fields, positions, steps=1500, seed=0, device=CPU)
+    with torch.inference_mode():
+        own = net(torch.as_tensor(test)).numpy()
+    pod = POD.fit(fields)
+    classical = pod.reconstruct(fit_predict(train, pod.coefficients(fields), test, 0), truth.shape[1:])
+    net_error, pod_error = relative_l2(own, truth).mean(), relative_l2(classical, truth).mean()
+    assert net_error < 0.5 * pod_error                     # measured: 0.145 against 0.458
+    first, again, other = (train_point_net(train, fields, positions, steps=20, seed=s, device=CPU) for s in (1, 1, 2))
+    stored = net.stored()
+    loaded = PointNet(**stored["shape"])
+    loaded.load_state_dict(stored["state"])
+    with torch.inference_mode():
+        x = torch.as_tensor(test[:2])
+        torch.testing.assert_close(again(x), first(x), rtol=0, atol=0)
+        assert not torch.allclose(other(x), first(x))
+        torch.testing.assert_close(loaded.eval()(x), net(x), rtol=0, atol=0)
+
+
+def test_the_point_network_makes_at_most_max_epochs_passes_over_small_studies(monkeypatch):
+    """4 runs × 8 steps × 64 nodes are 2,048 points, half a batch: with MAX_EPOCHS 6, 100 steps train as
+    3 do (6 × 2,048 / 4,096), and 2 steps are not cut."""
+    import modules.point_net as point_net
+    rng = np.random.default_rng(7)
+    params = rng.random((4, 3))
+    fields, positions = moving_pulses(params, steps=8, nodes=64), np.linspace(0.0, 1.0, 64)[:, None]
+    monkeypatch.setattr(point_net, "MAX_EPOCHS", 6)
+    capped, three, two = (train_point_net(params, fields, positions, steps=s, seed=0, device=CPU) for s in (100, 3, 2))
+    x = torch.as_tensor(params[:2])
+    with torch.inference_mode():
+        torch.testing.assert_close(capped(x), three(x), rtol=0, atol=0)
+        assert not torch.allclose(two(x), three(x))
+
+
+def test_node_positions_come_from_the_mesh_a_file_or_the_fields(tmp_path):
+    """mesh.vtu points (stacked fields: once per field, the field's number one more column), a file
+    of one row per node, or an embedding that keeps nodes whose values move together close."""
+    import meshio
+    from modules.errors import UserError
+    grid = np.stack(np.meshgrid(np.arange(5.0), np.arange(4.0), indexing="xy"), -1).reshape(-1, 2)
+    points = np.concatenate([grid * 0.5, np.zeros((20, 1))], 1)            # a flat mesh: z does not vary
+    meshio.write(tmp_path / "mesh.vtu", meshio.Mesh(points, [("vertex", np.arange(20)[:, None])]))
+    one = mesh_positions(tmp_path / "mesh.vtu", 20, 20)
+    np.testing.assert_allclose(one, grid / 4.0)                           # one scale for both axes: the aspect kept
+    two = mesh_positions(tmp_path / "mesh.vtu", 40, 30)                   # two stacked fields, Dim3_red 30
+    assert two.shape == (30, 3) and two[20:, 2].min() > two[:20, 2].max() and mesh_positions(tmp_path / "mesh.vtu", 30, 30) is None
+    np.savetxt(tmp_path / "nodes.csv", grid, delimiter=",")
+    np.testing.assert_allclose(read_positions(tmp_path / "nodes.csv", 20, 12), (grid / 4.0)[:12])
+    with pytest.raises(UserError, match="needs 21 rows"):
+        read_positions(tmp_path / "nodes.csv", 21, 21)
+    # a line of nodes whose values are pulses moving along it: the embedding's first value orders them
+    rng = np.random.default_rng(6)
+    fields = moving_pulses(rng.random((30, 3)), steps=10, nodes=80)
+    embedded = embed_nodes(fields, seed=0)
+    assert embedded.shape == (80, 3) and embedded.min() == 0.0 and embedded.max() == 1.0
+    rank = abs(np.corrcoef(np.argsort(np.argsort(embedded[:, 0])), np.arange(80))[0, 1])
+    assert rank > 0.9

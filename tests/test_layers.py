@@ -11,7 +11,7 @@ LAYERS = [
     ["pickles", "data", "cond_inputs", "augment", "checkpoint"],
     ["layers", "gaussian", "blocks", "vae", "conditioners", "gp", "losses"],
     ["host_memory", "engine", "distributed", "threads", "interrupt", "monitor", "schedules", "run", "stage"],
-    ["surrogate", "frame_net", "calibration", "domain", "baseline", "mesh_io", "plots"],
+    ["surrogate", "frame_net", "point_net", "calibration", "domain", "baseline", "mesh_io", "plots"],
     ["train_vae", "train_conditioner"],
     ["pipeline", "predict", "evaluate", "history"],
     ["cli"],

@@ -259,7 +259,7 @@ def solver_model(tmp_path_factory):
     N = len(points)
     sets = {"Dim1": P, "Dim2": STEPS, "Dim3": N, "Dim2_red": STEPS, "Dim3_red": N, "n_sample": P, "num_param": 2,
             "param_dir": "/params.csv", "input_type": "csvs", "dataset_dir": "data", "Training_epochs": 2,
-            "n_epoch": 2, "Batch_size": 2, "latent_conditioner_batch": 2}
+            "n_epoch": 2, "Batch_size": 2, "latent_conditioner_batch": 2, "point_net_steps": 50}
     trained = run_cli(work, "--preset=1", "--plot=1", "--lc_only=0", "--size=small", "--load_all=1",
                       *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")])
     assert trained.returncode == 0, trained.stderr[-3000:]
@@ -339,6 +339,23 @@ def test_training_figures_draw_snapshots_on_the_triangulated_mesh(solver_model):
     for name in ("vae_reconstruction", "conditioner_prediction"):
         _not_blank(run_dir / f"{name}.png")
         assert (run_dir / f"{name}_traces.png").stat().st_size > 10_000     # the nodal traces stay
+
+
+def test_the_point_network_places_the_nodes_at_the_imported_mesh_points(solver_model):
+    """The mesh.vtu that --import_runs writes beside the dataset gives the point network its nodes'
+    positions (node_positions auto): the mesh's points, one scale for both axes; `embedding` ignores it."""
+    import json
+    import meshio
+    from modules.point_net import node_positions
+    work, _, fields, _ = solver_model
+    summary = json.loads((next((work / "runs").iterdir()) / "summary.json").read_text())
+    assert summary["lc_point_net_positions"] == "mesh.vtu"
+    dataset = work / "data/dataset1.npy"
+    positions, source = node_positions("auto", work, dataset, fields, fields.shape[2], 0)
+    points = meshio.read(work / "data/mesh.vtu").points[:, :2]
+    assert source == "mesh.vtu"
+    np.testing.assert_allclose(positions, (points - points.min(axis=0)) / np.ptp(points, axis=0).max(), atol=1e-6)
+    assert node_positions("embedding", work, dataset, fields, fields.shape[2], 0)[1] == "embedding"
 
 
 def test_node_index_plots_stay_without_a_mesh(tmp_path):

@@ -12,8 +12,11 @@ from modules.gp import KERNELS
 
 # The demo's own VAE recipe, the CSV route's default conditioner (the GP).
 # The classical baseline stays on here (FAST turns it off elsewhere to keep the suite short).
+# The point network trains 300 steps, not 6,000 (a minute each on 2 cores): its plumbing is what these
+# runs check; tests/test_frame_net.py checks that it learns, the accuracy suite how well.
+SHORT_POINT_NET = ("--set", "point_net_steps=300")
 VAE_ARGS = ("--preset=1", "--plot=1", "--lc_only=0", "--size=small", "--load_all=1", "--set", "input_type=csvs",
-            "--set", "param_dir=/input_data/params.csv")
+            "--set", "param_dir=/input_data/params.csv", *SHORT_POINT_NET)
 
 
 @pytest.fixture(scope="module")
@@ -136,35 +139,40 @@ def test_sampling_returns_the_point_prediction_beside_the_draws(trained):
         assert draws.shape == (3, 4, *point.shape[1:]) and not np.allclose(draws, point[:, None])
 
 
-def test_the_frame_network_is_blended_by_the_validation_runs_best_weight_and_moves_every_prediction(trained):
-    """gp_frame_net blend (the default): the network's weight is the one of the 21 tried with the lowest
-    validation error, so the blend is at least as good there as the GP and the network alone; the
-    checkpoint carries the network (refitted on every run) exactly when its weight is above 0; and a
-    surrogate with a network moves the GP's point prediction and every draw by weight × the network's
-    disagreement with the GP, predictive draws also along that disagreement."""
+def test_the_networks_are_blended_by_the_validation_runs_best_weights_and_move_every_prediction(trained):
+    """gp_frame_net and gp_point_net blend (the defaults): the weights are the pair of the 231 tried with the
+    lowest validation error, so the blend is at least as good there as the GP and each network alone; the
+    checkpoint carries the networks with a weight (refitted on every run) exactly when one is above 0; the
+    demo has no mesh.vtu, so the point network's nodes are the embedding; and a surrogate with a blend moves
+    the GP's point prediction and every draw by weight × the networks' disagreement with the GP,
+    predictive draws also along that disagreement."""
     import dataclasses
     from modules.calibration import spread_and_error
-    from modules.frame_net import train_frame_net
+    from modules.frame_net import NetBlend, train_frame_net
     from modules.run import Paths
     from modules.surrogate import Surrogate
     work, _, summary, _ = trained
-    weight = summary["lc_frame_net_weight"]
-    assert summary["lc_frame_net"] == "blend" and 0 <= weight <= 1 and summary["lc_frame_net_seconds"] > 0
-    alone = min(summary["lc_val_rel_l2_gp"], summary["lc_val_rel_l2_frame_net"])
+    weights = [summary["lc_frame_net_weight"], summary["lc_point_net_weight"]]
+    assert summary["lc_frame_net"] == summary["lc_point_net"] == "blend" and summary["lc_point_net_positions"] == "embedding"
+    assert min(weights) >= 0 and sum(weights) <= 1 + 1e-9
+    assert summary["lc_frame_net_seconds"] > 0 and summary["lc_point_net_seconds"] > 0
+    alone = min(summary[f"lc_val_rel_l2_{model}"] for model in ("gp", "frame_net", "point_net"))
     assert summary["lc_val_rel_l2"] <= alone + 1e-9
-    # an inner weight beats both ends strictly, which the validation numbers show only if they are the blend's
-    assert (summary["lc_val_rel_l2"] < alone - 1e-9) == (0 < weight < 1)
+    # a blend of two or three beats every model alone strictly, which the validation numbers show only if
+    # they are the blend's
+    vertex = weights in ([0, 0], [1, 0], [0, 1])
+    assert (summary["lc_val_rel_l2"] < alone - 1e-9) == (not vertex)
     assert summary["lc_val_rel_l2"] == pytest.approx(np.mean(summary["lc_val_rel_l2_per_run"]))
     state = torch.load(work / "checkpoints/conditioner.pt", weights_only=True)
     surrogate = Surrogate.load(Paths(work), torch.device("cpu"))
-    assert ("frame_net" in state["extra"]) == (weight > 0) == (surrogate.frame_net is not None)
+    assert ("frame_net" in state["extra"]) == (sum(weights) > 0) == (surrogate.frame_net is not None)
     if surrogate.frame_net is not None:
-        assert float(surrogate.frame_net.weight) == pytest.approx(weight)
+        assert float(surrogate.frame_net.weight) == pytest.approx(sum(weights))
+        assert len(surrogate.frame_net.members) == sum(w > 0 for w in weights)
     raw = np.loadtxt(work / "input_data/params.csv", delimiter=",")
     x = surrogate.prepare(raw)
     net = train_frame_net(x[:12].numpy(), np.load(work / "input_data/dataset1.npy")[:12], 2, 0, torch.device("cpu"))
-    net.weight.fill_(0.3)
-    gp, blended = (dataclasses.replace(surrogate, frame_net=f) for f in (None, net))
+    gp, blended = (dataclasses.replace(surrogate, frame_net=f) for f in (None, NetBlend([net], [0.3])))
     gp_point = gp.fields(x[:3])
     with torch.inference_mode():
         own = net(x[:3]).numpy()
@@ -180,16 +188,22 @@ def test_the_frame_network_is_blended_by_the_validation_runs_best_weight_and_mov
     assert (spreads[1] > spreads[0]).all()
 
 
-def test_a_frame_network_that_adds_nothing_gets_weight_0_and_the_gp_alone_is_calibrated_and_saved(trained, tmp_path):
-    """One epoch leaves the network near the mean frame, far worse than the GP: its weight is 0, and the
-    GP's draws are calibrated and saved without it (its disagreement would have widened them)."""
+def test_networks_that_add_nothing_get_weight_0_and_the_gp_alone_is_calibrated_and_saved(trained, tmp_path):
+    """One epoch, or one step, leaves a network near the mean frame, far worse than the GP: its weight is 0,
+    and the GP's draws are calibrated and saved without it (its disagreement would have widened them).
+    Node positions from a file are used as given, and recorded."""
     work = tmp_path / "copy"
     shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("runs"))
+    iy, ix = np.divmod(np.arange(256), 16)                  # the demo's 16 x 16 cells (input_data/make_demo.py)
+    np.savetxt(work / "input_data/nodes.csv", np.stack([ix, iy], 1) * 6.25e-3, delimiter=",")
     result = run_cli(work, "--preset=1", "--plot=0", "--lc_only=1", "--set", "input_type=csvs",
-                     "--set", "param_dir=/input_data/params.csv", "--set", "frame_net_epochs=1")
+                     "--set", "param_dir=/input_data/params.csv", "--set", "frame_net_epochs=1",
+                     "--set", "point_net_steps=1", "--set", "node_positions=/input_data/nodes.csv")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((next((work / "runs").iterdir()) / "summary.json").read_text())
-    assert summary["lc_frame_net_weight"] == 0 and summary["lc_val_rel_l2_frame_net"] > 2 * summary["lc_val_rel_l2_gp"]
+    assert summary["lc_frame_net_weight"] == summary["lc_point_net_weight"] == 0
+    assert min(summary["lc_val_rel_l2_frame_net"], summary["lc_val_rel_l2_point_net"]) > 2 * summary["lc_val_rel_l2_gp"]
+    assert summary["lc_point_net_positions"] == "file nodes.csv"
     assert summary["lc_val_rel_l2"] == pytest.approx(summary["lc_val_rel_l2_gp"])
     assert "frame_net" not in torch.load(work / "checkpoints/conditioner.pt", weights_only=True)["extra"]
     assert abs(summary["calibration"]["coverage_90"] - 0.9) < 0.01
@@ -224,7 +238,7 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
     now lie in its span; gp_refit_basis 0 keeps the VAE's own path (fitted on its training split).
     gp_draw_scale band90 spreads the draws as the calibrated 90 % band (its relative scale 1).
     gp_kernel auto (with them) saves the GPs of the family with the lowest cross-validated error;
-    gp_frame_net off trains and saves no frame network."""
+    gp_frame_net and gp_point_net off train and save no network."""
     from modules.baseline import relative_l2
     from modules.run import Paths
     from modules.surrogate import Surrogate
@@ -247,7 +261,8 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
     shutil.copytree(work, copy, ignore=shutil.ignore_patterns("runs"))
     result = run_cli(copy, "--preset=1", "--plot=0", "--lc_only=1", "--set", "input_type=csvs",
                      "--set", "param_dir=/input_data/params.csv", "--set", "gp_refit_basis=0",
-                     "--set", "gp_draw_scale=band90", "--set", "gp_kernel=auto", "--set", "gp_frame_net=off")
+                     "--set", "gp_draw_scale=band90", "--set", "gp_kernel=auto", "--set", "gp_frame_net=off",
+                     "--set", "gp_point_net=off")
     assert result.returncode == 0, result.stderr[-3000:]
     band90 = json.loads((sorted((copy / "runs").iterdir())[-1] / "summary.json").read_text())
     assert summary["lc_gp_kernel"] == "rbf" and summary["lc_gp_kernel_cv_rel_l2"] == {}     # the default: no choice
@@ -258,6 +273,7 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
     assert summary["lc_band_scales"]["0.9"] != 1.0      # the default's draws are spread for their CRPS
     kept = torch.load(copy / "checkpoints/conditioner.pt", weights_only=True)
     assert "linear_path" not in kept["extra"] and "frame_net" not in kept["extra"] and "lc_frame_net" not in band90
+    assert "lc_point_net" not in band90
     assert bool(kept["export"]["matern"]) == (band90["lc_gp_kernel"] == "matern52")
     assert bool(kept["export"]["linear"].any()) == (band90["lc_gp_kernel"] == "rbf+linear")
     own = Surrogate.load(Paths(copy), torch.device("cpu"))
@@ -317,7 +333,7 @@ def test_gp_on_picture_features_is_the_picture_default_calibrated_and_flags_stra
     work = tmp_path / "copy"
     shutil.copytree(trained[0], work, ignore=shutil.ignore_patterns("runs"))
     result = run_cli(work, "--preset=1", "--plot=2", "--lc_only=1", "--set", "input_type=image",
-                     "--set", "param_dir=/input_data/images")
+                     "--set", "param_dir=/input_data/images", *SHORT_POINT_NET)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((sorted((work / "runs").iterdir())[-1] / "summary.json").read_text())
     assert summary["conditioner"] == "image (gp)" and summary["baseline_inputs"] == "picture features"
@@ -536,8 +552,8 @@ def test_evaluate_reports_errors_compression_share_baselines_and_calibration(tra
     assert result.returncode == 0, result.stderr[-3000:]
     assert "evaluation on 4 held-out runs" in result.stdout and "VAE alone" in result.stdout
     report = json.loads((tmp_path / "pred_evaluation.json").read_text())
-    assert report["frame_net_weight"] == pytest.approx(trained[2]["lc_frame_net_weight"])
-    assert ("does not decode through the VAE" in result.stdout) == (report["frame_net_weight"] > 0)
+    assert report["network_weight"] == pytest.approx(trained[2]["lc_frame_net_weight"] + trained[2]["lc_point_net_weight"])
+    assert ("do not decode through the VAE" in result.stdout) == (report["network_weight"] > 0)
     again = tmp_path / "point.npy"                 # the point prediction the report scores
     assert run_cli(work, "--predict", str(tmp_path / "held.csv"), "--out", str(again)).returncode == 0
     point = np.load(again)

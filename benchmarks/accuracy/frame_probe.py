@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from modules.baseline import POD, relative_l2  # noqa: E402
-from modules.frame_net import train_frame_net  # noqa: E402
+from modules.frame_net import frame_inputs, train_frame_net  # noqa: E402
 from modules.gp import GPPosterior, fit_hyperparameters, fit_predict  # noqa: E402
 from regressor_probe import load  # noqa: E402
 
@@ -66,12 +66,6 @@ def train_ae(frames: np.ndarray, d: int, seed: int, epochs: int) -> FrameAE:
     return model.eval()
 
 
-def frame_inputs(params: np.ndarray, steps: int) -> np.ndarray:
-    """(runs × steps, d + 1): each frame's parameters and its time in [0, 1]."""
-    t = np.linspace(0.0, 1.0, steps)
-    return np.concatenate([np.repeat(params, steps, axis=0), np.tile(t, len(params))[:, None]], axis=1)
-
-
 def regress(z_train: np.ndarray, xin_train: np.ndarray, xin_test: np.ndarray, keep: np.ndarray, seed: int):
     hyper = fit_hyperparameters(xin_train, z_train, seed, max_rows=500)
     return GPPosterior.condition(hyper, xin_train[keep], z_train[keep]).predict(xin_test)[0]
@@ -83,7 +77,8 @@ def probe(name: str, dims: list[int], epochs: int, seed: int) -> dict:
     scale = float(np.abs(tr_f).max())
     frames_tr = (tr_f / scale).reshape(-1, n)
     frames_te = (te_f / scale).reshape(-1, n)
-    xin_tr, xin_te = frame_inputs(tr_p, steps), frame_inputs(te_p, steps)
+    times = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+    xin_tr, xin_te = (frame_inputs(torch.as_tensor(p_), times).numpy() for p_ in (tr_p, te_p))
     keep = np.zeros(len(xin_tr), bool)
     keep[:: 2] = True
     out: dict = {"runs": [p, len(te_f)], "steps": steps, "nodes": n}

@@ -615,6 +615,18 @@ def generate(name: str, out_dir: Path) -> Path:
     return folder
 
 
+def node_coordinates(name: str) -> np.ndarray:
+    """(N, D) coordinates in m of problem `name`'s nodes, in the dataset's order (each problem's "grid" above)."""
+    def grid(side: int, spacing: float, offset: float) -> np.ndarray:
+        iy, ix = np.divmod(np.arange(side * side), side)
+        return np.stack([ix, iy], 1) * spacing + offset
+    return {"heat_inclusion": lambda: grid(HEAT_GRID, HEAT_PLATE / (HEAT_GRID - 1), 0.0),
+            "advection_front": lambda: ((np.arange(ADV_NODES) + 0.5) * ADV_LENGTH / ADV_NODES)[:, None],
+            "burgers": lambda: (np.arange(BURGERS_NODES) / BURGERS_NODES)[:, None],
+            "wave_membrane": lambda: grid(WAVE_CELLS - 1, 1.0 / WAVE_CELLS, 1.0 / WAVE_CELLS),
+            "demo": lambda: grid(16, 6.25e-3, 3.125e-3)}[name]()
+
+
 def _problem(name: str, description: str, shape: tuple, num_param: int, has_images: bool,
              test_runs: int = TEST_RUNS) -> Problem:
     return Problem(name, description, *shape, num_param, has_images, test_runs, partial(generate, name))

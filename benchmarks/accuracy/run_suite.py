@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))            # benchmarks/_common.py
 
 import _common as C  # noqa: E402
-from problems import PROBLEMS, generate  # noqa: E402
+from problems import PROBLEMS, generate, node_coordinates  # noqa: E402
 
 ROUTES = ("csvs", "image", "image_vit")
 SAMPLES = 16            # --samples of the calibration measurement
@@ -74,7 +74,7 @@ def stats(rel: np.ndarray, mean_rel: np.ndarray) -> dict:
 
 
 def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Path, work_root: Path,
-                tag: str, reuse_vae: bool = False) -> dict:
+                tag: str, reuse_vae: bool = False, positions: bool = False) -> dict:
     from modules.baseline import classical_baselines, relative_l2
     from modules.cond_inputs import ImageFeatures, list_images, load_images
 
@@ -111,6 +111,9 @@ def run_problem(name: str, routes: list[str], overrides: list[str], data_dir: Pa
         shutil.copy(ROOT / "preset.txt", work / "preset.txt")
     elif not (work / "checkpoints" / "vae.pt").is_file():
         sys.exit(f"error: --reuse-vae: {work} holds no trained VAE; run this tag without --reuse-vae first.")
+    if positions:           # the nodes' true coordinates for the point network, as a mesh would give them
+        np.savetxt(work / "input_data" / "nodes.csv", node_coordinates(name), delimiter=",")
+        overrides = [*overrides, "node_positions=/input_data/nodes.csv"]
     log = work / "train.log"
     result["routes"] = {}
     first = True
@@ -195,6 +198,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=HERE / "data", help="where the problems are generated")
     p.add_argument("--work", type=Path, default=HERE / "work", help="working directories of the runs")
     p.add_argument("--tag", default="default", help="name of this configuration's results")
+    p.add_argument("--positions", action="store_true",
+                   help="give the point network the nodes' true coordinates (node_positions, a nodes.csv) rather "
+                        "than the embedding it learns without a mesh")
     p.add_argument("--reuse-vae", action="store_true",
                    help="keep the VAEs an earlier run of this tag trained and retrain only the conditioners "
                         "(--lc_only=1): for conditioner experiments")
@@ -204,10 +210,11 @@ def main() -> None:
     out_dir.mkdir(exist_ok=True)
     for name in args.problems:
         print(f"== {name}", flush=True)
-        results.append(run_problem(name, args.routes, args.overrides, args.data, args.work, args.tag, args.reuse_vae))
+        results.append(run_problem(name, args.routes, args.overrides, args.data, args.work, args.tag, args.reuse_vae,
+                                   args.positions))
         (out_dir / f"{args.tag}.json").write_text(json.dumps(results, indent=1))
         print(markdown(results[-1:]), flush=True)
-    if args.tag == "default" and not args.overrides and not args.reuse_vae:
+    if args.tag == "default" and not args.overrides and not args.reuse_vae and not args.positions:
         text = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
         text = replace_marked(text, "table", markdown(results))
         text = replace_marked(text, "calibration", calibration_markdown(results))
