@@ -106,6 +106,9 @@ def load_blend(stored: dict, where: str, hint: str) -> NetBlend:
     if entries is None:                                     # the earlier layout
         state = dict(stored.get("state", {}))
         entries, weights = [{"kind": "frame", **stored, "state": state}], [float(state.pop("weight", 0.0))]
+    if not isinstance(entries, list) or not isinstance(weights, list) or len(weights) != len(entries):
+        raise UserError(f"{where}: its blended networks are unreadable (members and weights do not match); the file "
+                        f"is damaged or from another tool: retrain the conditioner with --lc_only=1.")
     members = []
     for entry in entries:
         try:

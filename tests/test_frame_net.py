@@ -71,6 +71,9 @@ def test_training_is_seeded_and_the_stored_network_predicts_the_same():
         torch.testing.assert_close(loaded.disagreement(point, x), loaded(x).double())
         # the earlier layout, one frame network holding its weight, loads as a blend of one
         earlier = {"shape": first.stored()["shape"], "state": {**first.stored()["state"], "weight": torch.tensor(0.4)}}
+        from modules.errors import UserError
+        with pytest.raises(UserError, match="members and weights do not match"):
+            load_blend({"members": blend.stored()["members"], "weights": [0.3]}, "conditioner.pt", "retrain")
         alone = load_blend(earlier, "conditioner.pt", "retrain").eval()
         torch.testing.assert_close(alone(x), first(x), rtol=0, atol=0)
         assert float(alone.weight) == pytest.approx(0.4)
