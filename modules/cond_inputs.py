@@ -356,8 +356,9 @@ class MinMaxScaler:
     """Per-column min-max scaling to `feature_range` (default [-0.9, 0.9]).
 
     Columns are every axis but the first: (P, F) and (P, L, D) arrays both work. A constant
-    column (zero range) maps to the middle of the range and back to its value, without
-    dividing by zero. Transforms return float32; statistics are kept in float64.
+    column (zero range) maps to the middle of the range, whatever value it is given (a parameter
+    that never varied carries no information a model could have learnt), and back to its value,
+    without dividing by zero. Transforms return float32; statistics are kept in float64.
     """
 
     def __init__(self, feature_range: tuple[float, float] = (-0.9, 0.9)) -> None:
@@ -401,7 +402,7 @@ class MinMaxScaler:
         a, b = self.affine()
         x = np.asarray(x, dtype=np.float64)
         self._check(x)
-        return ((x - b) / a).astype(np.float32)
+        return np.where(self.data_max > self.data_min, (x - b) / a, sum(self.feature_range) / 2).astype(np.float32)
 
     def inverse_transform(self, y: np.ndarray) -> np.ndarray:
         a, b = self.affine()

@@ -483,8 +483,7 @@ def parse_condition(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     cfg = Config(data=data, vae=VAEConfig(**_section(values, VAEConfig)),
                  augment=AugmentConfig(**_section(values, AugmentConfig)), conditioner=cond,
                  engine=EngineConfig(**_section(values, EngineConfig)), run=RunConfig(**_section(values, RunConfig)))
-    _check_consistency(cfg, lambda key: raw[key][1] if key in raw else str(path))
-    return cfg
+    return _check_consistency(cfg, lambda key: raw[key][1] if key in raw else str(path))
 
 
 def _read_condition(path: Path) -> dict[str, tuple[str, str]]:
@@ -547,17 +546,22 @@ def train_split_size(num_runs: int, val_split: float) -> int:
     return num_runs - num_val
 
 
-def _check_consistency(cfg: Config, where) -> None:
-    """Each section's own checks, then the ones that span sections."""
+def _check_consistency(cfg: Config, where) -> Config:
+    """Each section's own checks, then the ones that span sections. A batch larger than the training
+    split becomes the split, with a warning, so that one condition file serves small studies too."""
     for attr in ("data", "vae", "augment"):
         getattr(cfg, attr).check(where)
     data, cond = cfg.data, cfg.conditioner
     if cond.n_sample != data.Dim1:
         raise UserError(f"{where('n_sample')}, key 'n_sample': {cond.n_sample} differs from Dim1 = {data.Dim1}; the conditioner needs one input per run, so set n_sample {data.Dim1}.")
     n_train = train_split_size(data.Dim1, cfg.run.val_split)
-    for key, batch in (("Batch_size", cfg.vae.Batch_size), ("latent_conditioner_batch", cond.latent_conditioner_batch)):
-        if batch > n_train:
-            raise UserError(f"{where(key)}, key '{key}': {batch} is larger than the {n_train} training runs ({data.Dim1} runs, val_split {cfg.run.val_split}); set it to {n_train} or less.")
+    for attr, key in (("vae", "Batch_size"), ("conditioner", "latent_conditioner_batch")):
+        if getattr(getattr(cfg, attr), key) > n_train:
+            log.warning("%s, key '%s': %d is larger than the %d training runs (%d runs, val_split %g); %d is used",
+                        where(key), key, getattr(getattr(cfg, attr), key), n_train, data.Dim1, cfg.run.val_split,
+                        n_train)
+            cfg = dataclasses.replace(cfg, **{attr: dataclasses.replace(getattr(cfg, attr), **{key: n_train})})
+    return cfg
 
 
 # --- preset.txt --------------------------------------------------------------------------

@@ -180,6 +180,16 @@ def split_indices(num_runs: int, val_fraction: float, seed: int) -> tuple[np.nda
 
 # ----------------------------------------------------------------------------- scaling
 
+def varying_nodes(fields: np.ndarray) -> np.ndarray:
+    """(N,) bool: the nodes of `fields` (n, T, N) whose value is not the same in every run and step (a
+    node held at a fixed value, a Dirichlet boundary, is bit for bit the same)."""
+    low, high = fields[0].min(axis=0), fields[0].max(axis=0)
+    for run in fields[1:]:                                                          # no (n, T, N) copy
+        np.minimum(low, run.min(axis=0), out=low)
+        np.maximum(high, run.max(axis=0), out=high)
+    return high > low
+
+
 class FieldScaler:
     """Affine scaling of the field, x_scaled = (x − offset) / scale, in one of two kinds.
 
@@ -188,10 +198,16 @@ class FieldScaler:
               and back to their constant exactly.
     centered  the port's default: the training runs' mean field is subtracted (offset
               (T', N')) and one scale for the whole field maps the largest training
-              deviation to 0.9 (scale (1, 1)). The network then models only how runs
+              deviation to 0.9 (scale (1, 1); (1, N') with several stacked fields, one scale
+              per field). The network then models only how runs
               differ from each other, in units where its loss is the physical MSE; with
               minmax the shared transient fills the range and a few-% difference between
               runs is near the noise floor (benchmarks/accuracy/NOTES.md).
+
+    Either kind gives a node whose value never changes in the training runs (a Dirichlet
+    boundary; `fixed_nodes`) scale 0, so that every prediction maps back to that value exactly.
+    `blocks` is the number of stacked fields (--import_runs with several --field): each is a
+    block of N'/blocks nodes with units of its own, which the metrics weigh alike.
 
     `transform` / `inverse_transform` accept numpy arrays and torch tensors. The node axis
     is `node_axis` (default -2, the model layout (..., N, T), time last); pass
@@ -201,7 +217,7 @@ class FieldScaler:
     LOW, HIGH = -0.9, 0.9
     KINDS = ("centered", "minmax")
 
-    def __init__(self, offset: np.ndarray, scale: np.ndarray, kind: str = "minmax"):
+    def __init__(self, offset: np.ndarray, scale: np.ndarray, kind: str = "minmax", blocks: int = 1):
         self.offset = np.atleast_2d(np.asarray(offset, dtype=np.float64))  # (T' or 1, N')
         scale = np.atleast_2d(np.asarray(scale, dtype=np.float64))         # (1, N') or (1, 1)
         if kind not in self.KINDS:
@@ -209,7 +225,10 @@ class FieldScaler:
         if self.offset.ndim != 2 or scale.ndim != 2 or scale.shape[0] != 1 \
                 or scale.shape[1] not in (1, self.offset.shape[1]):
             raise ValueError(f"offset {self.offset.shape} must be (T, N) or (1, N), scale {scale.shape} (1, N) or (1, 1)")
+        if blocks < 1 or self.offset.shape[1] % blocks:
+            raise ValueError(f"{blocks} stacked fields do not split {self.offset.shape[1]} nodes evenly")
         self.kind = kind
+        self.blocks = int(blocks)
         self.scale = scale                     # 0 where a node never changes: every output maps back to it
         self._inv_scale = 1.0 / np.where(scale > 0, scale, 1.0)
         self._torch_cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
@@ -228,25 +247,31 @@ class FieldScaler:
         whole): `minmax` over every run, as the original; `centered` over `train_idx` only, so
         the validation runs stay unseen, with one scale per block of N'/blocks nodes (several
         imported fields stacked as node blocks keep their own units)."""
+        blocks = blocks if blocks > 1 and array.shape[2] % blocks == 0 else 1
         if kind == "minmax":
-            return cls.fit_streaming(array, runs_chunk)
+            return cls.fit_streaming(array, runs_chunk, blocks)
         runs = np.arange(array.shape[0]) if train_idx is None else np.sort(np.asarray(train_idx, dtype=np.int64))
         step = runs_chunk or _runs_per_chunk(array)
         total = np.zeros(array.shape[1:], dtype=np.float64)
         for chunk in _chunks(array, runs, step):
             total += chunk.sum(axis=0, dtype=np.float64)
         mean = total / len(runs)                                              # (T', N')
-        blocks = blocks if blocks > 1 and array.shape[2] % blocks == 0 else 1
-        largest = np.zeros(blocks)
+        largest = np.zeros(array.shape[2])                                    # each node's largest deviation
+        first = np.asarray(array[runs[0], 0], np.float64)                     # (N',)
+        fixed = np.ones(array.shape[2], bool)                                 # the same value in every run and step
         for chunk in _chunks(array, runs, step):
-            deviation = np.abs(chunk - mean).reshape(len(chunk), array.shape[1], blocks, -1)
-            largest = np.maximum(largest, deviation.max(axis=(0, 1, 3)))
-        scale = np.repeat(largest / cls.HIGH, array.shape[2] // blocks)[None] if blocks > 1 else \
-            np.full((1, 1), largest[0] / cls.HIGH)
-        return cls(mean, scale, "centered")
+            np.maximum(largest, np.abs(chunk - mean).max(axis=(0, 1)), out=largest)
+            fixed &= (chunk == first).all(axis=(0, 1))
+        per_block = largest.reshape(blocks, -1).max(axis=1) / cls.HIGH
+        scale = np.repeat(per_block, array.shape[2] // blocks)[None]          # (1, N')
+        if fixed.any() or blocks > 1:
+            scale[0, fixed] = 0.0
+        else:
+            scale = scale[:, :1]                                              # (1, 1): one scale for the field
+        return cls(mean, scale, "centered", blocks)
 
     @classmethod
-    def fit_streaming(cls, array: np.ndarray, runs_chunk: int | None = None) -> FieldScaler:
+    def fit_streaming(cls, array: np.ndarray, runs_chunk: int | None = None, blocks: int = 1) -> FieldScaler:
         """The original's per-node min-max over every run, in one pass over chunks of runs."""
         step = runs_chunk or _runs_per_chunk(array)
         data_min = data_max = None
@@ -254,20 +279,36 @@ class FieldScaler:
             low, high = chunk.min(axis=(0, 1)), chunk.max(axis=(0, 1))    # (N',)
             data_min = low if data_min is None else np.minimum(data_min, low)
             data_max = high if data_max is None else np.maximum(data_max, high)
-        return cls.from_min_max(data_min, data_max)
+        scaler = cls.from_min_max(data_min, data_max)
+        scaler.blocks = blocks
+        return scaler
 
     @property
     def num_nodes(self) -> int:
         return self.offset.shape[1]
 
+    @property
+    def fixed_nodes(self) -> np.ndarray:
+        """(N',) bool: the nodes whose training values never changed (scale 0)."""
+        return np.broadcast_to(self.scale[0] == 0, (self.num_nodes,))
+
+    def pin(self, fields: np.ndarray) -> np.ndarray:
+        """`fields` (..., T, N) in physical units with every fixed node set to its value, in place."""
+        fixed = self.fixed_nodes
+        if fixed.any():
+            fields[..., fixed] = np.broadcast_to(self.offset[:, fixed], fields[..., fixed].shape)
+        return fields
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {"offset": self.offset.copy(), "scale": self.scale.copy(), "kind": np.array(self.kind)}
+        return {"offset": self.offset.copy(), "scale": self.scale.copy(), "kind": np.array(self.kind),
+                "blocks": np.array(self.blocks)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> FieldScaler:
         if "offset" not in state:                                 # files written before the `kind`s
             return cls.from_min_max(np.asarray(state["data_min"]), np.asarray(state["data_max"]))
-        return cls(np.asarray(state["offset"]), np.asarray(state["scale"]), str(np.asarray(state["kind"])))
+        return cls(np.asarray(state["offset"]), np.asarray(state["scale"]), str(np.asarray(state["kind"])),
+                   int(state.get("blocks", 1)))                   # files written before the blocks: one field
 
     def transform(self, x, node_axis: int = -2):
         """Physical values -> scaled values."""

@@ -65,7 +65,8 @@ def _baselines(surrogate, truth: np.ndarray, inputs: np.ndarray) -> dict:
     domain = surrogate.domain
     fitted = domain is not None and domain.runs is not None and len(domain.runs) == len(train)
     result = classical_baselines(train, truth, domain.runs if fitted else None, inputs if fitted else None,
-                                 methods=("mean", "pod_gpr") if fitted else ("mean",))
+                                 methods=("mean", "pod_gpr") if fitted else ("mean",),
+                                 blocks=surrogate.field_scaler.blocks)
     out = {f"{k}_rel_l2_per_run": v.tolist() for k, v in result.rel_l2.items()}
     out.update({f"{k}_rel_l2": float(v.mean()) for k, v in result.rel_l2.items()})
     out["pod_modes"] = result.modes
@@ -82,9 +83,10 @@ def evaluate(surrogate, inputs: np.ndarray, files: list[str], truth_path: Path, 
     diff = point - truth
     report: dict = {"truth": str(truth_path), "runs": n, "inputs": files,
                     "network_weight": 0.0 if surrogate.frame_net is None else float(surrogate.frame_net.weight)}
-    per_run = {"rel_l2": relative_l2(point, truth), "rmse": np.sqrt((diff ** 2).reshape(n, -1).mean(axis=1)),
+    blocks = surrogate.field_scaler.blocks
+    per_run = {"rel_l2": relative_l2(point, truth, blocks), "rmse": np.sqrt((diff ** 2).reshape(n, -1).mean(axis=1)),
                "max_abs_error": np.abs(diff).reshape(n, -1).max(axis=1),
-               "vae_rel_l2": relative_l2(surrogate.reconstruct(truth), truth)}
+               "vae_rel_l2": relative_l2(surrogate.reconstruct(truth), truth, blocks)}
     report["per_step_rel_l2"] = (np.linalg.norm(diff, axis=2) / np.maximum(np.linalg.norm(truth, axis=2), 1e-30)).mean(axis=0).tolist()
     report["baselines"] = _baselines(surrogate, truth, inputs)
     for key in ("mean_rel_l2_per_run", "pod_gpr_rel_l2_per_run"):

@@ -56,8 +56,13 @@ class FrameNet(nn.Module):
                                  nn.Linear(width, width), nn.GELU(), nn.Linear(width, HEAD), nn.GELU(),
                                  nn.Linear(HEAD, nodes))
         self.register_buffer("mean", torch.zeros(steps, nodes))
-        self.register_buffer("unit", torch.ones(()))
+        self.register_buffer("unit", torch.ones(nodes))             # each node's field's largest deviation
         self.register_buffer("times", torch.linspace(0.0, 1.0, steps))
+
+    def with_defaults(self, saved: dict) -> dict:
+        """A saved state of an earlier version completed with what it meant: one unit for every node."""
+        return {**saved, "unit": torch.as_tensor(saved["unit"]).expand_as(self.unit).clone()} if "unit" in saved \
+            else saved
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().to(self.mean.device)
@@ -116,7 +121,7 @@ def load_blend(stored: dict, where: str, hint: str) -> NetBlend:
         except (TypeError, KeyError) as err:
             raise UserError(f"{where}: its blended network's sizes are unreadable ({err}); the file is damaged "
                             f"or from another tool: retrain the conditioner with --lc_only=1.") from None
-        load_model_state(net, entry["state"], where, "conditioner checkpoint", hint)
+        load_model_state(net, net.with_defaults(entry["state"]), where, "conditioner checkpoint", hint)
         members.append(net)
     return NetBlend(members, list(weights))
 
@@ -129,12 +134,14 @@ def training_epochs(epochs: int, batches: int, nodes: int, device: torch.device)
     return min(epochs, max(1, steps // batches))
 
 
-def centred_targets(fields: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, float]:
+def centred_targets(fields: np.ndarray, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The networks' targets: the runs' mean frame (T, N), the frames (n, T, N) minus it divided by their
-    largest deviation from it (float32, the only copy; `fields` is left as it was), and that deviation."""
+    largest deviation from it within each of `blocks` stacked fields (float32, the only copy; `fields` is
+    left as it was), and that deviation per node (N,): fields of other units weigh alike in the loss."""
     mean = torch.from_numpy(fields.mean(axis=0, dtype=np.float64).astype(np.float32))
     y = torch.as_tensor(fields, dtype=torch.float32).sub(mean)
-    unit = float(torch.maximum(y.max(), -y.min())) or 1.0
+    largest = torch.maximum(y.amax(dim=(0, 1)), -y.amin(dim=(0, 1))).view(blocks, -1).amax(dim=1)    # (blocks,)
+    unit = torch.where(largest > 0, largest, torch.ones(())).repeat_interleave(fields.shape[2] // blocks)
     return mean, y.div_(unit), unit
 
 
@@ -143,18 +150,18 @@ def fits_in_memory(runs: int, steps: int, nodes: int) -> bool:
 
 
 def train_frame_net(inputs: np.ndarray, fields: np.ndarray, epochs: int, seed: int,
-                    device: torch.device) -> FrameNet:
+                    device: torch.device, blocks: int = 1) -> FrameNet:
     """A FrameNet trained by AdamW with a one-cycle schedule on every frame of `fields` (n, T, N),
     physical units, whose runs have the scaled `inputs` (n, d), for `epochs` or fewer (`training_epochs`:
     the cost of a step grows with N). Deterministic for a seed (on CPU)."""
     n, steps, nodes = fields.shape
-    mean, y, unit = centred_targets(fields)
+    mean, y, unit = centred_targets(fields, blocks)
     y = y.flatten(0, 1).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = FrameNet(inputs.shape[1], steps, nodes)
     net.mean.copy_(mean)
-    net.unit.fill_(unit)
+    net.unit.copy_(unit)
     net = net.to(device)
     x = frame_inputs(torch.as_tensor(inputs, dtype=torch.float32, device=device), net.times)
     batches = (len(x) + BATCH - 1) // BATCH
@@ -177,25 +184,31 @@ def train_frame_net(inputs: np.ndarray, fields: np.ndarray, epochs: int, seed: i
     return net.eval().requires_grad_(False)
 
 
-def blend_errors(gp: np.ndarray, nets: list[np.ndarray], truth: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """The mean relative L2 against `truth` of gp + Σ wᵢ (netsᵢ − gp) (all (n, T, N)) for each row of
-    `weights` (c, k): each run's squared error is a quadratic form in w, so the fields are read once."""
-    base = (np.asarray(gp, np.float64) - truth).reshape(len(truth), -1)
-    apart = [(np.asarray(net, np.float64) - gp).reshape(len(truth), -1) for net in nets]
-    cross = np.array([[np.einsum("rn,rn->r", a, b) for b in apart] for a in apart])      # (k, k, n)
-    linear = np.array([np.einsum("rn,rn->r", a, base) for a in apart])                  # (k, n)
-    squared = (np.einsum("rn,rn->r", base, base)[None] + 2 * weights @ linear
-               + np.einsum("ci,ijr,cj->cr", weights, cross, weights))
-    norm = np.maximum(np.linalg.norm(np.asarray(truth, np.float64).reshape(len(truth), -1), axis=1), 1e-30)
-    return (np.sqrt(np.maximum(squared, 0.0)) / norm).mean(axis=1)
+def blend_errors(gp: np.ndarray, nets: list[np.ndarray], truth: np.ndarray, weights: np.ndarray,
+                 blocks: int = 1) -> np.ndarray:
+    """The mean relative L2 against `truth` (modules/baseline.py, `relative_l2`, of `blocks` stacked fields) of
+    gp + Σ wᵢ (netsᵢ − gp) (all (n, T, N)) for each row of `weights` (c, k): each run's and field's squared
+    error is a quadratic form in w, so the fields are read once."""
+    def flat(a):            # (n, T, N) -> (n, F, T·N/F): each run's fields apart
+        return np.asarray(a, np.float64).reshape(len(truth), truth.shape[1], blocks, -1).swapaxes(1, 2) \
+            .reshape(len(truth), blocks, -1)
+    base = flat(gp) - flat(truth)
+    apart = [flat(net) - flat(gp) for net in nets]
+    cross = np.array([[np.einsum("rfv,rfv->rf", a, b) for b in apart] for a in apart])     # (k, k, n, F)
+    linear = np.array([np.einsum("rfv,rfv->rf", a, base) for a in apart])                 # (k, n, F)
+    squared = (np.einsum("rfv,rfv->rf", base, base)[None] + 2 * np.einsum("ci,irf->crf", weights, linear)
+               + np.einsum("ci,ijrf,cj->crf", weights, cross, weights))
+    norm = np.maximum(np.linalg.norm(flat(truth), axis=2), 1e-30)                          # (n, F)
+    return (np.sqrt(np.maximum(squared, 0.0)) / norm).mean(axis=(1, 2))
 
 
-def choose_weights(gp: np.ndarray, nets: list[np.ndarray], truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def choose_weights(gp: np.ndarray, nets: list[np.ndarray], truth: np.ndarray,
+                   blocks: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The blend weights (one per network, each in WEIGHTS, their sum at most 1) whose
     gp + Σ wᵢ (netsᵢ − gp) has the lowest mean relative L2 against `truth`; ties go to the smaller
     sum, the GP's side. Also every combination tried (c, k) and its error (c,)."""
     steps = len(WEIGHTS) - 1
     grid = [c for c in itertools.product(range(steps + 1), repeat=len(nets)) if sum(c) <= steps]
     combos = np.array(sorted(grid, key=lambda c: (sum(c), c)), dtype=np.float64).reshape(-1, len(nets)) / steps
-    errors = blend_errors(gp, nets, truth, combos)
+    errors = blend_errors(gp, nets, truth, combos, blocks)
     return combos[int(np.argmin(errors))], combos, errors

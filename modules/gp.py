@@ -11,6 +11,7 @@ scikit-learn objects.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -63,7 +64,8 @@ class GPHyper:
 
 
 def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int = 2,
-                        min_noise: float = 1e-10, max_rows: int = FIT_MAX_RUNS, kernel: str = "rbf") -> GPHyper:
+                        min_noise: float = 1e-10, max_rows: int = FIT_MAX_RUNS, kernel: str = "rbf",
+                        shared: bool = False) -> GPHyper:
     """Maximum-marginal-likelihood kernels of the family `kernel` (KERNELS: constant × ARD-RBF,
     the same + constant × a linear kernel, or constant × ARD-Matérn 5/2; each + white noise), one
     per column of y (n, m), on inputs x (n, d); the white noise is at least `min_noise` of each
@@ -75,50 +77,94 @@ def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int =
     latent or POD columns vary on similar scales, so the warm start often finds the better
     optimum, but alone it carries one column's poor optimum on to all the rest
     (benchmarks/accuracy/NOTES.md). Above `max_rows` rows the kernels are fitted on a seeded
-    subset of that many: at 500 rows one column's fit takes seconds, at 2,000 over a minute."""
+    subset of that many: at 500 rows one column's fit takes seconds, at 2,000 over a minute.
+
+    `shared`: one kernel for all the columns, fitted to them scaled together (centred, one scale for
+    all, so a column weighs by its size: the leading POD coefficients most, and the small ones cannot
+    each pick a kernel that fits their noise), returned per column in each column's standardised units."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
-    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, DotProduct, Matern, WhiteKernel
 
     if kernel not in KERNELS:
         raise ValueError(f"unknown GP kernel {kernel!r}; expected one of {KERNELS}")
     if len(x) > max_rows:
         rows = np.sort(np.random.default_rng(seed).choice(len(x), max_rows, replace=False))
         x, y = x[rows], y[rows]
+    varies = np.ptp(x, axis=0) > 0
+    if not varies.all():        # an input that never varies: no length scale to fit, and none to draw restarts for
+        fitted = fit_hyperparameters(x[:, varies], y, seed, restarts, min_noise, max_rows, kernel, shared)
+        return _with_constant_inputs(fitted, x[0], varies)
     d, m = x.shape[1], y.shape[1]
     low, span = x.min(axis=0), np.ptp(x, axis=0)
     span = np.where(span > 0, span, 1.0)
     centre = low + 0.5 * span
     x = (x - centre) / span                 # the box [-0.5, 0.5]: a linear term about its middle
-    amp, length, noise, linear = np.empty(m), np.empty((m, d)), np.empty(m), np.empty((m, 2))
+    default = _default_kernel(kernel, d, min_noise)
+
+    def fit(start, targets, tries, normalise):
+        gp = GaussianProcessRegressor(start, normalize_y=normalise, n_restarts_optimizer=tries, random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return gp.fit(x, targets)
+
+    if shared:
+        centred = y - y.mean(axis=0)
+        unit = float(np.sqrt((centred ** 2).mean())) or 1.0
+        std = np.where(y.std(axis=0) > 0, y.std(axis=0), 1.0)
+        amp, length, noise, linear = _read_kernel(fit(default, centred / unit, restarts, False).kernel_, kernel, d)
+        per = (unit / std) ** 2                            # the shared kernel in each column's standardised units
+        amp, noise = amp * per, noise * per
+        length, linear = np.tile(length, (m, 1)), np.tile(linear, (m, 1)) * np.stack([per, np.ones(m)], 1)
+    else:
+        amp, length, noise, linear = np.empty(m), np.empty((m, d)), np.empty(m), np.empty((m, 2))
+        previous = None
+        for j in range(m):
+            best = None
+            for start, tries in ((default, restarts if j < 3 else 0), (previous, 0)):
+                if start is None:
+                    continue
+                gp = fit(start, y[:, j], tries, True)
+                if best is None or gp.log_marginal_likelihood_value_ > best.log_marginal_likelihood_value_:
+                    best = gp
+            previous = best.kernel_
+            amp[j], length[j], noise[j], linear[j] = _read_kernel(previous, kernel, d)
+    if kernel != "rbf+linear":
+        return GPHyper(amp, length * span, noise, kernel)
+    return GPHyper(amp, length * span, noise, kernel, linear, centre, span)
+
+
+def _default_kernel(kernel: str, d: int, min_noise: float):
+    """The optimiser's first start: constant × (ARD-RBF | ARD-Matérn 5/2) [+ constant × linear] + white noise."""
+    from sklearn.gaussian_process.kernels import RBF, ConstantKernel, DotProduct, Matern, WhiteKernel
     bounds = (MIN_LENGTH, 1e3)
     base = Matern(np.ones(d), bounds, nu=2.5) if kernel == "matern52" else RBF(np.ones(d), bounds)
     signal = ConstantKernel(1.0, (1e-3, 1e3)) * base
     if kernel == "rbf+linear":
         signal = signal + ConstantKernel(0.1, (1e-6, 1e3)) * DotProduct(1.0, (1e-3, 1e3))
-    default = signal + WhiteKernel(max(1e-4, min_noise), (min_noise, 1e0))
-    previous = None
-    for j in range(m):
-        best = None
-        for start, tries in ((default, restarts if j < 3 else 0), (previous, 0)):
-            if start is None:
-                continue
-            gp = GaussianProcessRegressor(start, normalize_y=True, n_restarts_optimizer=tries, random_state=seed)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                gp.fit(x, y[:, j])
-            if best is None or gp.log_marginal_likelihood_value_ > best.log_marginal_likelihood_value_:
-                best = gp
-        previous = best.kernel_
-        stationary = previous.k1.k1 if kernel == "rbf+linear" else previous.k1
-        amp[j] = stationary.k1.constant_value
-        length[j] = np.broadcast_to(stationary.k2.length_scale, (d,))
-        noise[j] = previous.k2.noise_level
-        if kernel == "rbf+linear":
-            linear[j] = previous.k1.k2.k1.constant_value, previous.k1.k2.k2.sigma_0 ** 2
-    if kernel != "rbf+linear":
-        return GPHyper(amp, length * span, noise, kernel)
-    return GPHyper(amp, length * span, noise, kernel, linear, centre, span)
+    return signal + WhiteKernel(max(1e-4, min_noise), (min_noise, 1e0))
+
+
+def _read_kernel(fitted, kernel: str, d: int) -> tuple[float, np.ndarray, float, np.ndarray]:
+    """(amplitude, length scales (d,), noise, (linear variance, bias)) of a kernel `_default_kernel` built."""
+    stationary = fitted.k1.k1 if kernel == "rbf+linear" else fitted.k1
+    linear = np.zeros(2)
+    if kernel == "rbf+linear":
+        linear = np.array([fitted.k1.k2.k1.constant_value, fitted.k1.k2.k2.sigma_0 ** 2])
+    return (stationary.k1.constant_value, np.broadcast_to(stationary.k2.length_scale, (d,)).copy(),
+            fitted.k2.noise_level, linear)
+
+
+def _with_constant_inputs(fitted: GPHyper, row: np.ndarray, varies: np.ndarray) -> GPHyper:
+    """`fitted` (on the inputs where `varies`) on every input of which `row` is one: a constant one gets the
+    longest length scale and the linear term's centre at its value, so that it has no influence (its values
+    are all one, and the input scaler maps any new value to that one)."""
+    length = np.full((len(fitted.length), len(varies)), 1e3)
+    length[:, varies] = fitted.length
+    extent = {}
+    if fitted.centre is not None:
+        extent = {"centre": np.asarray(row, np.float64).copy(), "span": np.ones(len(varies))}
+        extent["centre"][varies], extent["span"][varies] = fitted.centre, fitted.span
+    return dataclasses.replace(fitted, length=length, **extent)
 
 
 @dataclass(frozen=True)

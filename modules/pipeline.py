@@ -185,7 +185,8 @@ def _train_stages(plan: _Plan, flags: Flags, figures: Figures) -> dict:
     summary.update(_conditioner_stage(ctx, plan.inputs, latents, store, plan.train_idx, plan.val_idx,
                                       plan.vae_run_id, figures))
     if ctx.dist.is_main and cfg.run.baseline:
-        summary.update(classical_baseline(plan.runs, plan.inputs.raw, plan.train_idx, plan.val_idx, cfg.run.seed))
+        summary.update(classical_baseline(plan.runs, plan.inputs.raw, plan.train_idx, plan.val_idx, cfg.run.seed,
+                                          scaler.blocks))
     summary["seconds_total"] = time.perf_counter() - started
     summary["figures"] = [str(p) for p in figures.saved]
     if ctx.dist.is_main:
@@ -508,11 +509,11 @@ def _networks(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_idx:
         return None, None, {f"lc_{kind}_net": why for kind in wanted}
     x = data.inputs.float().cpu().numpy()
     fields = physical_fields(store, torch.arange(store.num_runs), dtype=np.float32)    # every run, read once
-    seed, out = ctx.cfg.run.seed, {}
+    seed, out, blocks = ctx.cfg.run.seed, {}, store.scaler.blocks
     trainers = {}
     if "frame" in wanted:
         trainers["frame"] = lambda idx: train_frame_net(x[idx], fields[idx], conditioner.frame_net_epochs, seed,
-                                                        ctx.device)
+                                                        ctx.device, blocks)
     if "point" in wanted:
         started = time.perf_counter()
         positions, source = node_positions(conditioner.node_positions, ctx.paths.workdir, dataset,
@@ -522,7 +523,7 @@ def _networks(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_idx:
             out["lc_point_net"] = source
         else:
             trainers["point"] = lambda idx: train_point_net(x[idx], fields[idx], positions, conditioner.point_net_steps,
-                                                            seed, ctx.device)
+                                                            seed, ctx.device, blocks)
         out["lc_point_net_positions_seconds"] = time.perf_counter() - started
     held, own, seconds = {}, {}, {}
     for kind, train in trainers.items():
@@ -535,11 +536,11 @@ def _networks(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_idx:
         return None, None, out
     gp = gp_surrogate.fields(data.inputs[torch.as_tensor(val_idx).to(data.inputs.device)])
     truth = fields[val_idx]
-    weights, _, errors = choose_weights(gp, list(own.values()), truth)
+    weights, _, errors = choose_weights(gp, list(own.values()), truth, blocks)
     out["lc_val_rel_l2_gp"] = float(errors[0])
     for kind, weight in zip(held, weights):
         out.update({f"lc_{kind}_net": "blend", f"lc_{kind}_net_weight": float(weight),
-                    f"lc_val_rel_l2_{kind}_net": float(relative_l2(own[kind], truth).mean())})
+                    f"lc_val_rel_l2_{kind}_net": float(relative_l2(own[kind], truth, blocks).mean())})
     kept = [kind for kind, weight in zip(held, weights) if weight > 0]
     held_blend = final_blend = None
     if kept:            # else the GP alone, its draws calibrated without the networks' disagreement, as it is saved
@@ -590,7 +591,7 @@ def _calibrate_spread(surrogate, data, store: FieldStore, val_idx: np.ndarray, s
 
 
 def classical_baseline(runs: np.ndarray, raw_inputs: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                       seed: int) -> dict:
+                       seed: int, blocks: int = 1) -> dict:
     """POD + GPR fitted on the training runs, scored on the validation runs (modules/baseline.py):
     on the CSV parameters, or on simple features of the pictures."""
     from modules.baseline import BASELINE_MAX_BYTES, classical_baselines
@@ -605,7 +606,7 @@ def classical_baseline(runs: np.ndarray, raw_inputs: np.ndarray, train_idx: np.n
     train = np.asarray(runs[np.sort(train_idx)], dtype=np.float64)
     val = np.asarray(runs[np.sort(val_idx)], dtype=np.float64)
     result = classical_baselines(train, val, features[np.sort(train_idx)], features[np.sort(val_idx)], seed,
-                                 methods=("pod_gpr",))
+                                 methods=("pod_gpr",), blocks=blocks)
     rel = result.rel_l2["pod_gpr"]
     return {"baseline_pod_gpr_rel_l2": float(rel.mean()), "baseline_pod_gpr_rel_l2_per_run": rel.tolist(),
             "baseline_pod_modes": result.modes,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from modules.data import varying_nodes
 from modules.errors import UserError
 
 log = logging.getLogger("simulgen")
@@ -55,9 +56,10 @@ class PointNet(nn.Module):
             layers += [nn.Linear(width, width), nn.GELU()]
         self.net = nn.Sequential(*layers, nn.Linear(width, 1))
         self.register_buffer("mean", torch.zeros(steps, nodes))
-        self.register_buffer("unit", torch.ones(()))
+        self.register_buffer("unit", torch.ones(nodes))             # each node's field's largest deviation
         self.register_buffer("positions", torch.zeros(nodes, dims))     # each node's position, [0, 1] per column
         self.register_buffer("times", torch.linspace(0.0, 1.0, steps))
+        self.register_buffer("varies", torch.ones(nodes))              # 0 where the training runs never moved
 
     def points(self, x: torch.Tensor, run: torch.Tensor, step: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
         """The network's input rows for the points (run, step, node) of the runs with inputs `x`."""
@@ -72,15 +74,21 @@ class PointNet(nn.Module):
             flat = torch.arange(start, min(start + CHUNK, total), device=self.mean.device)
             run, rest = flat // (steps * nodes), flat % (steps * nodes)
             out[start:start + len(flat)] = self.net(self.points(x, run, rest // nodes, rest % nodes))[:, 0]
-        return out.view(len(x), steps, nodes) * self.unit + self.mean
+        return out.view(len(x), steps, nodes) * (self.unit * self.varies) + self.mean          # (B, T, N)
 
     def stored(self) -> dict:
         return {"kind": self.kind, "shape": dict(self.shape),
                 "state": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
+    def with_defaults(self, saved: dict) -> dict:
+        """A saved state of an earlier version completed with what it meant: every node moves, one unit for all."""
+        saved = {"varies": torch.ones_like(self.varies), **saved}
+        return {**saved, "unit": torch.as_tensor(saved["unit"]).expand_as(self.unit).clone()} if "unit" in saved \
+            else saved
+
 
 def train_point_net(inputs: np.ndarray, fields: np.ndarray, positions: np.ndarray, steps: int, seed: int,
-                    device: torch.device) -> PointNet:
+                    device: torch.device, blocks: int = 1) -> PointNet:
     """A PointNet trained by AdamW with a one-cycle schedule for `steps` steps of BATCH random points
     of `fields` (n, T, N), physical units, whose runs have the scaled `inputs` (n, d) and whose nodes
     lie at `positions` (N, D). Targets centred on the runs' mean frame, as the frame network's.
@@ -93,14 +101,16 @@ def train_point_net(inputs: np.ndarray, fields: np.ndarray, positions: np.ndarra
         log.info("point network: %d steps, not %d (at most %d passes over its %d points)", cut, steps, MAX_EPOCHS,
                  n * times * nodes)
     steps = cut
-    mean, y, unit = centred_targets(fields)
+    mean, y, unit = centred_targets(fields, blocks)
+    moving = torch.from_numpy(np.flatnonzero(varying_nodes(fields)))     # constant nodes are the mean frame exactly
     y = y.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = PointNet(inputs.shape[1], times, nodes, positions.shape[1])
     net.mean.copy_(mean)
-    net.unit.fill_(unit)
+    net.unit.copy_(unit)
     net.positions.copy_(torch.as_tensor(positions, dtype=torch.float32))
+    net.varies.zero_()[moving] = 1.0
     net = net.to(device)
     x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
     opt = torch.optim.AdamW(net.net.parameters(), LR, weight_decay=WEIGHT_DECAY)
@@ -108,7 +118,8 @@ def train_point_net(inputs: np.ndarray, fields: np.ndarray, positions: np.ndarra
     draw = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(steps):
-        run, step, node = (torch.randint(size, (BATCH,), generator=draw).to(device) for size in (n, times, nodes))
+        run, step, pick = (torch.randint(size, (BATCH,), generator=draw) for size in (n, times, max(len(moving), 1)))
+        run, step, node = run.to(device), step.to(device), moving[pick].to(device) if len(moving) else pick.to(device)
         loss = nn.functional.mse_loss(net.net(net.points(x, run, step, node))[:, 0], y[run, step, node])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -127,21 +138,27 @@ def _unit_columns(points: np.ndarray) -> np.ndarray:
 
 def embed_nodes(fields: np.ndarray, seed: int) -> np.ndarray:
     """(N, EMBED_DIMS) positions learnt from the training fields (n, T, N): the spectral embedding
-    (scikit-learn) of each node's centred signal over every frame, compared in the EMBED_MODES
-    leading frame-POD directions and normalised, so that nodes whose values move together lie close."""
+    (scikit-learn) of each varying node's centred signal over every frame, compared in the EMBED_MODES
+    leading frame-POD directions and normalised, so that nodes whose values move together lie close.
+    Nodes without a signal (`varying_nodes`) sit at the origin: the point network predicts them as the
+    mean frame whatever their position."""
     from sklearn.manifold import SpectralEmbedding
     from sklearn.utils.extmath import randomized_svd
-    if fields.shape[2] < EMBED_MIN_NODES:            # too few for a neighbour graph: the nodes' order
-        return np.linspace(0.0, 1.0, fields.shape[2], dtype=np.float32)[:, None]
-    frames = (fields - fields.mean(axis=0)).reshape(-1, fields.shape[2])             # (n·T, N)
+    moving = np.flatnonzero(varying_nodes(fields))
+    out = np.zeros((fields.shape[2], 1 if len(moving) < EMBED_MIN_NODES else EMBED_DIMS), np.float32)
+    if len(moving) < EMBED_MIN_NODES:                # too few for a neighbour graph: the nodes' order
+        out[moving, 0] = np.linspace(0.0, 1.0, len(moving))
+        return out
+    frames = (fields[:, :, moving] - fields[:, :, moving].mean(axis=0, dtype=np.float64)).reshape(-1, len(moving))
     modes = min(EMBED_MODES, *frames.shape)
-    left, values, _ = randomized_svd(frames.T, modes, random_state=seed)             # the nodes' signals, (N, modes)
+    left, values, _ = randomized_svd(frames.T, modes, random_state=seed)             # the nodes' signals, (N', modes)
     signals = left * values
-    signals /= np.maximum(np.linalg.norm(signals, axis=1, keepdims=True), 1e-300)
+    signals /= np.maximum(np.linalg.norm(signals, axis=1, keepdims=True), 1e-300)    # float64: no underflow
     neighbours = min(EMBED_NEIGHBOURS, len(signals) - 1)
     embedded = SpectralEmbedding(n_components=EMBED_DIMS, n_neighbors=neighbours,
                                  random_state=seed).fit_transform(signals)
-    return _unit_columns(embedded)
+    out[moving] = _unit_columns(embedded)
+    return out
 
 
 def mesh_positions(mesh: Path, dataset_nodes: int, nodes: int) -> np.ndarray | None:

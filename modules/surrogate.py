@@ -115,7 +115,8 @@ class Surrogate:
         blend's total weight times the disagreement of the networks' weighted mean with the GP, and
         so does every draw; predictive draws also take a standard-normal multiple of that
         disagreement each (where the models disagree, the truth may lie on either side), before the
-        widening and scaling, which the validation runs calibrate on these draws.
+        widening and scaling, which the validation runs calibrate on these draws. Nodes that never
+        changed in the training runs (`FieldScaler.fixed_nodes`) are that value in every output.
         """
         points, draws = [], []
         for chunk in inputs.split(max(1, batch_size // samples)):
@@ -150,7 +151,8 @@ class Surrogate:
             points.append(point)
             if field is not None:
                 draws.append(field)
-        return torch.cat(points).numpy(), (torch.cat(draws).numpy() if draws else None)
+        pin = self.field_scaler.pin                 # nodes held fixed in training stay exactly there
+        return pin(torch.cat(points).numpy()), (pin(torch.cat(draws).numpy()) if draws else None)
 
     @torch.inference_mode()
     def decode_latents(self, flat: np.ndarray) -> np.ndarray:

@@ -194,13 +194,13 @@ def evaluate_surrogate(surrogate: Surrogate, data: ConditionerData, store: Field
     """Relative L2 of the predicted validation fields, next to the mean-field baseline."""
     true = physical_fields(store, val_idx)
     pred = surrogate.fields(data.inputs[val_idx.to(data.inputs.device)])
-    rel = relative_l2(pred, true)
+    rel = relative_l2(pred, true, store.scaler.blocks)
     total = None
     for i in train_idx.split(64):
         part = physical_fields(store, i).sum(axis=0)
         total = part if total is None else total + part
     mean_field = total / len(train_idx)
-    base = relative_l2(np.broadcast_to(mean_field, true.shape), true)
+    base = relative_l2(np.broadcast_to(mean_field, true.shape), true, store.scaler.blocks)
     with torch.no_grad():
         main, hier = surrogate.conditioner(data.inputs[val_idx.to(data.inputs.device)])
         y_main, y_hier = data.main[val_idx], data.hier[val_idx]

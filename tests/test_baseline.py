@@ -22,6 +22,17 @@ def test_relative_l2_is_per_run():
     np.testing.assert_allclose(relative_l2(np.zeros_like(true), true), 1.0)
 
 
+def test_relative_l2_of_stacked_fields_weighs_each_field_alike():
+    """Temperature (~300) and displacement (~1e-5) stacked as two node blocks: each field's relative error
+    counts, not the larger units'."""
+    rng = np.random.default_rng(3)
+    true = np.concatenate([300 + rng.normal(size=(4, 3, 5)), 1e-5 * rng.normal(size=(4, 3, 5))], axis=2)
+    pred = true.copy()
+    pred[:, :, 5:] *= 2.0                                               # the displacement wrong by its own size
+    np.testing.assert_allclose(relative_l2(pred, true, blocks=2), 0.5, rtol=1e-12)
+    assert relative_l2(pred, true).max() < 1e-7                          # one block: the temperature hides it
+
+
 def test_pod_keeps_the_modes_holding_the_energy_and_projects_exactly():
     rng = np.random.default_rng(0)
     basis = np.linalg.qr(rng.normal(size=(60, 3)))[0].T                  # 3 orthonormal rows

@@ -192,6 +192,8 @@ def test_scaler_constant_column_has_no_division_by_zero():
     assert np.isfinite(y).all()
     np.testing.assert_array_equal(y[:, 1], 0.0)
     np.testing.assert_allclose(s.inverse_transform(y), x)
+    # a new value of the column that never varied carries nothing a model learnt: it maps to the middle too
+    np.testing.assert_array_equal(s.transform(np.array([[2.0, 7.0]]))[:, 1], 0.0)
 
 
 def test_scaler_state_dict_round_trip_as_arrays_and_tensors():

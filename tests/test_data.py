@@ -367,17 +367,34 @@ def test_centered_scaler_checks_the_time_axis():
         scaler.transform(np.zeros((2, 4, 7)), node_axis=-1)
 
 
-def test_constant_node_does_not_divide_by_zero():
+@pytest.mark.parametrize("kind", ["minmax", "centered"])
+def test_constant_node_does_not_divide_by_zero(kind):
+    """A Dirichlet node (the same value in every run and step) maps back to that value whatever the model
+    outputs there, with either scaling, in float32 and float64; a node constant in time only is not fixed."""
     data = runs()
     data[:, :, 2] = 5.25
-    scaler = FieldScaler.fit_streaming(data)
+    data[:, :, 4] = np.arange(len(data))[:, None] * 0.5                  # constant in time, one value per run
+    scaler = FieldScaler.fit(data, kind, np.arange(8))
+    assert scaler.fixed_nodes.tolist() == [i == 2 for i in range(data.shape[2])]
     y = scaler.transform(data, node_axis=-1)
     assert np.isfinite(y).all()
     np.testing.assert_array_equal(y[:, :, 2], 0.0)
     back = scaler.inverse_transform(y + 0.3, node_axis=-1)      # any model output maps back to the constant
     np.testing.assert_array_equal(back[:, :, 2], 5.25)
+    pinned = scaler.pin(data.astype(np.float32) + 1.0)
+    np.testing.assert_array_equal(pinned[:, :, 2], 5.25)
+    np.testing.assert_array_equal(pinned[:, :, 4], data[:, :, 4] + 1.0)
     t = torch.from_numpy(data).transpose(1, 2)
     assert torch.isfinite(scaler.transform(t)).all()
+
+
+def test_stacked_fields_get_a_scale_each_and_the_scaler_remembers_them():
+    data = runs(n=10)
+    data[:, :, 5:] *= 1e-6                                                 # a second field of tiny units
+    scaler = FieldScaler.fit(data, "centered", np.arange(8), blocks=2)
+    assert scaler.blocks == 2 and scaler.scale.shape == (1, 10)
+    y = scaler.transform(data[np.arange(8)], node_axis=-1)
+    np.testing.assert_allclose(np.abs(y).reshape(-1, 2, 5).max(axis=(0, 2)), [0.9, 0.9])
 
 
 def test_scaler_state_dict_round_trip(tmp_path):
@@ -386,11 +403,11 @@ def test_scaler_state_dict_round_trip(tmp_path):
     x = runs(seed=1).transpose(0, 2, 1)
     for scaler in (FieldScaler.fit_streaming(runs()), FieldScaler.fit(runs(), "centered", np.arange(8))):
         state = scaler.state_dict()
-        assert set(state) == {"offset", "scale", "kind"}
+        assert set(state) == {"offset", "scale", "kind", "blocks"}
         assert all(isinstance(v, np.ndarray) for v in state.values())
         save_npz(tmp_path / "s.npz", **state)                      # stored as plain arrays, no pickle
         again = load_field_scaler(tmp_path / "s.npz", "train again")
-        assert again.kind == scaler.kind
+        assert again.kind == scaler.kind and again.blocks == scaler.blocks
         np.testing.assert_array_equal(again.transform(x), scaler.transform(x))
     # files written before the kinds existed hold data_min/data_max and load as min-max
     old = FieldScaler.fit_streaming(runs())

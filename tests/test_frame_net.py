@@ -49,6 +49,10 @@ def test_the_blend_weights_are_the_ones_that_made_the_truth_and_ties_go_to_the_g
     # the quadratic forms give what the blended fields give
     direct = [relative_l2(gp + w1 * (net - gp) + w2 * (other - gp), truth).mean() for w1, w2 in combos[::17]]
     np.testing.assert_allclose(blend_errors(gp, [net, other], truth, combos[::17]), direct, rtol=1e-10)
+    # two stacked fields (4 nodes each): each field's relative L2, averaged
+    gp, net, other, truth = rng.normal(size=(4, 5, 4, 8)) * np.array([1.0] * 4 + [1e-5] * 4)
+    direct = [relative_l2(gp + w1 * (net - gp) + w2 * (other - gp), truth, 2).mean() for w1, w2 in combos[::17]]
+    np.testing.assert_allclose(blend_errors(gp, [net, other], truth, combos[::17], 2), direct, rtol=1e-10)
 
 
 def test_training_is_seeded_and_the_stored_network_predicts_the_same():
@@ -80,7 +84,7 @@ def test_training_is_seeded_and_the_stored_network_predicts_the_same():
     # the mean frame and the unit make the targets centred: the untrained network predicts the mean frame
     untrained = train_frame_net(params, fields, epochs=1, seed=4, device=CPU)
     np.testing.assert_allclose(untrained.mean.numpy(), fields.mean(axis=0), rtol=1e-6, atol=1e-30)
-    assert float(untrained.unit) == pytest.approx(np.abs(fields - fields.mean(axis=0)).max(), rel=1e-6)
+    np.testing.assert_allclose(untrained.unit.numpy(), np.abs(fields - fields.mean(axis=0)).max(), rtol=1e-6)
     # float32 frames (the pipeline's, to halve the memory) train the same network and are left as they were
     single = fields.astype(np.float32)
     kept = single.copy()
@@ -184,3 +188,23 @@ def test_node_positions_come_from_the_mesh_a_file_or_the_fields(tmp_path):
     assert embedded.shape == (80, 3) and embedded.min() == 0.0 and embedded.max() == 1.0
     rank = abs(np.corrcoef(np.argsort(np.argsort(embedded[:, 0])), np.arange(80))[0, 1])
     assert rank > 0.9
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nodes_held_fixed_are_embedded_and_predicted_as_their_value(dtype):
+    """Dirichlet nodes (one value in every run and step) have no signal to embed: before, their zero norm gave
+    NaN positions and scikit-learn's error ended the training. They sit at the origin, the other nodes keep
+    their order, and the point network predicts them as their value exactly."""
+    rng = np.random.default_rng(6)
+    fields = moving_pulses(rng.random((30, 3)), steps=10, nodes=80).astype(dtype) + dtype(300.0)
+    fields[:, :, [0, 1, 78, 79]] = dtype(300.0)
+    embedded = embed_nodes(fields, seed=0)
+    assert np.isfinite(embedded).all() and (embedded[[0, 1, 78, 79]] == 0).all()
+    moving = np.setdiff1d(np.arange(80), [0, 1, 78, 79])
+    assert abs(np.corrcoef(np.argsort(np.argsort(embedded[moving, 0])), np.arange(76))[0, 1]) > 0.9
+    net = train_point_net(rng.random((30, 3)), fields, embedded, steps=20, seed=0, device=CPU)
+    assert net.varies[[0, 1, 78, 79]].eq(0).all()
+    np.testing.assert_array_equal(net.varies.numpy(), np.ptp(fields, axis=(0, 1)) > 0)     # float32 rounds tails away
+    with torch.no_grad():
+        out = net(torch.rand(2, 3))
+    assert (out[:, :, [0, 1, 78, 79]] == 300.0).all() and not (out[:, :, moving] == 300.0).all()

@@ -7,7 +7,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
 
 from modules.conditioners import ConditionerArchitecture
-from modules.gp import GPConditioner, GPHyper, GPPosterior, fit_hyperparameters
+from modules.gp import KERNELS, GPConditioner, GPHyper, GPPosterior, fit_hyperparameters
 
 
 def smooth(x: np.ndarray) -> np.ndarray:
@@ -165,6 +165,22 @@ def test_the_fit_does_not_depend_on_how_the_inputs_are_scaled():
     np.testing.assert_allclose(mean_small, mean, atol=1e-4 * np.ptp(y))
     np.testing.assert_allclose(std_small, std, rtol=0.05, atol=1e-4 * np.ptp(y))
     assert np.abs(mean[:, 0] - smooth(x_new)).max() < 0.05 * np.ptp(smooth(x_new))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_an_input_that_never_varies_is_left_out_of_the_fit(kernel):
+    """A parameter column with one value in every run: the kernels of the other columns are those fitted
+    without it (no restart is drawn for it), and it has no influence on a prediction."""
+    rng = np.random.default_rng(8)
+    x, x_new = rng.uniform(size=(30, 2)), rng.uniform(0.1, 0.9, size=(6, 2))
+    y = np.stack([smooth(x), smooth(x[:, ::-1])], 1)
+    hyper = fit_hyperparameters(x, y, seed=0, kernel=kernel)
+    with_constant = fit_hyperparameters(np.insert(x, 1, 0.25, axis=1), y, seed=0, kernel=kernel)
+    np.testing.assert_allclose(with_constant.length[:, [0, 2]], hyper.length, rtol=1e-3)     # the optimiser's tolerance
+    assert (with_constant.length[:, 1] == 1e3).all()
+    mean = GPPosterior.condition(hyper, x, y).predict(x_new)[0]
+    post = GPPosterior.condition(with_constant, np.insert(x, 1, 0.25, axis=1), y)
+    np.testing.assert_allclose(post.predict(np.insert(x_new, 1, 0.25, axis=1))[0], mean, rtol=1e-4, atol=1e-6)
 
 
 def test_above_max_rows_the_kernels_come_from_a_subset_and_the_gp_conditions_on_every_row():
