@@ -157,11 +157,14 @@ def _columns(hyper, count: int):
 
 
 def _rbf_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray) -> np.ndarray:
-    """Thin-plate spline in the span of the training inputs: rotating onto their principal axes keeps
+    """Thin-plate spline in the span of the training inputs (an interpolant: duplicated inputs are one point
+    at their runs' mean): rotating onto their principal axes keeps
     every distance, and dropping the axes without spread keeps its linear term solvable when inputs
     are collinear (picture features of black-and-white shapes: their intensity and shape moments
     coincide)."""
     from scipy.interpolate import RBFInterpolator
+    x_train, rows = np.unique(x_train, axis=0, return_inverse=True)     # runs with the same inputs: one point,
+    y_train = np.stack([y_train[rows.ravel() == i].mean(axis=0) for i in range(len(x_train))])   # their mean
     centre = x_train.mean(axis=0)
     _, s, vt = np.linalg.svd(x_train - centre, full_matrices=False)
     axes = vt[s > 1e-9 * max(s[0], 1e-300)].T

@@ -53,6 +53,33 @@ def atomic_write(path: str | Path, write: Callable[[io.BufferedWriter], None]) -
     return path
 
 
+def write_together(files: dict[Path, Callable[[io.BufferedWriter], None]]) -> list[Path]:
+    """Write several files as one: each to a temporary file beside it first (mode 0666 minus the umask), then
+    all renamed into place in the given order (put the file that describes the others last). A failing write
+    is a one-line UserError and leaves every earlier version untouched."""
+    staged: dict[Path, str] = {}
+    try:
+        for path, write in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, staged[path] = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~current_umask())
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+        return list(files)
+    except OSError as exc:
+        where = next((p for p, t in staged.items() if os.path.exists(t)), next(iter(files), Path(".")))
+        raise UserError(f"cannot write {where} ({_why_not_writable(where.parent, exc)}); nothing was replaced: "
+                        f"free disk space or make its folder writable, then run again.") from None
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
 def current_umask() -> int:
     """The process umask, read without changing it (Linux: /proc), else by setting it back."""
     try:
@@ -110,8 +137,13 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """`obj` as the tool writes JSON: indented, keys sorted, numpy values and paths as plain values."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode()
+
+
 def save_json(path: str | Path, obj: Any) -> Path:
-    data = (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode()
+    data = json_bytes(obj)
     return atomic_write(path, lambda f: f.write(data))
 
 
@@ -266,10 +298,11 @@ def check_architecture(saved: dict, current, path: str | Path) -> None:
 
 
 def check_same_split(saved_split: dict, val_idx, path: str | Path) -> None:
-    """A resumed stage must validate on the runs it was trained to validate on."""
-    if not torch.equal(saved_split["val"], torch.as_tensor(val_idx, dtype=torch.long)):
-        raise UserError(f"{path} used another train/validation split (seed, val_split or Dim1 changed); "
-                        "restore them, or start afresh without --resume.")
+    """A resumed stage must validate on the runs it was trained to validate on (`val_idx`: the validation
+    runs that select; a GP conditioner stores them apart from every validation run)."""
+    if not torch.equal(saved_split.get("select", saved_split["val"]), torch.as_tensor(val_idx, dtype=torch.long)):
+        raise UserError(f"{path} used another train/validation split (seed, val_split or Dim1 changed, or an "
+                        "earlier version of this tool wrote it); restore them, or start afresh without --resume.")
 
 
 def load_npz(path: str | Path, what: str, how_to_make: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:

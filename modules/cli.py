@@ -87,9 +87,11 @@ def _prediction_flags(q) -> None:
     q.add_argument("--predict", type=Path, default=None, metavar="PATH",
                    help="CSV of new parameter rows, or a folder of new images, matching the trained input_type")
     q.add_argument("--out", type=Path, default=None, metavar="FILE.npy",
-                   help="where to write the predicted fields [n, T, N] in physical units (and FILE.json beside it)")
+                   help="where to write the point prediction [n, T, N] in physical units (and FILE.json beside it, "
+                        "which says what every output holds)")
     q.add_argument("--samples", type=int, default=1, metavar="K",
-                   help="K > 1: K stochastic realisations per input, output [n, K, T, N] (default 1)")
+                   help="K > 1: also K stochastic realisations per input, FILE_samples.npy [n, K, T, N], and their "
+                        "mean, std and calibrated bands, FILE_bands.npz (default 1)")
     q.add_argument("--evaluate", type=Path, default=None, metavar="TRUE.npy",
                    help="with --predict: the held-out runs' true fields [n, T, N], one per input in order; writes "
                         "FILE_evaluation.json and .csv (errors per run and per step, VAE-only error, baselines, "
@@ -101,8 +103,8 @@ def _prediction_flags(q) -> None:
     q.add_argument("--checkpoints", type=Path, default=None, metavar="DIR",
                    help="the working directory whose checkpoints/ to predict with (default: the current one)")
     q.add_argument("--vtk", type=Path, default=None, metavar="DIR",
-                   help="also write DIR/run_<i>.xdmf (+ .h5) per input on the mesh.vtu beside the training dataset, "
-                        "for ParaView")
+                   help="also write DIR/run_<i>.xdmf (+ .h5) per input (i from 1) on the mesh.vtu beside the "
+                        "training dataset, for ParaView: the point prediction, with --samples also its bands")
 
 
 def _import_flags(m) -> None:
@@ -113,6 +115,9 @@ def _import_flags(m) -> None:
     m.add_argument("--field", action="append", default=[], metavar="NAME",
                    help="point-data array to import: NAME, NAME:<component> or NAME:mag; repeat to stack several "
                         "fields as extra nodes")
+    m.add_argument("--force", action="store_true",
+                   help="with --import_runs: replace a dataset already in the folder (its files are kept beside it, "
+                        "renamed *.replaced-<time>); without it the import refuses")
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -189,27 +194,34 @@ def _run(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     if args.predict is None or args.out is None:
         raise UserError("prediction needs both --predict PATH and --out FILE.npy.")
+    if args.checkpoints is not None and not args.checkpoints.is_dir():
+        raise UserError(f"--checkpoints {args.checkpoints}: no such folder; give the working directory of a trained "
+                        f"model (the folder that holds its checkpoints/).")
     from modules.threads import configure_threads
-    configure_threads(args.threads)
+    configure_threads(args.threads, "prediction")
     from modules.distributed import resolve_device
     from modules.predict import run_prediction
     from modules.run import Paths
     paths = Paths(args.checkpoints or Path.cwd())
+    from modules.history import check_current_finished, locate
     if args.run is not None:
-        from modules.history import locate
         paths = Paths(paths.workdir, locate(paths, args.run))
+    else:
+        check_current_finished(paths)
     meta = run_prediction(args.predict, args.out, args.samples, paths,
                           resolve_device(args.device), vtk=args.vtk, sampling=args.sampling, truth=args.evaluate,
                           plot=args.plot, seed=0 if args.seed is None else args.seed)
     runs = meta["shape"][0]
     source = "a CSV file" if meta["input_type"] == "csvs" else f"{len(meta['inputs'])} images"
-    print(f"wrote {args.out} {tuple(meta['shape'])} ({meta['layout']}, physical units): {runs} run{'s' * (runs != 1)} "
+    print(f"wrote {args.out} {tuple(meta['shape'])} (the point prediction, physical units): {runs} run{'s' * (runs != 1)} "
           f"predicted from {source} in {meta['seconds'] * 1000:.1f} ms; details in {args.out.with_suffix('.json')}")
+    if args.samples > 1:
+        print(f"wrote {meta['samples_file']} ({args.samples} samples per run, {meta['sampling']}) and {meta['bands']}")
     if "evaluation" in meta:
         from modules.evaluate import describe
         print("\n".join(describe(meta["evaluation"])))
     if args.vtk is not None:
-        print(f"wrote {len(meta['vtk'])} XDMF time series (run_<i>.xdmf + .h5, i = row of {args.out}) to "
+        print(f"wrote {len(meta['vtk'])} XDMF time series (run_<i>.xdmf + .h5, i = input number from 1) to "
               f"{args.vtk}, on {meta['mesh']}")
     return 0
 
@@ -228,7 +240,9 @@ def _import_runs(args: argparse.Namespace) -> int:
                             f"receives the dataset); drop the other --set flags.")
         dataset_dir = value.strip()
     from modules.mesh_io import condition_lines, import_runs
-    result = import_runs(args.import_runs, args.field, Path(dataset_dir or "."))
+    interrupt.install()
+    interrupt.set_stage("import", "nothing was written; run the import again")
+    result = import_runs(args.import_runs, args.field, Path(dataset_dir or "."), args.force)
     P, T, N = result.shape
     shown = result.times if len(result.times) <= 20 else [*result.times[:5], "…", *result.times[-5:]]
     times = ", ".join(t if isinstance(t, str) else f"{t:g}" for t in shown)

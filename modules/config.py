@@ -111,6 +111,9 @@ class VAEConfig:
     latent_target: str = _key("mu", choices=("mu", "draw"),
                               help="conditioner targets: the encoder's mean mu, or the original's best of Recon_iter "
                                    "random draws")
+    vae_patience: int = _key(30, lo=0,
+                             help="stop the VAE when its validation reconstruction has not improved by 1 % in this "
+                                  "many epochs (the best weights are kept); 0: train every epoch, as the original")
     vae_keep_best: bool = _key(True,
                                help="export the VAE weights of the best validation reconstruction (0: the last epoch's)")
     lr_schedule: str = _key("cosine", choices=("cosine", "restarts"),
@@ -385,7 +388,7 @@ def stored_sections(stored: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # `recipe original`: the original v1.4.3's values of the optional keys whose port default differs
 # (measured on benchmarks/accuracy/; README, "Recipes").
 ORIGINAL_RECIPE: dict[str, Any] = {
-    "field_scaling": "minmax", "kl_normalize": "none", "latent_target": "draw", "vae_keep_best": False, "lr_schedule": "restarts",
+    "field_scaling": "minmax", "kl_normalize": "none", "latent_target": "draw", "vae_keep_best": False, "vae_patience": 0, "lr_schedule": "restarts",
     "spectral_norm": True, "output_norm": True, "pod_init": False, "logvar_init": 0.0, "linear_modes": 0, "lc_label_smoothing": 0.2,
     "lc_flip_prob": 0.5, "csv_conditioner": "mlp", "image_conditioner": "network",
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import queue
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
@@ -176,6 +177,39 @@ def split_indices(num_runs: int, val_fraction: float, seed: int) -> tuple[np.nda
     num_val = min(max(round(num_runs * val_fraction), 1), num_runs - 1)
     order = np.random.default_rng(seed).permutation(num_runs)
     return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+@dataclass(frozen=True)
+class ValidationRuns:
+    """The validation runs in two halves (seeded): `select` chooses (the VAE's best epoch, when the networks
+    stop, the blend weights, the spread's calibration), `check` only measures, so the numbers a run reports
+    come from runs that chose nothing. One validation run does both (`apart` False)."""
+    select: np.ndarray
+    check: np.ndarray
+
+    @classmethod
+    def split(cls, val_idx: np.ndarray, seed: int) -> "ValidationRuns":
+        val_idx = np.asarray(val_idx, dtype=np.int64)
+        if len(val_idx) < 2:
+            return cls(val_idx, val_idx)
+        order = np.random.default_rng(seed + 1).permutation(val_idx)
+        half = (len(val_idx) + 1) // 2
+        return cls(np.sort(order[:half]), np.sort(order[half:]))
+
+    @property
+    def apart(self) -> bool:
+        return not np.array_equal(self.select, self.check)
+
+    @property
+    def all(self) -> np.ndarray:
+        return np.union1d(self.select, self.check)
+
+    def stored(self, train_idx) -> dict[str, torch.Tensor]:
+        """For a checkpoint's `extra["split"]`: "val" is every validation run, as earlier versions stored."""
+        return {"train": torch.as_tensor(np.asarray(train_idx), dtype=torch.long),
+                "val": torch.as_tensor(self.all, dtype=torch.long),
+                "select": torch.as_tensor(self.select, dtype=torch.long),
+                "check": torch.as_tensor(self.check, dtype=torch.long)}
 
 
 # ----------------------------------------------------------------------------- scaling

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from modules.baseline import relative_l2
-from modules.checkpoint import atomic_write, save_json
 from modules.errors import UserError
 
 log = logging.getLogger("simulgen")
@@ -37,7 +36,10 @@ def load_truth(path: Path, runs: int, shape: tuple[int, int]) -> np.ndarray:
     if not path.is_file() or path.suffix not in (".npy", ".pickle", ".pkl"):
         raise UserError(f"--evaluate {path} {'not found' if not path.is_file() else 'is not a .npy file'}; give the "
                         f"held-out runs' true fields as a .npy [n, T, N].")
-    array = open_dataset(path)
+    try:
+        array = open_dataset(path)
+    except UserError as exc:
+        raise UserError(f"--evaluate {exc}") from None
     if array.ndim != 3:
         raise UserError(f"--evaluate {path} holds an array of shape {array.shape}; it must be [n, T, N] like the "
                         f"training dataset.")
@@ -73,12 +75,11 @@ def _baselines(surrogate, truth: np.ndarray, inputs: np.ndarray) -> dict:
     return out
 
 
-def evaluate(surrogate, inputs: np.ndarray, files: list[str], truth_path: Path, out: Path, point: np.ndarray,
-             draws: np.ndarray | None, sampling: str, band_scales: dict[float, float], plot: int,
-             domain: dict | None) -> dict:
-    """point (n, T, N) and, with --samples, draws (n, K, T, N): the prediction's own arrays;
-    `inputs`: the surrogate's domain_inputs of the predicted inputs."""
-    truth = load_truth(truth_path, len(point), point.shape[1:])
+def evaluate(surrogate, inputs: np.ndarray, files: list[str], truth: np.ndarray, truth_path: Path, point: np.ndarray,
+             draws: np.ndarray | None, sampling: str, band_scales: dict[float, float], domain: dict | None) -> dict:
+    """The report of the point prediction (n, T, N) and, with --samples, the draws (n, K, T, N) against the
+    true fields `truth` (`load_truth`, from `truth_path`); `inputs`: the surrogate's domain_inputs of the
+    predicted inputs. Writes nothing (`evaluation_files`)."""
     n = len(truth)
     diff = point - truth
     report: dict = {"truth": str(truth_path), "runs": n, "inputs": files,
@@ -100,13 +101,16 @@ def evaluate(surrogate, inputs: np.ndarray, files: list[str], truth_path: Path, 
     report["summary"] = {k: {"mean": float(np.mean(v)), "median": float(np.median(v)), "max": float(np.max(v))}
                          for k, v in per_run.items() if v.dtype != bool}
     report["per_run"] = {k: v.tolist() for k, v in per_run.items()}
-    json_path, csv_path = out.with_name(out.stem + "_evaluation.json"), out.with_name(out.stem + "_evaluation.csv")
-    save_json(json_path, report)
-    atomic_write(csv_path, lambda f: _write_csv(f, files, per_run))
-    report["files"] = [str(json_path), str(csv_path)]
-    if plot != 2:
-        report["files"] += _figures(plot, out, truth, point, per_run["rel_l2"], report["per_step_rel_l2"])
     return report
+
+
+def evaluation_files(report: dict, out: Path, files: list[str]) -> dict[Path, object]:
+    """FILE_evaluation.json (everything) and FILE_evaluation.csv (one row per run, numbered from 1): their
+    paths and writers, for modules/checkpoint.py's `write_together`."""
+    from modules.checkpoint import json_bytes
+    per_run = {k: np.asarray(v) for k, v in report["per_run"].items()}
+    return {out.with_name(out.stem + "_evaluation.json"): lambda f: f.write(json_bytes(report)),
+            out.with_name(out.stem + "_evaluation.csv"): lambda f: _write_csv(f, files, per_run)}
 
 
 def _write_csv(f, files: list[str], per_run: dict[str, np.ndarray]) -> None:
@@ -117,19 +121,22 @@ def _write_csv(f, files: list[str], per_run: dict[str, np.ndarray]) -> None:
     writer.writerow(["run", "input", *names])
     for i in range(len(per_run["rel_l2"])):
         source = files[i] if len(files) == len(per_run["rel_l2"]) else f"{files[0]} row {i + 1}"
-        writer.writerow([i, source, *[(int(per_run[k][i]) if per_run[k].dtype == bool else f"{per_run[k][i]:.6g}")
-                                      for k in names]])
+        writer.writerow([i + 1, source, *[(int(per_run[k][i]) if per_run[k].dtype == bool else f"{per_run[k][i]:.6g}")
+                                          for k in names]])
     f.write(text.getvalue().encode())
 
 
-def _figures(plot: int, out: Path, truth: np.ndarray, point: np.ndarray, rel: np.ndarray, per_step: list[float]) -> list[str]:
+def figures(plot: int, out: Path, truth: np.ndarray, point: np.ndarray, report: dict) -> list[str]:
+    """The worst runs' traces (file names number the runs from 1) and the error over time, beside FILE."""
     from modules.plots import Figures
-    figures = Figures(plot, out.parent)
+    rel = np.asarray(report["per_run"]["rel_l2"])
+    saved = Figures(plot, out.parent)
     for rank, run in enumerate(np.argsort(rel)[::-1][:WORST_FIGURES], start=1):
-        figures.traces(truth[run], point[run], int(run), f"{out.stem}_worst{rank}_run{run}",
-                       f"prediction (rel-L2 {rel[run]:.3g})")
-    figures.curve(np.asarray(per_step), f"{out.stem}_error_over_time", "time step", "relative L2 over the runs")
-    return [str(p) for p in figures.saved]
+        saved.traces(truth[run], point[run], int(run), f"{out.stem}_worst{rank}_run{run + 1}",
+                     f"prediction (rel-L2 {rel[run]:.3g})")
+    saved.curve(np.asarray(report["per_step_rel_l2"]), f"{out.stem}_error_over_time", "time step",
+                "relative L2 over the runs")
+    return [str(p) for p in saved.saved]
 
 
 def describe(report: dict) -> list[str]:

@@ -25,14 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from modules.net_training import WEIGHTS, Fitted, HeldRuns, centred_targets, fit_network, repeat_batches
+
 log = logging.getLogger("simulgen")
 
 WIDTH = 256                 # three hidden layers of this width, then HEAD features decoded to the nodes
 HEAD = 512
 BATCH = 128                 # frames per optimiser step
-LR = 2e-3                   # peak of the one-cycle schedule
-WEIGHT_DECAY = 1e-5
-WEIGHTS = np.arange(21) / 20           # each network's blend weights `choose_weights` tries: 0, 0.05, ..., 1
 MAX_GIB = 2                 # training frames held at once (float32); above this the network is skipped
 MAX_STEPS = 10_000          # optimiser steps at most, whatever the epochs (the suite's problems need 2,400-9,000)
 CPU_NODE_STEPS = 2 * 10**7  # on CPU also steps × nodes at most: a step costs ~4.7 µs per node on 2 cores, so
@@ -105,7 +104,7 @@ def load_blend(stored: dict, where: str, hint: str) -> NetBlend:
     own `weight`); a damaged entry is a UserError naming `where` (`hint`: how to fix weights that do not fit)."""
     from modules.checkpoint import load_model_state
     from modules.errors import UserError
-    from modules.point_net import PointNet
+    from modules.point_net import PointNet          # noqa: the blend holds either kind
     kinds = {"frame": FrameNet, "point": PointNet}
     entries, weights = stored.get("members"), stored.get("weights")
     if entries is None:                                     # the earlier layout
@@ -134,54 +133,43 @@ def training_epochs(epochs: int, batches: int, nodes: int, device: torch.device)
     return min(epochs, max(1, steps // batches))
 
 
-def centred_targets(fields: np.ndarray, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The networks' targets: the runs' mean frame (T, N), the frames (n, T, N) minus it divided by their
-    largest deviation from it within each of `blocks` stacked fields (float32, the only copy; `fields` is
-    left as it was), and that deviation per node (N,): fields of other units weigh alike in the loss."""
-    mean = torch.from_numpy(fields.mean(axis=0, dtype=np.float64).astype(np.float32))
-    y = torch.as_tensor(fields, dtype=torch.float32).sub(mean)
-    largest = torch.maximum(y.amax(dim=(0, 1)), -y.amin(dim=(0, 1))).view(blocks, -1).amax(dim=1)    # (blocks,)
-    unit = torch.where(largest > 0, largest, torch.ones(())).repeat_interleave(fields.shape[2] // blocks)
-    return mean, y.div_(unit), unit
-
-
 def fits_in_memory(runs: int, steps: int, nodes: int) -> bool:
     return runs * steps * nodes * 4 <= MAX_GIB * 2**30
 
 
-def train_frame_net(inputs: np.ndarray, fields: np.ndarray, epochs: int, seed: int,
-                    device: torch.device, blocks: int = 1) -> FrameNet:
-    """A FrameNet trained by AdamW with a one-cycle schedule on every frame of `fields` (n, T, N),
-    physical units, whose runs have the scaled `inputs` (n, d), for `epochs` or fewer (`training_epochs`:
-    the cost of a step grows with N). Deterministic for a seed (on CPU)."""
-    n, steps, nodes = fields.shape
+def train_frame_net(inputs: np.ndarray, fields: np.ndarray, epochs: int, seed: int, device: torch.device,
+                    blocks: int = 1, held: HeldRuns | None = None, steps: int | None = None) -> tuple[FrameNet, Fitted]:
+    """A FrameNet trained (modules/net_training.py, `fit_network`) on every frame of `fields` (n, T, N),
+    physical units, whose runs have the scaled `inputs` (n, d): for `epochs` or fewer (`training_epochs`: the
+    cost of a step grows with N), stopping early on the `held` runs; or for exactly `steps` optimiser steps
+    (the refit on every run). Deterministic for a seed (on CPU)."""
+    n, times, nodes = fields.shape
     mean, y, unit = centred_targets(fields, blocks)
     y = y.flatten(0, 1).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = FrameNet(inputs.shape[1], steps, nodes)
+        net = FrameNet(inputs.shape[1], times, nodes)
     net.mean.copy_(mean)
     net.unit.copy_(unit)
     net = net.to(device)
     x = frame_inputs(torch.as_tensor(inputs, dtype=torch.float32, device=device), net.times)
     batches = (len(x) + BATCH - 1) // BATCH
-    cut = training_epochs(epochs, batches, nodes, torch.device(device))
-    if cut < epochs:
-        log.info("frame network: %d epochs, not %d (at most %d optimiser steps%s)", cut, epochs, MAX_STEPS,
-                 f", {CPU_NODE_STEPS:.0e} steps × nodes on CPU" if torch.device(device).type == "cpu" else "")
-    epochs = cut
-    opt = torch.optim.AdamW(net.net.parameters(), LR, weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=epochs * batches)
+    if steps is None:
+        cut = training_epochs(epochs, batches, nodes, torch.device(device))
+        if cut < epochs:
+            log.info("frame network: %d epochs, not %d (at most %d optimiser steps%s)", cut, epochs, MAX_STEPS,
+                     f", {CPU_NODE_STEPS:.0e} steps × nodes on CPU" if torch.device(device).type == "cpu" else "")
+        steps = cut * batches
     order = torch.Generator().manual_seed(seed)
-    net.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=order).to(device).split(BATCH):
-            loss = nn.functional.mse_loss(net.net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-    return net.eval().requires_grad_(False)
+    stream = repeat_batches(lambda _: ((x[idx], y[idx]) for idx in
+                                       torch.randperm(len(x), generator=order).to(device).split(BATCH)))
+    judge = predict_held = None
+    if held is not None:
+        judge = held.judge(mean, unit)
+        held_x = frame_inputs(torch.as_tensor(held.x, dtype=torch.float32, device=device), net.times)
+        predict_held = lambda: net.net(held_x).reshape(len(held.x), -1)[:, held.keep].cpu().numpy()   # noqa: E731
+    fitted = fit_network(net, stream, max(1, steps), "frame network", predict_held, judge)
+    return net.eval().requires_grad_(False), fitted
 
 
 def blend_errors(gp: np.ndarray, nets: list[np.ndarray], truth: np.ndarray, weights: np.ndarray,

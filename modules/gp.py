@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from modules.conditioners import ConditionerArchitecture
+from modules.progress import Ticker
 
 JITTER = 1e-10          # scikit-learn's default `alpha`: added to the kernel's diagonal
 FIT_MAX_RUNS = 500      # kernels are fitted on at most this many rows (a seeded subset); the GP is still
@@ -117,8 +118,9 @@ def fit_hyperparameters(x: np.ndarray, y: np.ndarray, seed: int, restarts: int =
         length, linear = np.tile(length, (m, 1)), np.tile(linear, (m, 1)) * np.stack([per, np.ones(m)], 1)
     else:
         amp, length, noise, linear = np.empty(m), np.empty((m, d)), np.empty(m), np.empty((m, 2))
-        previous = None
+        previous, ticker = None, Ticker(f"GP fit ({len(x)} runs)", m, "column")
         for j in range(m):
+            ticker.tick(j)
             best = None
             for start, tries in ((default, restarts if j < 3 else 0), (previous, 0)):
                 if start is None:

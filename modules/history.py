@@ -2,7 +2,10 @@
 
 checkpoints/ holds the current run. A fresh run first moves the files there to
 checkpoints/history/<run-id>/ (with archive.json: the run id, whether it held a finished
-model, when it was archived). The history keeps at most `keep_runs` runs; beyond that it
+model, when it was archived); a conditioner run on the saved VAE (`--lc_only=1`) first keeps a
+copy of them there (hard links: the files are never changed in place, only replaced), so the
+model it replaces stays one `--run` away. A run's id is its conditioner's run (the one
+`--lc_only=1` prints), else its VAE's. The history keeps at most `keep_runs` runs; beyond that it
 drops unfinished runs first (oldest first), and a finished run only when more than
 `keep_runs` finished runs are kept, so a finished model is never dropped for an
 unfinished one. `--run RUN_ID` picks an archived run: prediction reads it where it lies,
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,11 +43,11 @@ def _state(path: Path) -> dict | None:
 
 
 def describe(folder: Path) -> dict:
-    """The run id of the checkpoints in `folder` (the VAE's run, else the conditioner's) and
+    """The run id of the checkpoints in `folder` (the conditioner's run, else the VAE's) and
     whether they make a finished model (a finished VAE and conditioner)."""
     vae, cond = _state(folder / "vae.pt"), _state(folder / "conditioner.pt")
     run_id = None
-    for state in (vae, cond):
+    for state in (cond, vae):
         run = state.get("run") if state else None
         if isinstance(run, dict) and isinstance(run.get("run_id"), str):
             run_id = run_id or run["run_id"]
@@ -55,8 +59,9 @@ def current_run_id(paths: Paths) -> str | None:
     return describe(paths.checkpoints)["run_id"] if (paths.checkpoints / "vae.pt").is_file() else None
 
 
-def archive_current(paths: Paths, keep: int) -> Path | None:
-    """Move checkpoints/'s files to history/<run-id>/; prune the history to `keep` runs."""
+def archive_current(paths: Paths, keep: int, copy: bool = False) -> Path | None:
+    """Move checkpoints/'s files to history/<run-id>/ (`copy`: link them there, keeping them current); prune
+    the history to `keep` runs."""
     files = _files(paths.checkpoints)
     if not files:
         return None
@@ -68,7 +73,13 @@ def archive_current(paths: Paths, keep: int) -> Path | None:
         dest = paths.history / f"{name}-{n}"
     dest.mkdir(parents=True)
     for f in files:
-        f.rename(dest / f.name)
+        if not copy:
+            f.rename(dest / f.name)
+            continue
+        try:
+            os.link(f, dest / f.name)
+        except OSError:                 # a file system without hard links
+            shutil.copy2(f, dest / f.name)
     save_json(dest / MARKER, {**info, "archived_at": time.strftime("%Y-%m-%d %H:%M:%S"), "archived_ns": time.time_ns()})
     log.info("moved the previous run's checkpoints (%s, %s) to %s", name,
              "finished" if info["finished"] else "unfinished", dest)
@@ -131,3 +142,22 @@ def restore(paths: Paths, run_id: str, keep: int) -> None:
             f.rename(paths.checkpoints / f.name)
     shutil.rmtree(folder)
     log.info("run %s is the current run again (in %s)", run_id, paths.checkpoints)
+
+
+def check_current_finished(paths: Paths) -> None:
+    """Prediction from checkpoints/: a one-line UserError when the current run there is unfinished, naming
+    `--resume` and the finished runs kept in the history (`--run`)."""
+    def ours(path: Path) -> bool:
+        state = _state(path) if path.is_file() else None
+        return state is not None and {"kind", "finished", "run"} <= state.keys()
+    cond = paths.checkpoints / "conditioner.pt"
+    if not ours(paths.vae) or (cond.is_file() and not ours(cond)):
+        return                  # nothing there, or not ours: the checkpoint loader's own message says what to do
+    info = describe(paths.checkpoints)
+    if info["finished"]:
+        return
+    kept = [folder.name for folder, meta in archived(paths) if meta.get("finished")]
+    others = (f"; or predict with a finished earlier run: --run {kept[-1]} (kept: {', '.join(kept)})" if kept
+              else "; no finished earlier run is kept in the history")
+    raise UserError(f"{paths.checkpoints} holds the unfinished run {info['run_id']}: finish it with --resume"
+                    f"{others}.")

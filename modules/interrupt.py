@@ -1,9 +1,11 @@
-"""Ctrl-C and SIGTERM during training: save, then stop.
+"""Ctrl-C and SIGTERM in every stage: finish the unit of work, save, then stop.
 
 The first SIGINT or SIGTERM only sets a flag. The epoch loop (modules/stage.py) looks at
 it after every epoch (all-reduced under DDP, so every rank stops after the same epoch),
-writes the resumable checkpoint and raises `Stopped`; the command line prints one line
-saying where `--resume` continues and exits with 128 + the signal number (130 / 143).
+writes the resumable checkpoint and raises `Stopped`; the loops without epochs (the GP's
+columns, the networks' steps, the baseline, an import: modules/progress.py) look at it after
+every unit and raise `Stopped` with the line `set_stage` gave for what `--resume` will redo.
+The command line prints that one line and exits with 128 + the signal number (130 / 143).
 A second signal stops at once (KeyboardInterrupt); the message then names only the
 checkpoint this run is known to have completely written, if any.
 
@@ -43,6 +45,7 @@ class _State:
     count: int = 0
     saved: _Saved | None = None        # the last checkpoint this process wrote or restored
     installed: bool = False
+    stage: tuple[str, str] | None = None   # the stage without epochs now running, and what a stop keeps and redoes
 
 
 _state = _State()
@@ -56,7 +59,8 @@ def _handler(signum, frame) -> None:
         raise KeyboardInterrupt        # the second signal: stop at once
     if os.environ.get("RANK", "0") == "0":
         # os.write, not logging or print: the signal may have interrupted either mid-write
-        os.write(2, f"{_NAMES.get(signum, signum)}: saving and stopping at the end of this epoch "
+        where = f"the current {_state.stage[0]} step" if _state.stage else "this epoch"
+        os.write(2, f"{_NAMES.get(signum, signum)}: saving and stopping at the end of {where} "
                     f"(send it again to stop at once)\n".encode())
 
 
@@ -70,7 +74,20 @@ def install() -> None:
 
 
 def reset() -> None:
-    _state.signum, _state.count, _state.saved = None, 0, None
+    _state.signum, _state.count, _state.saved, _state.stage = None, 0, None, None
+
+
+def set_stage(title: str | None, redo: str = "") -> None:
+    """Name the stage without epochs that runs now (None: none) and what `--resume` does after a stop in it."""
+    _state.stage = None if title is None else (title, redo)
+
+
+def stop_if_requested() -> None:
+    """After a first signal, in a stage without epochs: raise `Stopped` with the stage's line."""
+    if _state.signum is None:
+        return
+    title, redo = _state.stage or ("this stage", "")
+    raise Stopped(f"stopped by {signal_name()} during the {title}: {redo or resume_hint()}.", exit_code())
 
 
 def requested() -> bool:

@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from modules.errors import UserError
+from modules.progress import Ticker
 
 log = logging.getLogger("simulgen")
 
@@ -133,7 +135,9 @@ def _step_files(folder: Path) -> list[Path]:
 
 
 def _unreadable(where, exc: Exception) -> UserError:
-    reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if len(reason) > 200:                                   # whole words: a cut one reads as a typo
+        reason = reason[:200].rsplit(" ", 1)[0] + " …"
     return UserError(f"cannot read {where} ({reason}); check that the file is complete and in a format meshio "
                      f"reads (.xdmf with its .h5 beside it, .vtu, .vtk, …).")
 
@@ -206,26 +210,37 @@ class ImportResult:
         return len(self.runs), self.steps, self.nodes * len(self.fields)
 
 
-def import_runs(patterns: list[str], field_texts: list[str], out_dir: Path) -> ImportResult:
+def import_runs(patterns: list[str], field_texts: list[str], out_dir: Path, force: bool = False) -> ImportResult:
     """Read every run, check it, and write dataset1.npy, mesh.vtu and dataset1.fields.json to
-    `out_dir`; all or nothing."""
-    from modules.checkpoint import ensure_writable
+    `out_dir`; all or nothing. A dataset already there is replaced only with `force`, and then kept beside
+    it (`<name>.replaced-<time>`)."""
+    from modules.checkpoint import current_umask, ensure_writable
     specs = [parse_field(t) for t in field_texts]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
         raise UserError(f"--field is given twice for the same values ({', '.join(field_texts)}); name each field once.")
     runs = list_runs(patterns)
-    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]      # the folders ensure_writable makes
-    ensure_writable([out_dir], "--import_runs", "choose a writable folder with --set dataset_dir=DIR")
     dataset = out_dir / f"dataset{DATASET_NUMBER}.npy"
     outputs = {dataset: None, out_dir / MESH_FILE: None, fields_file(dataset): None}
+    present = [path for path in outputs if path.exists()]
+    if present and not force:
+        raise UserError(f"{present[0]} already exists; importing would replace it: pass --force to replace it (the "
+                        f"old files are kept beside it as *.replaced-<time>), or import into another folder with "
+                        f"--set dataset_dir=DIR.")
+    created = [d for d in (out_dir, *out_dir.parents) if not d.exists()]      # the folders ensure_writable makes
+    ensure_writable([out_dir], "--import_runs", "choose a writable folder with --set dataset_dir=DIR")
     try:
         for path in outputs:
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=out_dir)
             os.close(fd)
             outputs[path] = Path(tmp)
         result = _import(runs, specs, dataset, outputs)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path in present:                # kept, as a fresh training run keeps the previous checkpoints
+            os.replace(path, path.with_name(f"{path.name}.replaced-{stamp}"))
+            log.warning("kept the replaced %s as %s", path, path.with_name(f"{path.name}.replaced-{stamp}"))
         for path, tmp in outputs.items():
+            os.chmod(tmp, 0o666 & ~current_umask())            # mkstemp made it 0600
             os.replace(tmp, path)
         created = []
         return result
@@ -269,7 +284,10 @@ def _import(runs: list[Path], specs: list[FieldSpec], dataset: Path, outputs: di
     reference: Step | None = None
     times: list[float] = []
     store = None
+    ticker = Ticker("import", len(runs), "run")
+    log.info("importing %d runs from %s … %s", len(runs), runs[0], runs[-1])
     for i, run in enumerate(runs):
+        ticker.tick(i)
         n = count_steps(run)
         if n != num_steps:
             raise UserError(f"{run} has {n} time steps, but {runs[0]} has {num_steps}: every run needs the same "
@@ -333,6 +351,10 @@ class DatasetMesh:
         """(..., F·N) → {field: (..., N)} in the stored order."""
         return {name: values[..., f * self.nodes:(f + 1) * self.nodes] for f, name in enumerate(self.fields)}
 
+    def vtk_fields(self, with_bands: bool) -> list[str]:
+        """The point-data names `write_prediction_series` writes."""
+        return [*self.fields, *[f"{n}_{b}" for n in self.fields for b in BAND_FIELDS]] if with_bands else list(self.fields)
+
 
 def load_dataset_mesh(dataset: Path) -> DatasetMesh | None:
     """mesh.vtu beside `dataset` (and the field layout from dataset<d>.fields.json), or None."""
@@ -372,13 +394,18 @@ def check_prediction_mesh(mesh: DatasetMesh | None, dataset: Path, nodes: int, v
     return mesh
 
 
-def write_prediction_series(vtk_dir: Path, fields: np.ndarray, mesh: DatasetMesh, samples: int) -> list[Path]:
-    """One XDMF time series (+ .h5) per input: `run_<i>.xdmf` holds row i of the prediction.
+BAND_FIELDS = ("mean", "std", "q05", "q95")      # with --samples: written beside the point prediction
 
-    fields: (n, T, F·N), or (n, K, T, F·N) with samples K > 1, which writes the sample mean
-    under the field's name and the sample standard deviation as `<name>_std`."""
+
+def write_prediction_series(vtk_dir: Path, point: np.ndarray, mesh: DatasetMesh,
+                            bands: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """One XDMF time series (+ .h5) per input: `run_<i>.xdmf` holds input i (numbered from 1).
+
+    point: (n, T, F·N), the point prediction, under each field's name; with `bands` (--samples: the bands
+    file's arrays) also the samples' mean and std and the calibrated 90 % band's edges as `<name>_mean`,
+    `<name>_std`, `<name>_q05` and `<name>_q95`."""
     import meshio
-    T = fields.shape[-2]
+    T = point.shape[-2]
     times = mesh.times[:T] if mesh.times and len(mesh.times) >= T else list(range(T))
     staging = Path(tempfile.mkdtemp(prefix=".vtk-", dir=vtk_dir))
     written = []
@@ -386,12 +413,16 @@ def write_prediction_series(vtk_dir: Path, fields: np.ndarray, mesh: DatasetMesh
         # meshio's TimeSeriesWriter creates the .h5 in the current directory and references it by
         # its bare name; writing from inside the folder keeps the pair together and relative.
         with contextlib.chdir(staging):
-            for i in range(fields.shape[0]):
-                with meshio.xdmf.TimeSeriesWriter(f"run_{i}.xdmf") as writer:
+            for i in range(point.shape[0]):
+                with meshio.xdmf.TimeSeriesWriter(f"run_{i + 1}.xdmf") as writer:
                     writer.write_points_cells(mesh.points, mesh.cells)
                     for k, t in enumerate(times):
-                        writer.write_data(t, point_data=_point_data(fields[i], k, mesh, samples))
-                written.append(i)
+                        data = {n: np.ascontiguousarray(v) for n, v in mesh.split(point[i, k]).items()}
+                        for band in BAND_FIELDS if bands is not None else ():
+                            data.update({f"{n}_{band}": np.ascontiguousarray(v)
+                                         for n, v in mesh.split(bands[band][i, k]).items()})
+                        writer.write_data(t, point_data=data)
+                written.append(i + 1)
         paths = []
         for i in written:
             for suffix in (".xdmf", ".h5"):
@@ -404,16 +435,6 @@ def write_prediction_series(vtk_dir: Path, fields: np.ndarray, mesh: DatasetMesh
                         f"another folder.") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _point_data(run: np.ndarray, k: int, mesh: DatasetMesh, samples: int) -> dict[str, np.ndarray]:
-    if samples == 1:
-        return {name: np.ascontiguousarray(v) for name, v in mesh.split(run[k]).items()}      # (N,)
-    data = {}
-    for name, v in mesh.split(run[:, k]).items():                                            # (K, N)
-        data[name] = v.mean(axis=0)
-        data[f"{name}_std"] = v.std(axis=0, ddof=1)
-    return data
 
 
 # --- geometry for figures ------------------------------------------------------------------------------

@@ -68,10 +68,11 @@ class Progress:
     or after an epoch that ends `interval` seconds or more after the last line."""
 
     def __init__(self, stage: str, first_epoch: int, epochs: int, enabled: bool, log_every: int,
-                 interval: float = 60.0):
+                 interval: float | None = None):
+        from modules.progress import interval as default_interval
         self.stage, self.epochs, self.enabled, self.log_every = stage, epochs, enabled, log_every
         self.first_epoch = first_epoch
-        self.interval = interval
+        self.interval = default_interval() if interval is None else interval
         self.started = self.last_line = time.perf_counter()
         self.bar = None
         self.shown: dict[str, str] = {}     # the latest value of every field (validation runs only now and then)
@@ -100,6 +101,16 @@ class Progress:
             eta = (self.epochs - done) / rate if rate > 0 else 0.0
             fields = " ".join(f"{k}={v}" for k, v in text.items())
             print(f"[{self.stage}] epoch {done}/{self.epochs} {fields} eta={_duration(eta)}", flush=True)
+
+    def batches(self, epoch: int, batches, count: int):
+        """`batches` of the 0-based `epoch`, with a plain line whenever `interval` seconds pass inside a long
+        epoch (no bar: the bar shows epochs)."""
+        for done, batch in enumerate(batches, start=1):
+            yield batch
+            now = time.perf_counter()
+            if self.enabled and self.bar is None and now - self.last_line >= self.interval:
+                self.last_line = now
+                print(f"[{self.stage}] epoch {epoch + 1}/{self.epochs} batch {done}/{count}", flush=True)
 
     def _fit_postfix(self, values: dict[str, str]) -> None:
         """Keep the fields (latest values, in order) that fit on one terminal line with a bar

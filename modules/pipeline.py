@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from modules import interrupt
 from modules.checkpoint import (build_from_checkpoint, check_architecture, same_architecture, check_same_split, check_state_dict,
                                ensure_writable, load_checkpoint, load_model_state, load_npz, save_json, save_npz,
                                seed_everything)
 from modules.config import Config, Preset
-from modules.data import (FieldScaler, FieldStore, check_dataset, find_dataset, load_field_scaler, open_dataset, reduce,
-                          split_indices)
+from modules.data import (FieldScaler, FieldStore, ValidationRuns, check_dataset, find_dataset, load_field_scaler,
+                          open_dataset, reduce, split_indices)
 from modules.distributed import barrier, init_distributed
 from modules.errors import UserError
 from modules.monitor import Monitor
@@ -77,7 +78,7 @@ class _Plan:
     runs: np.ndarray                 # (P, T', N'), a view of the dataset
     inputs: ConditionerInputs        # CSV rows or pictures
     train_idx: np.ndarray
-    val_idx: np.ndarray
+    val: ValidationRuns              # the validation runs that select and those that check
     fresh_vae: bool                  # this run trains a new VAE (and archives the current run)
     vae_run_id: str                  # the run whose VAE the conditioner is trained on
 
@@ -115,6 +116,7 @@ def _preflight(flags: Flags, cfg: Config, preset: Preset, paths: Paths, dist_inf
     per_rank_batch(cfg.conditioner.latent_conditioner_batch, dist_info.world_size, "latent_conditioner_batch")
     graphs_in_use(EngineSettings.from_config(cfg, device, grad_clip=0.0), device, dist_info.enabled)  # refuses graphs + DDP
     train_idx, val_idx = split_indices(cfg.data.Dim1, cfg.run.val_split, cfg.run.seed)
+    val = ValidationRuns.split(val_idx, cfg.run.seed)
     vae_state, cond_state = _checkpoints_to_continue(flags, paths)
     run_id = _choose_run_id(flags, paths, vae_state, cond_state)
     ctx = RunContext(cfg, preset, flags.small, flags.load_all, flags.plot, device, dist_info, paths, run_id, flags.resume)
@@ -123,9 +125,9 @@ def _preflight(flags: Flags, cfg: Config, preset: Preset, paths: Paths, dist_inf
                         f"this config and preset give ({ctx.vae_architecture().stored()}); {_VAE_HINT}.")
     fresh_vae = not flags.lc_only and not (flags.resume and vae_state is not None)
     vae_run_id = run_id if fresh_vae else vae_state["run"]["run_id"]
-    _check_checkpoints_fit(ctx, flags, vae_state, cond_state, vae_run_id, val_idx)
+    _check_checkpoints_fit(ctx, flags, vae_state, cond_state, vae_run_id, val.select)
     ensure_writable([paths.checkpoints, ctx.run_dir.parent], "training outputs", _OUTPUT_FIX)
-    return _Plan(ctx, data_path, runs, inputs, train_idx, val_idx, fresh_vae, vae_run_id)
+    return _Plan(ctx, data_path, runs, inputs, train_idx, val, fresh_vae, vae_run_id)
 
 
 def _checkpoints_to_continue(flags: Flags, paths: Paths) -> tuple[dict | None, dict | None]:
@@ -154,9 +156,9 @@ def _first_writes(plan: _Plan, flags: Flags) -> Figures:
     ctx, paths, is_main = plan.ctx, plan.ctx.paths, plan.ctx.dist.is_main
     if is_main:
         try:
-            if plan.fresh_vae:
+            if plan.fresh_vae or (flags.lc_only and not flags.resume):
                 from modules.history import archive_current
-                archive_current(paths, ctx.cfg.run.keep_runs)
+                archive_current(paths, ctx.cfg.run.keep_runs, copy=not plan.fresh_vae)
             ctx.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot write to {exc.filename or paths.checkpoints} ({exc.strerror or exc}); "
@@ -181,12 +183,18 @@ def _train_stages(plan: _Plan, flags: Flags, figures: Figures) -> dict:
     if flags.lc_only:
         latents = load_npz(ctx.paths.latents, "latents file", _VAE_HINT, ("main", "hierarchical"))
     else:
-        latents = _vae_stage(ctx, store, plan.train_idx, plan.val_idx, figures, summary)
-    summary.update(_conditioner_stage(ctx, plan.inputs, latents, store, plan.train_idx, plan.val_idx,
+        latents = _vae_stage(ctx, store, plan.train_idx, plan.val.select, figures, summary)
+    interrupt.set_stage("conditioner stage", "nothing of it was saved and the model in checkpoints/ is unchanged: "
+                        "run the same command again" if flags.lc_only else
+                        f"the VAE is finished in {ctx.paths.vae}; --resume trains the conditioner stage again on it")
+    summary.update(_conditioner_stage(ctx, plan.inputs, latents, store, plan.train_idx, plan.val,
                                       plan.vae_run_id, figures))
     if ctx.dist.is_main and cfg.run.baseline:
-        summary.update(classical_baseline(plan.runs, plan.inputs.raw, plan.train_idx, plan.val_idx, cfg.run.seed,
-                                          scaler.blocks))
+        interrupt.set_stage("classical baseline", f"the surrogate is finished and saved in {ctx.paths.checkpoints} "
+                            f"(predict with it); only this run's comparison with the classical models was left out")
+        summary.update(classical_baseline(plan.runs, plan.inputs.raw, plan.train_idx, plan.val.check, cfg.run.seed,
+                                          scaler.blocks, cfg.conditioner.gp_kernel))
+    interrupt.set_stage(None)
     summary["seconds_total"] = time.perf_counter() - started
     summary["figures"] = [str(p) for p in figures.saved]
     if ctx.dist.is_main:
@@ -212,8 +220,9 @@ def _choose_run_id(flags: Flags, paths: Paths, vae_state, cond_state) -> str:
 def _check_checkpoints_fit(ctx: RunContext, flags: Flags, vae_state: dict | None, cond_state: dict | None,
                            vae_run_id: str, val_idx: np.ndarray) -> None:
     """Every checkpoint this run will load must fit this config: the same architecture and
-    data split, weights that fit the network. Checked before anything is written, so a
-    mismatch never touches the earlier run's checkpoints or run folder."""
+    data split (`val_idx`: the validation runs that select, which the stages validate on), weights
+    that fit the network. Checked before anything is written, so a mismatch never touches the
+    earlier run's checkpoints or run folder."""
     paths = ctx.paths
     if flags.lc_only:           # the VAE's exported weights decode the conditioner's latents
         _check_weights(VAEArchitecture, vae_state, paths.vae, "VAE checkpoint", _VAE_HINT, ("export",))
@@ -321,10 +330,10 @@ def _frozen_vae(ctx: RunContext) -> torch.nn.Module:
     return vae.eval().requires_grad_(False)
 
 
-def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict, store: FieldStore, train_idx, val_idx,
-                       vae_run_id: str, figures: Figures) -> dict:
+def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict, store: FieldStore, train_idx,
+                       val: ValidationRuns, vae_run_id: str, figures: Figures) -> dict:
     from modules.surrogate import LatentDecoder, Surrogate
-    from modules.train_conditioner import ConditionerData, ConditionerTrainer, evaluate_surrogate
+    from modules.train_conditioner import ConditionerData, ConditionerTrainer
     cfg, paths = ctx.cfg, ctx.paths
     joint = cfg.conditioner.lc_target_scaling == "joint"
 
@@ -349,42 +358,53 @@ def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict
             final_vae = refit_linear_path(vae, store, np.arange(store.num_runs), cfg.run.seed)
             fitted = extract_latents(final_vae, store, _recon_iter(cfg), max(cfg.vae.Batch_size, 1))
             final = with_decoder(final_vae, data.with_latents(fitted.main, fitted.hierarchical, joint))
-        return _gp_conditioner_stage(ctx, data, surrogate, store, train_idx, val_idx, vae_run_id, figures, final)
+        return _gp_conditioner_stage(ctx, data, surrogate, store, train_idx, val, vae_run_id, figures, final)
     if ctx.dist.is_main:
         data.save_scalers(paths.conditioner_scalers)
     resume = ctx.resume and _belongs_to(paths.conditioner, "conditioner", vae_run_id)
     ctx_stage = _with_resume(ctx, resume)
-    trainer = ConditionerTrainer(ctx_stage, data, train_idx, val_idx, vae_run_id=vae_run_id)
+    trainer = ConditionerTrainer(ctx_stage, data, train_idx, val.select, vae_run_id=vae_run_id)
     if ctx.dist.enabled:
         seed_everything(cfg.run.seed + ctx.dist.rank)
     trainer.fit()
     best = trainer.best_module()
     out: dict = {"conditioner": cfg.conditioner.kind, "lc_epochs": len(trainer.history.get("epoch", [])),
                  "lc_best_val_loss": trainer.best_val, "lc_seconds": trainer.seconds, "lc_rollbacks": trainer.rollbacks}
-
-    val_t = torch.as_tensor(val_idx)
-    train_t = torch.as_tensor(train_idx)
-    evaluation = evaluate_surrogate(surrogate(best), data, store, train_t, val_t) if ctx.dist.is_main else {}
     if cfg.conditioner.use_e2e_training:
         if ctx.dist.is_main:
-            out["lc_val_rel_l2_before_e2e"] = evaluation["lc_val_rel_l2"]
+            out["lc_val_rel_l2_before_e2e"] = _validation_report(surrogate(best), data, store, train_idx, val, best,
+                                                                 None)["lc_val_rel_l2"]
         e2e_resume = ctx.resume and _belongs_to(paths.conditioner_e2e, "conditioner_e2e", vae_run_id)
-        e2e = ConditionerTrainer(_with_resume(ctx, e2e_resume), data, train_idx, val_idx, decoder=decoder, store=store,
-                                 initial_state=trainer.export_state(), vae_run_id=vae_run_id)
+        e2e = ConditionerTrainer(_with_resume(ctx, e2e_resume), data, train_idx, val.select, decoder=decoder,
+                                 store=store, initial_state=trainer.export_state(), vae_run_id=vae_run_id)
         e2e.fit()
         best = e2e.best_module()
         out.update({"e2e_epochs": len(e2e.history.get("epoch", [])), "e2e_best_val_loss": e2e.best_val,
                     "e2e_seconds": e2e.seconds})
-        if ctx.dist.is_main:
-            evaluation = evaluate_surrogate(surrogate(best), data, store, train_t, val_t)
         figures.losses(e2e.history, "e2e_losses", "end-to-end fine-tuning")
     elif ctx.dist.is_main and paths.conditioner_e2e.exists():
         paths.conditioner_e2e.unlink()      # stale: it belongs to an earlier conditioner
     if ctx.dist.is_main:
         figures.losses(trainer.history, "conditioner_losses", "conditioner training")
-        out.update(_conditioner_report(evaluation, best, data, val_idx, figures))
+        out.update(_validation_report(surrogate(best), data, store, train_idx, val, best, figures))
     barrier()
     return out
+
+
+def _validation_report(surrogate, data, store: FieldStore, train_idx, val: ValidationRuns, module,
+                       figures: Figures | None) -> dict:
+    """The surrogate on the validation runs that check (they chose nothing: its `lc_val_rel_l2` is what a new
+    design can expect) beside the mean field, and on those that select (`lc_select_rel_l2`, optimistic)."""
+    from modules.train_conditioner import evaluate_surrogate
+    train_t = torch.as_tensor(train_idx)
+    evaluation = evaluate_surrogate(surrogate, data, store, train_t, torch.as_tensor(val.check))
+    selected = evaluate_surrogate(surrogate, data, store, train_t, torch.as_tensor(val.select))
+    evaluation.update(lc_select_rel_l2=selected["lc_val_rel_l2"], lc_select_runs=val.select.tolist(),
+                      lc_val_apart=val.apart)
+    if figures is None:
+        evaluation.pop("_pred"), evaluation.pop("_true")
+        return evaluation
+    return _conditioner_report(evaluation, module, data, val.check, figures)
 
 
 def _conditioner_report(evaluation: dict, module, data, val_idx: np.ndarray, figures: Figures) -> dict:
@@ -398,31 +418,31 @@ def _conditioner_report(evaluation: dict, module, data, val_idx: np.ndarray, fig
     return evaluation
 
 
-def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, train_idx, val_idx, vae_run_id: str,
-                          figures: Figures, final_basis: tuple | None = None) -> dict:
-    """`csv_conditioner gp` / `image_conditioner gp`. The validation numbers come from kernels fitted on, and a posterior
-    conditioned on, the training runs only. The saved GP is then refitted on every run
-    (training and validation), as a model is refitted on all its data once it is validated:
-    on the suite this cut the test error by 10-15 % (benchmarks/accuracy/NOTES.md, H10).
-    `final_basis` (the conditioner data, decoder and surrogate maker of the VAE with its linear path
-    refitted on every run; `gp_refit_basis`) does the same for the VAE's POD path: the saved GP is
-    conditioned on that VAE's latents, the saved scalers are theirs, and the conditioner
-    checkpoint carries the path (H22). With `gp_frame_net blend` the frame network is blended in
-    before the validation numbers and the calibration (`_frame_nets`, H30)."""
+def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, train_idx, val: ValidationRuns,
+                          vae_run_id: str, figures: Figures, final_basis: tuple | None = None) -> dict:
+    """`csv_conditioner gp` / `image_conditioner gp`. The GP's kernels are fitted on, and its posterior
+    conditioned on, the training runs; the networks blended with it (`_networks`) stop early and get their
+    weights on the validation runs that select, and the spread is calibrated there; the reported numbers
+    are those of the validation runs that check, which chose nothing. The saved GP is then refitted on every
+    run (training and validation), as a model is refitted on all its data once it is validated: on the suite
+    this cut the test error by 10-15 % (benchmarks/accuracy/NOTES.md, H10). `final_basis` (the conditioner
+    data, decoder and surrogate maker of the VAE with its linear path refitted on every run;
+    `gp_refit_basis`) does the same for the VAE's POD path: the saved GP is conditioned on that VAE's
+    latents, the saved scalers are theirs, and the conditioner checkpoint carries the path (H22)."""
     from modules.baseline import CV_FOLDS, choose_kernel
     from modules.gp import GPPosterior, fit_hyperparameters
-    from modules.train_conditioner import (DIFFICULTY_VALUES, evaluate_surrogate, fit_difficulty, sample_positions,
-                                          sampled_fields)
+    from modules.train_conditioner import DIFFICULTY_VALUES, fit_difficulty, sample_positions, sampled_fields
     cfg, paths = ctx.cfg, ctx.paths
     if cfg.conditioner.use_e2e_training:
         log.warning("use_e2e_training 1 has no effect with the GP conditioner (it has nothing to fine-tune)")
     started = time.perf_counter()
     x = data.inputs.double().cpu().numpy()
+
     def targets(d) -> np.ndarray:
         return torch.cat([d.main, d.hier.flatten(1)], 1).double().cpu().numpy()
 
     y = targets(data)
-    train_idx, val_idx = np.asarray(train_idx), np.asarray(val_idx)
+    train_idx = np.asarray(train_idx)
     arch = ctx.conditioner_architecture()
     seed = cfg.run.seed
     kernel, kernel_scores, values = cfg.conditioner.gp_kernel, {}, None
@@ -435,15 +455,18 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
         kernel, kernel_scores = choose_kernel(values, x, arch.latent_dim_end, seed)
         log.info("GP kernel: %s (%d-fold cross-validated rel. L2 of the runs' POD: %s)", kernel, CV_FOLDS,
                  ", ".join(f"{k} {v:.4g}" for k, v in kernel_scores.items()) or "too few runs to compare")
+    progress = _StageProgress("GP conditioner")
     hyper = fit_hyperparameters(x[train_idx], y[train_idx], seed, kernel=kernel)
     held_out = dataclasses.replace(arch, num_runs=len(train_idx)).build()
     held_post = GPPosterior.condition(hyper, x[train_idx], y[train_idx])
     held_out.set_posterior(held_post)
+    progress.line("GP fitted on the training runs")
     final_data, final_decoder, final_surrogate = final_basis or (data, None, surrogate)
     y_final = y if final_basis is None else targets(final_data)
     saved = fit_hyperparameters(x, y_final, seed, kernel=kernel)
     final_post = GPPosterior.condition(saved, x, y_final)
     final = arch.build().set_posterior(final_post)
+    progress.line("GP refitted on every run")
     out: dict = {"conditioner": f"{cfg.conditioner.kind} (gp)", "lc_gp_kernel": kernel,
                  "lc_gp_kernel_cv_rel_l2": kernel_scores, "lc_gp_length_scales": saved.length.tolist(),
                  "lc_gp_noise": saved.noise.tolist()}
@@ -457,23 +480,22 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
                                           x, seed)
             final.set_difficulty(post)
             out["lc_loo_rel_l2"] = {"mean": float(errors.mean()), "max": float(errors.max())}
+            progress.line("difficulty model fitted")
         if "blend" in (cfg.conditioner.gp_frame_net, cfg.conditioner.gp_point_net):
-            held_net, final_net, blend_out = _networks(ctx, surrogate(module), data, store, train_idx, val_idx,
+            held_net, final_net, blend_out = _networks(ctx, surrogate(module), data, store, train_idx, val.select,
                                                        figures.dataset)
             out.update(blend_out)
-        evaluation = evaluate_surrogate(surrogate(module, held_net), data, store, torch.as_tensor(train_idx),
-                                        torch.as_tensor(val_idx))
-        out.update(_conditioner_report(evaluation, module, data, val_idx, figures))
-        out.update(_calibrate_spread(surrogate(module, held_net), data, store, val_idx, cfg.run.seed, figures,
-                                      cfg.conditioner.gp_draw_scale))
+        held_surrogate = surrogate(module, held_net)
+        out.update(_validation_report(held_surrogate, data, store, train_idx, val, module, figures))
+        out.update(_calibrate_spread(held_surrogate, data, store, val, seed, figures, cfg.conditioner.gp_draw_scale))
+        progress.line("validated and calibrated")
         final.spread_scale.fill_(out["lc_spread_scale"])
         final.band_scales.copy_(torch.tensor([out["lc_band_scales"][str(level)] for level in LEVELS]))
         cal = out.get("calibration", {})
         ctx.monitor.scalars("conditioner", 0, {"val_rel_l2": out["lc_val_rel_l2"], "val_latent_mse": out["lc_val_latent_mse"],
                                                **{f"val_{k}": cal[k] for k in ("coverage_50", "coverage_90", "crps") if k in cal}})
     seconds = time.perf_counter() - started
-    split = {"train": torch.as_tensor(train_idx), "val": torch.as_tensor(val_idx)}
-    extra = {"vae_run_id": vae_run_id, "split": split}
+    extra = {"vae_run_id": vae_run_id, "split": val.stored(train_idx)}
     if final_net is not None:
         extra["frame_net"] = final_net.stored()
     if final_decoder is not None:
@@ -489,17 +511,34 @@ def _gp_conditioner_stage(ctx: RunContext, data, surrogate, store: FieldStore, t
     return out
 
 
+class _StageProgress:
+    """A plain line per finished part of a stage without epochs, with the seconds since the last."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage, self.last = stage, time.perf_counter()
+
+    def line(self, what: str) -> None:
+        now = time.perf_counter()
+        log.info("%s: %s (%.1f s)", self.stage, what, now - self.last)
+        self.last = now
+
+
+JUDGE_VALUES = 20_000       # (step, node) positions per held-out run that judge the networks while they train
+
+
 def _networks(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_idx: np.ndarray,
-              val_idx: np.ndarray, dataset: Path | None) -> tuple:
+              select_idx: np.ndarray, dataset: Path | None) -> tuple:
     """`gp_frame_net blend` and `gp_point_net blend` (modules/frame_net.py, modules/point_net.py): each network
-    trained on the training runs, the blend weights chosen together on the validation runs, and, for the saved
-    model, each network with a weight refitted on every run, as the GP is refitted. Returns the held-out and the
-    saved NetBlend, None for both where every weight is 0 or no network could be trained (the summary says
-    why), and the summary's entries."""
+    trained on the training runs, stopping early when its blend with the GP stops gaining on the validation
+    runs that select, the blend weights chosen together on those runs, and, for the saved model, each network
+    with a weight refitted on every run for as many passes as it took, as the GP is refitted. Returns the
+    held-out and the saved NetBlend, None for both where every weight is 0 or no network could be trained
+    (the summary says why), and the summary's entries."""
     from modules.baseline import relative_l2
     from modules.frame_net import MAX_GIB, NetBlend, choose_weights, fits_in_memory, train_frame_net
+    from modules.net_training import HeldRuns
     from modules.point_net import node_positions, train_point_net
-    from modules.train_conditioner import physical_fields
+    from modules.train_conditioner import physical_fields, sample_positions
     conditioner = ctx.cfg.conditioner
     wanted = [kind for kind, key in (("frame", conditioner.gp_frame_net), ("point", conditioner.gp_point_net))
               if key == "blend"]
@@ -510,10 +549,12 @@ def _networks(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_idx:
     x = data.inputs.float().cpu().numpy()
     fields = physical_fields(store, torch.arange(store.num_runs), dtype=np.float32)    # every run, read once
     seed, out, blocks = ctx.cfg.run.seed, {}, store.scaler.blocks
+    gp = gp_surrogate.fields(data.inputs[torch.as_tensor(select_idx).to(data.inputs.device)])
+    held = HeldRuns(x[select_idx], fields[select_idx], gp, sample_positions(store, JUDGE_VALUES, seed + 1))
     trainers = {}
     if "frame" in wanted:
-        trainers["frame"] = lambda idx: train_frame_net(x[idx], fields[idx], conditioner.frame_net_epochs, seed,
-                                                        ctx.device, blocks)
+        trainers["frame"] = lambda idx, **how: train_frame_net(x[idx], fields[idx], conditioner.frame_net_epochs,
+                                                               seed, ctx.device, blocks, **how)
     if "point" in wanted:
         started = time.perf_counter()
         positions, source = node_positions(conditioner.node_positions, ctx.paths.workdir, dataset,
@@ -522,67 +563,78 @@ def _networks(ctx: RunContext, gp_surrogate, data, store: FieldStore, train_idx:
         if positions is None:
             out["lc_point_net"] = source
         else:
-            trainers["point"] = lambda idx: train_point_net(x[idx], fields[idx], positions, conditioner.point_net_steps,
-                                                            seed, ctx.device, blocks)
+            trainers["point"] = lambda idx, steps=None, **how: train_point_net(
+                x[idx], fields[idx], positions, steps or conditioner.point_net_steps, seed, ctx.device, blocks,
+                exact=steps is not None, **how)
         out["lc_point_net_positions_seconds"] = time.perf_counter() - started
-    held, own, seconds = {}, {}, {}
+    held_nets, own, seconds, fitted = {}, {}, {}, {}
     for kind, train in trainers.items():
         started = time.perf_counter()
-        held[kind] = train(train_idx)
+        held_nets[kind], fitted[kind] = train(train_idx, held=held)
         with torch.inference_mode():
-            own[kind] = held[kind](torch.as_tensor(x[val_idx], device=ctx.device)).cpu().numpy()
+            own[kind] = held_nets[kind](torch.as_tensor(x[select_idx], device=ctx.device)).cpu().numpy()
         seconds[kind] = time.perf_counter() - started
-    if not held:
+    if not held_nets:
         return None, None, out
-    gp = gp_surrogate.fields(data.inputs[torch.as_tensor(val_idx).to(data.inputs.device)])
-    truth = fields[val_idx]
+    truth = fields[select_idx]
     weights, _, errors = choose_weights(gp, list(own.values()), truth, blocks)
-    out["lc_val_rel_l2_gp"] = float(errors[0])
-    for kind, weight in zip(held, weights):
+    out["lc_select_rel_l2_gp"] = float(errors[0])
+    for kind, weight in zip(held_nets, weights):
         out.update({f"lc_{kind}_net": "blend", f"lc_{kind}_net_weight": float(weight),
-                    f"lc_val_rel_l2_{kind}_net": float(relative_l2(own[kind], truth, blocks).mean())})
-    kept = [kind for kind, weight in zip(held, weights) if weight > 0]
+                    f"lc_select_rel_l2_{kind}_net": float(relative_l2(own[kind], truth, blocks).mean()),
+                    f"lc_{kind}_net_steps": fitted[kind].steps, f"lc_{kind}_net_stopped": fitted[kind].stopped,
+                    f"lc_{kind}_net_budget": fitted[kind].budget})
+    kept = [kind for kind, weight in zip(held_nets, weights) if weight > 0]
     held_blend = final_blend = None
     if kept:            # else the GP alone, its draws calibrated without the networks' disagreement, as it is saved
         shares = [float(w) for w in weights if w > 0]
-        held_blend = NetBlend([held[kind] for kind in kept], shares)
+        held_blend = NetBlend([held_nets[kind] for kind in kept], shares)
         refitted = []
-        for kind in kept:
+        for kind in kept:           # as many passes over every run as the held-out training took over its runs
             started = time.perf_counter()
-            refitted.append(trainers[kind](slice(None)))          # every run, the arrays as they are
+            steps = max(1, round(fitted[kind].steps * store.num_runs / len(train_idx)))
+            refitted.append(trainers[kind](slice(None), steps=steps)[0])
             seconds[kind] += time.perf_counter() - started
         final_blend = NetBlend(refitted, shares)
-    for kind in held:
+    for kind in held_nets:
         out[f"lc_{kind}_net_seconds"] = seconds[kind]
-    log.info("blend on the validation runs: GP %.4g%s -> %.4g with weights %s", errors[0],
-             "".join(f", {kind} network {out[f'lc_val_rel_l2_{kind}_net']:.4g}" for kind in held), errors.min(),
-             ", ".join(f"{kind} {w:.2f}" for kind, w in zip(held, weights)))
+    log.info("blend on the validation runs that select: GP %.4g%s -> %.4g with weights %s", errors[0],
+             "".join(f", {kind} network {out[f'lc_select_rel_l2_{kind}_net']:.4g}" for kind in held_nets),
+             errors.min(), ", ".join(f"{kind} {w:.2f}" for kind, w in zip(held_nets, weights)))
     return held_blend, final_blend, out
 
 
 CALIBRATION_MIN_RUNS = 3
 
 
-def _calibrate_spread(surrogate, data, store: FieldStore, val_idx: np.ndarray, seed: int, figures: Figures,
+def _calibrate_spread(surrogate, data, store: FieldStore, val: ValidationRuns, seed: int, figures: Figures,
                       draw_scale: str = "crps") -> dict:
-    """The predictive draws' scale (`gp_draw_scale`: the CRPS-minimising one, or the 90 % band's)
-    and each band's relative to it, split-conformal on the validation runs
-    (modules/calibration.py), and the calibration numbers before and after them."""
+    """The predictive draws' scale (`gp_draw_scale`: the CRPS-minimising one, or the 90 % band's) and each
+    band's relative to it, split-conformal on the validation runs that select (modules/calibration.py), and
+    the calibration numbers before and after them on the runs that check, which fitted nothing."""
     from modules.calibration import band_scales, calibration_metrics, crps_scale, scale_about
     from modules.train_conditioner import predictive_validation
-    if len(val_idx) < CALIBRATION_MIN_RUNS:
-        log.warning("only %d validation run(s): the predictive spread is left uncalibrated (raise val_split)",
-                    len(val_idx))
+    if len(val.select) < CALIBRATION_MIN_RUNS:
+        log.warning("only %d validation run(s) select: the predictive spread is left uncalibrated (raise val_split)",
+                    len(val.select))
         return {"lc_spread_scale": 1.0, "lc_band_scales": {str(level): 1.0 for level in LEVELS}}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        draws, point, truth = predictive_validation(surrogate, data, store, torch.as_tensor(val_idx), seed=seed)
+
+    def drawn(runs):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return predictive_validation(surrogate, data, store, torch.as_tensor(runs), seed=seed)
+
+    draws, point, truth = drawn(val.select)
     raw = band_scales(draws, point, truth)
     band90 = raw[0.9] if raw[0.9] > 0 else 1.0
     scale = band90
     if draw_scale == "crps":        # at least 1 % of the 90 % band's, so that the draws keep a spread to scale
         scale = max(crps_scale(draws, point, truth, 2 * band90), 0.01 * band90)
     relative = {level: raw[level] / scale for level in LEVELS}
+    if not val.apart:
+        log.warning("one validation run both selects and checks: the calibration reported is on the runs it was "
+                    "fitted on")
+    draws, point, truth = drawn(val.check) if val.apart else (draws, point, truth)
     scaled = scale_about(draws, point, scale)
     figures.calibration(scaled, point, truth, "calibration", relative)
     return {"lc_spread_scale": scale, "lc_band_scales": {str(k): v for k, v in relative.items()},
@@ -590,10 +642,12 @@ def _calibrate_spread(surrogate, data, store: FieldStore, val_idx: np.ndarray, s
             "calibration": calibration_metrics(scaled, point, truth, relative)}
 
 
-def classical_baseline(runs: np.ndarray, raw_inputs: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
-                       seed: int, blocks: int = 1) -> dict:
-    """POD + GPR fitted on the training runs, scored on the validation runs (modules/baseline.py):
-    on the CSV parameters, or on simple features of the pictures."""
+def classical_baseline(runs: np.ndarray, raw_inputs: np.ndarray, train_idx: np.ndarray, check_idx: np.ndarray,
+                       seed: int, blocks: int = 1, kernel: str = "rbf") -> dict:
+    """The classical models fitted on the training runs, scored on the validation runs that check, as the
+    surrogate is (modules/baseline.py): POD + GPR at its best (modes and one GP per coefficient or one shared
+    kernel, chosen by leave-one-out on the training runs), POD + GPR at 99.9 % energy, POD + RBF, on the CSV
+    parameters or on simple features of the pictures. `kernel`: the GP's family, as the conditioner's."""
     from modules.baseline import BASELINE_MAX_BYTES, classical_baselines
     from modules.cond_inputs import ImageFeatures
     need = len(train_idx) * runs.shape[1] * runs.shape[2] * 8
@@ -602,16 +656,27 @@ def classical_baseline(runs: np.ndarray, raw_inputs: np.ndarray, train_idx: np.n
                  need / 2**30, BASELINE_MAX_BYTES / 2**30)
         return {"baseline_skipped": f"training fields of {need / 2**30:.1f} GiB"}
     started = time.perf_counter()
+    log.info("classical baselines: fitting POD + GPR and POD + RBF on the %d training runs", len(train_idx))
     features = raw_inputs if raw_inputs.ndim == 2 else ImageFeatures.fit(raw_inputs, train_idx).transform(raw_inputs)
-    train = np.asarray(runs[np.sort(train_idx)], dtype=np.float64)
-    val = np.asarray(runs[np.sort(val_idx)], dtype=np.float64)
-    result = classical_baselines(train, val, features[np.sort(train_idx)], features[np.sort(val_idx)], seed,
-                                 methods=("pod_gpr",), blocks=blocks)
-    rel = result.rel_l2["pod_gpr"]
-    return {"baseline_pod_gpr_rel_l2": float(rel.mean()), "baseline_pod_gpr_rel_l2_per_run": rel.tolist(),
-            "baseline_pod_modes": result.modes,
+    train_idx, check_idx = np.sort(train_idx), np.sort(check_idx)
+    result = classical_baselines(np.asarray(runs[train_idx], dtype=np.float64),
+                                 np.asarray(runs[check_idx], dtype=np.float64), features[train_idx],
+                                 features[check_idx], seed, methods=("pod_gpr", "pod_gpr_best", "pod_rbf"),
+                                 blocks=blocks, kernel="rbf" if kernel == "auto" else kernel)
+    scores = {name: float(rel.mean()) for name, rel in result.rel_l2.items()}
+    best = min(scores, key=scores.get)
+    log.info("classical baselines on the validation runs that check: %s (%.1f s)",
+             ", ".join(f"{NAMES[k]} {v:.4g}" for k, v in scores.items()), time.perf_counter() - started)
+    return {"baseline_pod_gpr_rel_l2": scores["pod_gpr"], "baseline_pod_gpr_rel_l2_per_run": result.rel_l2["pod_gpr"].tolist(),
+            "baseline_pod_modes": result.modes, "baseline_pod_gpr_best_rel_l2": scores["pod_gpr_best"],
+            "baseline_pod_gpr_best_modes": result.best.modes, "baseline_pod_gpr_best_variant": result.best.variant,
+            "baseline_pod_rbf_rel_l2": scores["pod_rbf"], "baseline_best": best, "baseline_best_rel_l2": scores[best],
             "baseline_inputs": "parameters" if raw_inputs.ndim == 2 else "picture features",
             "baseline_seconds": time.perf_counter() - started}
+
+
+NAMES = {"pod_gpr": "POD + GPR (99.9 % energy)", "pod_gpr_best": "POD + GPR (modes and kernel chosen by leave-one-out)",
+         "pod_rbf": "POD + RBF", "mean": "the mean field"}
 
 
 def _belongs_to(path: Path, kind: str, vae_run_id: str) -> bool:
@@ -677,8 +742,9 @@ def _print_summary(summary: dict, ctx: RunContext) -> None:
         print(f"  VAE: final train loss {f('vae_train_loss')}, validation recon MSE {f('vae_val_recon_mse_initial')} → "
               f"{f('vae_val_recon_mse')}; reconstruction over all runs: MSE {f('vae_recon_mse')} (scaled), "
               f"relative L2 {f('vae_recon_rel_l2')} (physical)")
-    print(f"  conditioner ({summary.get('conditioner')}): validation relative L2 mean {f('lc_val_rel_l2')}, median "
-          f"{f('lc_val_rel_l2_median')}, max {f('lc_val_rel_l2_max')}; mean-field baseline {f('baseline_mean_field_rel_l2')}")
+    print(f"  conditioner ({summary.get('conditioner')}): relative L2 on the validation runs that check: mean "
+          f"{f('lc_val_rel_l2')}, median {f('lc_val_rel_l2_median')}, max {f('lc_val_rel_l2_max')}; mean-field "
+          f"baseline {f('baseline_mean_field_rel_l2')}; on the runs that selected {f('lc_select_rel_l2')}")
     if "lc_val_rel_l2_before_e2e" in summary:
         print(f"  end-to-end fine-tuning: {f('lc_val_rel_l2_before_e2e')} → {f('lc_val_rel_l2')}")
     print(f"  total {summary['seconds_total']:.1f} s; summary in {ctx.run_dir / 'summary.json'}")
@@ -686,17 +752,19 @@ def _print_summary(summary: dict, ctx: RunContext) -> None:
 
 
 def verdict(summary: dict) -> str:
-    """The run's last line: did the surrogate beat the classical baseline on the validation runs?"""
+    """The run's last line: did the surrogate beat the best classical model on the validation runs that
+    checked (runs that chose neither the best epoch nor the blend weights)?"""
     ours, mean = summary.get("lc_val_rel_l2"), summary.get("baseline_mean_field_rel_l2")
-    base = summary.get("baseline_pod_gpr_rel_l2")
+    runs = (f"{len(summary.get('lc_val_runs', []))} validation runs that chose nothing" if summary.get("lc_val_apart", True)
+            else "1 validation run that also chose the best epoch and the blend weights, so optimistic")
+    base = summary.get("baseline_best_rel_l2")
     if base is None:
-        return (f"Surrogate validation relative L2 {ours:.4g} against the mean field's {mean:.4g} "
+        return (f"Surrogate relative L2 {ours:.4g} on {runs}, against the mean field's {mean:.4g} "
                 f"(classical baseline not fitted: {summary.get('baseline_skipped', 'baseline 0')}).")
-    name = f"POD + GPR on the {summary['baseline_inputs']}"
+    name = f"{NAMES[summary['baseline_best']]} on the {summary['baseline_inputs']}"
     if ours < base:
-        return (f"The surrogate beats the classical baseline: validation relative L2 {ours:.4g} against {name} "
+        return (f"The surrogate beats the best classical model: relative L2 {ours:.4g} on {runs}, against {name} "
                 f"{base:.4g} ({ours / base:.2f}×) and the mean field {mean:.4g}.")
-    return (f"The surrogate does NOT beat the classical baseline: validation relative L2 {ours:.4g} against {name} "
-            f"{base:.4g} ({ours / base:.2f}×; mean field {mean:.4g}). Train longer or adjust the recipe "
-            f"(README, 'Accuracy'); until then the classical model is the better surrogate.")
-
+    return (f"The surrogate does NOT beat the best classical model: relative L2 {ours:.4g} on {runs}, against "
+            f"{name} {base:.4g} ({ours / base:.2f}×; mean field {mean:.4g}). Until it does, the classical model is "
+            f"the better surrogate for this data (README, 'Accuracy').")

@@ -91,7 +91,7 @@ class Figures:
             ax_t.plot(true[:, node], color=f"C{j}", label=f"node {node}")
             ax_t.plot(other[:, node], color=f"C{j}", linestyle="--")
         ax_t.set_xlabel("time step")
-        ax_t.set_title(f"run {run}: nodal traces (solid true, dashed {label})")
+        ax_t.set_title(f"run {run + 1}: nodal traces (solid true, dashed {label})")
         ax_t.legend(fontsize=7)
         for j, step in enumerate(np.linspace(0, T - 1, 3).astype(int)):
             ax_n.plot(true[step], color=f"C{j}", label=f"t = {step}")
@@ -164,7 +164,7 @@ class Figures:
                 ax.set_title(title, fontsize=9)
                 ax.tick_params(labelsize=7)
                 fig.colorbar(plt.cm.ScalarMappable(norm=nrm, cmap=cmap), ax=ax, shrink=0.8)
-        fig.suptitle(f"run {run} on {mesh.path.name}: true, {label} and error")
+        fig.suptitle(f"run {run + 1} on {mesh.path.name}: true, {label} and error")
         self.finish(fig, name)
 
     def latents(self, pred: np.ndarray, true: np.ndarray, name: str) -> None:

@@ -25,16 +25,14 @@ from torch import nn
 
 from modules.data import varying_nodes
 from modules.errors import UserError
+from modules.net_training import Fitted, HeldRuns, centred_targets, fit_network
 
 log = logging.getLogger("simulgen")
 
 WIDTH = 128                 # four hidden layers of this width
 DEPTH = 4
 BATCH = 4096                # points per optimiser step
-LR = 2e-3                   # peak of the one-cycle schedule
-WEIGHT_DECAY = 1e-5
-MAX_EPOCHS = 200            # passes over the training points at most, whatever `steps` says (small studies: the
-                            # suite's problems need 2-59 for 6,000 steps)
+STEPS_PER_RUN = 80          # optimiser steps per training run at most, whatever `point_net_steps` says
 CHUNK = 1 << 16             # points per forward pass when predicting whole fields
 EMBED_DIMS = 3              # values per node of the learnt embedding (a 3-D mesh needs three)
 EMBED_NEIGHBOURS = 8
@@ -87,20 +85,22 @@ class PointNet(nn.Module):
             else saved
 
 
+def point_budget(steps: int, runs: int) -> int:
+    """The point network's optimiser steps: `point_net_steps`, at most STEPS_PER_RUN per training run (what a
+    network can learn grows with the runs, not the mesh: a study of 10 runs stops at 800 steps)."""
+    return max(1, min(steps, STEPS_PER_RUN * runs))
+
+
 def train_point_net(inputs: np.ndarray, fields: np.ndarray, positions: np.ndarray, steps: int, seed: int,
-                    device: torch.device, blocks: int = 1) -> PointNet:
-    """A PointNet trained by AdamW with a one-cycle schedule for `steps` steps of BATCH random points
-    of `fields` (n, T, N), physical units, whose runs have the scaled `inputs` (n, d) and whose nodes
-    lie at `positions` (N, D). Targets centred on the runs' mean frame, as the frame network's.
-    Deterministic for a seed (on CPU); a step costs the same on any mesh. At most MAX_EPOCHS passes over
-    the points."""
-    from modules.frame_net import centred_targets
+                    device: torch.device, blocks: int = 1, held: HeldRuns | None = None,
+                    exact: bool = False) -> tuple[PointNet, Fitted]:
+    """A PointNet trained (modules/net_training.py, `fit_network`) on random points of `fields` (n, T, N),
+    physical units, BATCH a step, whose runs have the scaled `inputs` (n, d) and whose nodes lie at
+    `positions` (N, D): for at most `point_budget(steps, n)` steps, stopping early on the `held` runs; or
+    (`exact`, the refit on every run) for `steps`. Targets centred on the runs' mean frame; nodes that never
+    move are left out and predicted as that mean exactly. Deterministic for a seed (on CPU); a step costs
+    the same on any mesh."""
     n, times, nodes = fields.shape
-    cut = min(steps, max(1, MAX_EPOCHS * n * times * nodes // BATCH))
-    if cut < steps:
-        log.info("point network: %d steps, not %d (at most %d passes over its %d points)", cut, steps, MAX_EPOCHS,
-                 n * times * nodes)
-    steps = cut
     mean, y, unit = centred_targets(fields, blocks)
     moving = torch.from_numpy(np.flatnonzero(varying_nodes(fields)))     # constant nodes are the mean frame exactly
     y = y.to(device)
@@ -113,19 +113,29 @@ def train_point_net(inputs: np.ndarray, fields: np.ndarray, positions: np.ndarra
     net.varies.zero_()[moving] = 1.0
     net = net.to(device)
     x = torch.as_tensor(inputs, dtype=torch.float32, device=device)
-    opt = torch.optim.AdamW(net.net.parameters(), LR, weight_decay=WEIGHT_DECAY)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps)
     draw = torch.Generator().manual_seed(seed)
-    net.train()
-    for _ in range(steps):
-        run, step, pick = (torch.randint(size, (BATCH,), generator=draw) for size in (n, times, max(len(moving), 1)))
-        run, step, node = run.to(device), step.to(device), moving[pick].to(device) if len(moving) else pick.to(device)
-        loss = nn.functional.mse_loss(net.net(net.points(x, run, step, node))[:, 0], y[run, step, node])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-    return net.eval().requires_grad_(False)
+
+    def batches():
+        while True:
+            run, step, pick = (torch.randint(size, (BATCH,), generator=draw) for size in (n, times, max(len(moving), 1)))
+            node = moving[pick] if len(moving) else pick
+            run, step, node = run.to(device), step.to(device), node.to(device)
+            yield net.points(x, run, step, node), y[run, step, node][:, None]
+
+    judge = predict_held = None
+    if held is not None:
+        judge = held.judge(mean, unit)
+        held_x = torch.as_tensor(held.x, dtype=torch.float32, device=device)
+        flat = torch.as_tensor(held.keep, device=device)
+        rows = torch.arange(len(held.x), device=device).repeat_interleave(len(flat))
+        where = flat.repeat(len(held.x))
+        points = net.points(held_x, rows, where // nodes, where % nodes)
+
+        def predict_held():
+            return torch.cat([net.net(part) for part in points.split(CHUNK)])[:, 0].view(len(held.x), -1).cpu().numpy()
+    fitted = fit_network(net, batches(), steps if exact else point_budget(steps, n), "point network",
+                         predict_held, judge)
+    return net.eval().requires_grad_(False), fitted
 
 
 def _unit_columns(points: np.ndarray) -> np.ndarray:

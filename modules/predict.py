@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modules.checkpoint import atomic_write, ensure_writable, save_json, save_npz
+from modules.checkpoint import ensure_writable, json_bytes
 from modules.cond_inputs import list_images, load_csv, load_images
 from modules.errors import UserError
 from modules.run import Paths
@@ -70,20 +70,18 @@ def band_arrays(samples: np.ndarray, centre: np.ndarray, band_scales: dict[float
 
 
 def _domain_entries(domain: dict) -> dict:
-    """pred.json's out-of-range flags (modules/domain.py)."""
+    """pred.json's out-of-range flags (modules/domain.py), rows and columns numbered from 1 as in the file."""
     return {"out_of_domain": domain["out_of_domain"],
-            "domain": {"outside_columns": domain["outside_columns"],
+            "domain": {"outside_columns": [[c + 1 for c in cols] for cols in domain["outside_columns"]],
                        "nearest_run_ratio": domain.get("nearest_run_ratio"),
-                       "meaning": "out_of_domain[i]: row i has a column outside the training range "
-                                  "(outside_columns, 0-based) or lies farther from every training run than "
-                                  "any training run from its nearest neighbour (nearest_run_ratio > 1; "
-                                  "scaled inputs); the surrogate extrapolates there"}}
+                       "meaning": "out_of_domain[i]: input i (the i-th row or picture) has a column outside the "
+                                  "training range (outside_columns, numbered from 1 as in the CSV) or lies farther "
+                                  "from every training run than any training run from its nearest neighbour "
+                                  "(nearest_run_ratio > 1; scaled inputs); the surrogate extrapolates there"}}
 
 
-def _write_bands(out: Path, samples: np.ndarray, point: np.ndarray, scales: dict[float, float], sampling: str) -> dict:
-    """FILE_bands.npz beside the samples, and pred.json's entries that say what it holds."""
-    bands = out.with_name(out.stem + "_bands.npz")
-    save_npz(bands, **band_arrays(samples, point, scales))
+def _bands_entries(bands: Path, sampling: str) -> dict:
+    """pred.json's entries that say what the samples and the bands file hold."""
     return {"sampling": sampling, "sampling_meaning": SAMPLING_MEANING[sampling], "bands": str(bands),
             "bands_meaning": "per input, step and node over the K samples: mean, std, median q50, the 50 % "
                              "band q25-q75 and the 90 % band q05-q95, each [n, T, N]"
@@ -91,12 +89,22 @@ def _write_bands(out: Path, samples: np.ndarray, point: np.ndarray, scales: dict
                                 "prediction)" if sampling == "predictive" else "")}
 
 
+def output_files(out: Path) -> dict[str, Path]:
+    """Where a prediction writes: FILE.npy (the point prediction), FILE_samples.npy and FILE_bands.npz (with
+    --samples), FILE.json (what they hold; written last)."""
+    return {"point": out, "samples": out.with_name(out.stem + "_samples.npy"),
+            "bands": out.with_name(out.stem + "_bands.npz"), "meta": out.with_suffix(".json")}
+
+
 def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: torch.device,
                    vtk: Path | None = None, sampling: str = "auto", truth: Path | None = None, plot: int = 2,
                    seed: int = 0) -> dict:
-    """Predict the inputs of `source`; with `truth` (the held-out runs' fields) also evaluate
-    the predictions against them (modules/evaluate.py). The draws are seeded (`seed`), so the
-    same command gives the same samples and bands."""
+    """Predict the inputs of `source`; with `truth` (the held-out runs' fields) also evaluate the predictions
+    against them (modules/evaluate.py). Every input, `truth` included, is checked before anything is written,
+    and the outputs are written together (modules/checkpoint.py, `write_together`), the JSON that describes
+    them last. The draws are seeded (`seed`), so the same command gives the same samples and bands."""
+    from modules.checkpoint import write_together
+    from modules.evaluate import evaluate, evaluation_files, load_truth
     if samples < 1:
         raise UserError(f"--samples {samples}: give 1 or more realisations per input.")
     if not source.exists():
@@ -110,6 +118,7 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
                                      surrogate.field_scaler.num_nodes, vtk)
     sampling = surrogate.sampling_for(sampling)
     raw, files = read_inputs(surrogate, source)
+    truth_fields = None if truth is None else load_truth(truth, len(raw), surrogate.shape)
     inputs = surrogate.domain_inputs(raw)       # CSV rows or picture features: computed once
     domain = None
     if surrogate.domain is not None:
@@ -124,27 +133,38 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         point, draws = surrogate.sample(x, samples, sampling=sampling)
-    fields = point if draws is None else draws
     seconds = time.perf_counter() - started
-    atomic_write(out, lambda f: np.save(f, fields.astype(np.float32)))
-    meta = {"inputs": files, "input_type": surrogate.input_type, "shape": list(fields.shape),
-            "layout": "[n, T, N]" if samples == 1 else "[n, K, T, N]", "samples": samples, "seed": seed,
-            "units": "physical (inverse of the per-node scaling)", "checkpoints": surrogate.sources,
+    where = output_files(out)
+    meta = {"inputs": files, "input_type": surrogate.input_type, "shape": list(point.shape),
+            "layout": "[n, T, N]: the point prediction (deterministic), one per input in order", "samples": samples,
+            "seed": seed, "units": "physical (inverse of the per-node scaling)", "checkpoints": surrogate.sources,
             "seconds": seconds}
+    writers = {where["point"]: lambda f: np.save(f, point.astype(np.float32))}
+    scales = surrogate.band_scales(sampling)
+    if draws is not None:
+        bands = band_arrays(draws, point, scales)
+        writers[where["samples"]] = lambda f: np.save(f, draws.astype(np.float32))
+        writers[where["bands"]] = lambda f: np.savez(f, **bands)
+        meta.update({"samples_file": str(where["samples"]), "samples_layout": "[n, K, T, N]",
+                     **_bands_entries(where["bands"], sampling)})
     if domain is not None:
         meta.update(_domain_entries(domain))
-    scales = surrogate.band_scales(sampling)
-    if samples > 1:
-        meta.update(_write_bands(out, fields, point, scales, sampling))
+    report = None
+    if truth_fields is not None:
+        report = evaluate(surrogate, inputs, files, truth_fields, truth, point, draws, sampling, scales, domain)
+        writers.update(evaluation_files(report, out, files))
+        meta["evaluation"] = [str(p) for p in evaluation_files(report, out, files)]
     if mesh is not None:
         from modules.mesh_io import write_prediction_series
-        written = write_prediction_series(vtk, fields, mesh, samples)
+        written = write_prediction_series(vtk, point, mesh, None if draws is None else bands)
         meta.update({"vtk": [str(p) for p in written if p.suffix == ".xdmf"], "mesh": str(mesh.path),
-                     "vtk_fields": mesh.fields if samples == 1 else [f"{n}{s}" for n in mesh.fields for s in ("", "_std")]})
-    if truth is not None:
-        from modules.evaluate import evaluate
-        meta["evaluation"] = evaluate(surrogate, inputs, files, truth, out, point, draws,
-                                      sampling, scales, plot, domain)
-    save_json(out.with_suffix(".json"), {k: (v["files"] if k == "evaluation" else v) for k, v in meta.items()})
+                     "vtk_fields": mesh.vtk_fields(draws is not None)})
+    writers[where["meta"]] = lambda f: f.write(json_bytes(meta))
+    write_together(writers)
+    if report is not None:
+        report["files"] = meta["evaluation"]
+        if plot != 2:
+            from modules.evaluate import figures
+            report["files"] += figures(plot, out, truth_fields, point, report)
+        meta["evaluation"] = report
     return meta
-

@@ -44,6 +44,8 @@ class StageTrainer:
     title = "stage"           # human name for messages
     best_metric: str | None = None   # validation metric whose best weights are exported; None: the last
     patience: int | None = None      # early stopping: validations without improvement of best_metric
+    min_gain: float = 0.0            # ... an improvement being a relative drop by more than this
+    keep_best: bool = True           # export the best validation's weights (else the last, also when stopping early)
 
     def __init__(self, ctx: RunContext, engine: TrainingEngine, epochs: int, checkpoint: Path,
                  architecture: Architecture, how_to_make: str):
@@ -62,6 +64,7 @@ class StageTrainer:
         self.steps_per_epoch = 1       # set by the stage: training batches per epoch
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_val = math.inf
+        self.gain_from = math.inf      # the value the next improvement that counts for `patience` must beat
         self.bad_epochs = 0
         self._saved_epoch: int | None = None     # the epoch the checkpoint on disk holds
         self._last_save = time.monotonic()
@@ -116,11 +119,13 @@ class StageTrainer:
         """Keep the weights of the best validation so far; return True to stop early."""
         if self.best_metric is None:
             return False
-        if metrics[self.best_metric] < self.best_val:
-            self.best_val = metrics[self.best_metric]
+        value = metrics[self.best_metric]
+        if value < self.best_val:
+            self.best_val = value
             self.best_state = {k: v.detach().clone()
                                for k, v in clean_state_dict(self.engine.eval_module().state_dict()).items()}
-            self.bad_epochs = 0
+        if value < self.gain_from * (1 - self.min_gain):
+            self.gain_from, self.bad_epochs = value, 0
         else:
             self.bad_epochs += 1
         return self.patience is not None and self.bad_epochs >= self.patience
@@ -128,7 +133,7 @@ class StageTrainer:
     def export_state(self) -> dict[str, torch.Tensor]:
         """The weights prediction should use: the best validation's (EMA weights when EMA is
         on) with a `best_metric`, else the last."""
-        if self.best_state is not None:
+        if self.best_state is not None and self.keep_best:
             return self.best_state
         return clean_state_dict(self.engine.eval_module().state_dict())
 
@@ -162,7 +167,8 @@ class StageTrainer:
                 "export": self.export_state(), "engine": self.engine.state_dict(),
                 "lr_scale": self.lr_scale, "rollbacks": self.rollbacks, "rng": rngs,
                 "history": self.history, "seconds": self.seconds, "architecture": self.architecture.stored(),
-                "best": {"val": self.best_val, "bad_epochs": self.bad_epochs, "saved": self.best_state is not None},
+                "best": {"val": self.best_val, "bad_epochs": self.bad_epochs, "saved": self.best_state is not None,
+                         "gain_from": self.gain_from},
                 "run": self.ctx.describe(), "extra": self.extra_state()}
 
     def save(self, epoch: int) -> None:
@@ -192,6 +198,7 @@ class StageTrainer:
         self.finished = state["finished"]
         best = state.get("best", {})
         self.best_val, self.bad_epochs = best.get("val", math.inf), best.get("bad_epochs", 0)
+        self.gain_from = best.get("gain_from", self.best_val)
         self.best_state = state["export"] if best.get("saved") else None
         rngs = state["rng"]
         rank = self.ctx.dist.rank
@@ -229,7 +236,8 @@ class StageTrainer:
                 # The LR clock counts applied optimizer steps: a step the fp16 scaler skipped
                 # does not advance the LR schedule.
                 sched = self.schedule(epoch, self.applied_steps // self.steps_per_epoch)
-                result = self.engine.train_epoch(self.train_batches(epoch), self.transform)
+                result = self.engine.train_epoch(progress.batches(epoch, self.train_batches(epoch),
+                                                                  self.steps_per_epoch), self.transform)
                 if result.first_bad_batch is not None:
                     epoch = self._roll_back(epoch, result)
                     continue

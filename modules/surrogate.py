@@ -82,6 +82,12 @@ class Surrogate:
             self.frame_net.eval()
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """(T, N) of every predicted field."""
+        arch = self.decoder.vae.arch
+        return arch.num_time, arch.num_nodes
+
+    @property
     def has_predictive(self) -> bool:
         """Whether the conditioner gives a predictive distribution of the latents (the GP)."""
         return hasattr(self.conditioner, "predict")

@@ -57,8 +57,8 @@ def physical_cores() -> int:
     return max(1, count)
 
 
-def configure_threads(flag: int | None) -> int:
-    """Set torch's intra-op threads; warn once when the machine is already busy."""
+def configure_threads(flag: int | None, doing: str = "training") -> int:
+    """Set torch's intra-op threads; warn once when the machine is already busy (`doing`: what will be slower)."""
     import torch
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     threads, source = resolve_threads(flag, os.environ.get("OMP_NUM_THREADS"), physical_cores(), local)
@@ -70,6 +70,6 @@ def configure_threads(flag: int | None) -> int:
         return threads
     cpus = len(usable_cpus())
     if load > cpus and os.environ.get("RANK", "0") == "0":
-        log.warning("the 1-minute load average is %.1f on %d CPU(s): other processes are using them, so training "
-                    "will be slower than usual (see --threads)", load, cpus)
+        log.warning("the 1-minute load average is %.1f on %d CPU(s): other processes are using them, so %s "
+                    "will be slower than usual (see --threads)", load, cpus, doing)
     return threads

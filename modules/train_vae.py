@@ -108,7 +108,10 @@ class VAETrainer(StageTrainer):
             train = torch.cat([train, train + self.num_runs])
         self.set_split(train, val_idx, cfg.vae.Batch_size, "Batch_size")
         self.augment = SeriesAugmentation.from_config(cfg.augment) if cfg.augment.use_augmentation else None
-        self.best_metric = "recon_mse" if cfg.vae.vae_keep_best else None
+        self.best_metric = "recon_mse" if cfg.vae.vae_keep_best or cfg.vae.vae_patience else None
+        self.keep_best = cfg.vae.vae_keep_best
+        if cfg.vae.vae_patience:           # in validations (every val_every epochs), 1 % a gain
+            self.patience, self.min_gain = -(-cfg.vae.vae_patience // cfg.run.val_every), 0.01
         self.initial_val: dict[str, float] | None = None
 
     # --- data --------------------------------------------------------------------------

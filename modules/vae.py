@@ -241,6 +241,7 @@ class HierarchicalVAE(nn.Module):
         filters = [int(f) for f in arch.filters]
         if len(filters) < 2:
             raise ValueError(f"need at least 2 encoder filters, got {filters}")
+        self.arch = arch
         args = (arch.num_nodes, arch.num_time, filters, arch.latent_dim_end, arch.latent_dim, arch.small)
         self.encoder = Encoder(*args, spectral=arch.spectral_norm)
         self.decoder = Decoder(*args, output_norm=arch.output_norm, spectral=arch.spectral_norm)

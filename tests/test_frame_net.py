@@ -26,7 +26,7 @@ def test_the_network_learns_a_moving_pulse_that_pod_and_a_gp_of_its_coefficients
     rng = np.random.default_rng(0)
     train, test = rng.random((48, 3)), rng.random((12, 3))
     fields, truth = moving_pulses(train), moving_pulses(test)
-    net = train_frame_net(train, fields, epochs=120, seed=0, device=CPU)
+    net = train_frame_net(train, fields, epochs=120, seed=0, device=CPU)[0]
     with torch.inference_mode():
         own = net(torch.as_tensor(test)).numpy()
     pod = POD.fit(fields)
@@ -59,8 +59,8 @@ def test_training_is_seeded_and_the_stored_network_predicts_the_same():
     rng = np.random.default_rng(2)
     params = rng.random((10, 3))
     fields = moving_pulses(params, steps=5, nodes=24)
-    first, again = (train_frame_net(params, fields, epochs=3, seed=4, device=CPU) for _ in range(2))
-    other = train_frame_net(params, fields, epochs=3, seed=5, device=CPU)
+    first, again = (train_frame_net(params, fields, epochs=3, seed=4, device=CPU)[0] for _ in range(2))
+    other = train_frame_net(params, fields, epochs=3, seed=5, device=CPU)[0]
     x = torch.as_tensor(params[:3])
     with torch.inference_mode():
         torch.testing.assert_close(first(x), again(x), rtol=0, atol=0)
@@ -82,13 +82,13 @@ def test_training_is_seeded_and_the_stored_network_predicts_the_same():
         torch.testing.assert_close(alone(x), first(x), rtol=0, atol=0)
         assert float(alone.weight) == pytest.approx(0.4)
     # the mean frame and the unit make the targets centred: the untrained network predicts the mean frame
-    untrained = train_frame_net(params, fields, epochs=1, seed=4, device=CPU)
+    untrained = train_frame_net(params, fields, epochs=1, seed=4, device=CPU)[0]
     np.testing.assert_allclose(untrained.mean.numpy(), fields.mean(axis=0), rtol=1e-6, atol=1e-30)
     np.testing.assert_allclose(untrained.unit.numpy(), np.abs(fields - fields.mean(axis=0)).max(), rtol=1e-6)
     # float32 frames (the pipeline's, to halve the memory) train the same network and are left as they were
     single = fields.astype(np.float32)
     kept = single.copy()
-    from_single = train_frame_net(params, single, epochs=3, seed=4, device=CPU)
+    from_single = train_frame_net(params, single, epochs=3, seed=4, device=CPU)[0]
     np.testing.assert_array_equal(single, kept)
     with torch.inference_mode():
         torch.testing.assert_close(from_single(x), first(x), rtol=1e-5, atol=1e-6)
@@ -102,12 +102,12 @@ def test_the_optimiser_steps_are_capped_whatever_the_epochs(monkeypatch):
     params = rng.random((16, 3))
     fields = moving_pulses(params, steps=16, nodes=24)              # 256 frames: 2 batches of 128
     monkeypatch.setattr(frame_net, "MAX_STEPS", 3)
-    capped, one = (train_frame_net(params, fields, epochs=e, seed=0, device=CPU) for e in (50, 1))
+    capped, one = (train_frame_net(params, fields, epochs=e, seed=0, device=CPU)[0] for e in (50, 1))
     x = torch.as_tensor(params[:2])
     monkeypatch.setattr(frame_net, "MAX_STEPS", 10_000)
-    two = train_frame_net(params, fields, epochs=2, seed=0, device=CPU)
+    two = train_frame_net(params, fields, epochs=2, seed=0, device=CPU)[0]
     monkeypatch.setattr(frame_net, "CPU_NODE_STEPS", 3 * 24)        # on CPU the mesh's size caps them too
-    by_nodes = train_frame_net(params, fields, epochs=50, seed=0, device=CPU)
+    by_nodes = train_frame_net(params, fields, epochs=50, seed=0, device=CPU)[0]
     with torch.inference_mode():
         torch.testing.assert_close(capped(x), one(x), rtol=0, atol=0)
         torch.testing.assert_close(by_nodes(x), one(x), rtol=0, atol=0)
@@ -132,14 +132,14 @@ def test_the_point_network_learns_a_pulse_that_moves_across_the_mesh_from_the_no
     order = rng.permutation(64)                                 # the nodes in no spatial order: positions say where
     fields, truth = fields[..., order], truth[..., order]
     positions = np.linspace(0.0, 1.0, 64)[order, None]
-    net = train_point_net(train, fields, positions, steps=1500, seed=0, device=CPU)
+    net = train_point_net(train, fields, positions, steps=1500, seed=0, device=CPU)[0]
     with torch.inference_mode():
         own = net(torch.as_tensor(test)).numpy()
     pod = POD.fit(fields)
     classical = pod.reconstruct(fit_predict(train, pod.coefficients(fields), test, 0), truth.shape[1:])
     net_error, pod_error = relative_l2(own, truth).mean(), relative_l2(classical, truth).mean()
     assert net_error < 0.5 * pod_error                     # measured: 0.145 against 0.458
-    first, again, other = (train_point_net(train, fields, positions, steps=20, seed=s, device=CPU) for s in (1, 1, 2))
+    first, again, other = (train_point_net(train, fields, positions, steps=20, seed=s, device=CPU)[0] for s in (1, 1, 2))
     stored = net.stored()
     loaded = PointNet(**stored["shape"])
     loaded.load_state_dict(stored["state"])
@@ -150,19 +150,59 @@ def test_the_point_network_learns_a_pulse_that_moves_across_the_mesh_from_the_no
         torch.testing.assert_close(loaded.eval()(x), net(x), rtol=0, atol=0)
 
 
-def test_the_point_network_makes_at_most_max_epochs_passes_over_small_studies(monkeypatch):
-    """4 runs × 8 steps × 64 nodes are 2,048 points, half a batch: with MAX_EPOCHS 6, 100 steps train as
-    3 do (6 × 2,048 / 4,096), and 2 steps are not cut."""
+def test_the_point_networks_budget_follows_the_runs_and_exact_steps_are_exact(monkeypatch):
+    """At most STEPS_PER_RUN steps per training run (4 runs, 1 each: 100 steps train as 4 do), whatever
+    point_net_steps says; a refit's `exact` steps are not cut."""
     import modules.point_net as point_net
     rng = np.random.default_rng(7)
     params = rng.random((4, 3))
     fields, positions = moving_pulses(params, steps=8, nodes=64), np.linspace(0.0, 1.0, 64)[:, None]
-    monkeypatch.setattr(point_net, "MAX_EPOCHS", 6)
-    capped, three, two = (train_point_net(params, fields, positions, steps=s, seed=0, device=CPU) for s in (100, 3, 2))
+    monkeypatch.setattr(point_net, "STEPS_PER_RUN", 1)
+    (capped, fit), (four, _), (two, _), (exact, fit_exact) = (
+        train_point_net(params, fields, positions, steps=s, seed=0, device=CPU, exact=e)
+        for s, e in ((100, False), (4, False), (2, False), (100, True)))
+    assert fit.budget == fit.steps == 4 and fit_exact.budget == 100
     x = torch.as_tensor(params[:2])
     with torch.inference_mode():
-        torch.testing.assert_close(capped(x), three(x), rtol=0, atol=0)
-        assert not torch.allclose(two(x), three(x))
+        torch.testing.assert_close(capped(x), four(x), rtol=0, atol=0)
+        assert not torch.allclose(two(x), four(x)) and not torch.allclose(exact(x), four(x))
+
+
+def _held(params, fields, gp):
+    from modules.net_training import HeldRuns
+    return HeldRuns(params, fields, gp, np.arange(fields.shape[1] * fields.shape[2]))
+
+
+def test_a_network_that_adds_nothing_to_the_gp_stops_after_patience_checks():
+    """Held-out runs that the GP predicts exactly: no blend can gain, so the network stops after its first
+    check and PATIENCE more, a 20th of its budget each, and keeps the first check's weights."""
+    from modules.net_training import CHECKS, PATIENCE
+    rng = np.random.default_rng(3)
+    params = rng.random((24, 3))
+    fields = moving_pulses(params, steps=6, nodes=32)
+    net, fit = train_frame_net(params[:18], fields[:18], epochs=400, seed=0, device=CPU,
+                               held=_held(params[18:], fields[18:], fields[18:]))
+    every = fit.budget // CHECKS
+    assert fit.budget == 400 and fit.steps == every and fit.stopped == (PATIENCE + 1) * every
+    assert fit.judged == [0.0] * (PATIENCE + 1) and fit.gp_error == 0.0
+
+
+def test_a_network_keeps_the_weights_of_its_best_check_on_the_held_out_runs():
+    """Against a GP that predicts the mean frame, the network's blend gains as it learns: the kept weights are
+    the best check's, and they predict the held-out runs as well as that check said."""
+    from modules.net_training import CHECKS
+    rng = np.random.default_rng(4)
+    params = rng.random((30, 3))
+    fields = moving_pulses(params, steps=6, nodes=32)
+    mean = np.broadcast_to(fields[:24].mean(axis=0), fields[24:].shape)
+    held = _held(params[24:], fields[24:], mean)
+    net, fit = train_point_net(params[:24], fields[:24], np.linspace(0, 1, 32)[:, None], steps=800, seed=0,
+                               device=CPU, held=held)
+    assert fit.gp_error > 2 * min(fit.judged) and fit.steps == (int(np.argmin(fit.judged)) + 1) * (fit.budget // CHECKS)
+    judge = held.judge(net.mean, net.unit)
+    with torch.inference_mode():
+        own = ((net(torch.as_tensor(params[24:])).numpy() - net.mean.numpy()) / net.unit.numpy()).reshape(6, -1)
+    assert judge.error(own) == pytest.approx(min(fit.judged), rel=1e-4)
 
 
 def test_node_positions_come_from_the_mesh_a_file_or_the_fields(tmp_path):
@@ -202,7 +242,7 @@ def test_nodes_held_fixed_are_embedded_and_predicted_as_their_value(dtype):
     assert np.isfinite(embedded).all() and (embedded[[0, 1, 78, 79]] == 0).all()
     moving = np.setdiff1d(np.arange(80), [0, 1, 78, 79])
     assert abs(np.corrcoef(np.argsort(np.argsort(embedded[moving, 0])), np.arange(76))[0, 1]) > 0.9
-    net = train_point_net(rng.random((30, 3)), fields, embedded, steps=20, seed=0, device=CPU)
+    net = train_point_net(rng.random((30, 3)), fields, embedded, steps=20, seed=0, device=CPU)[0]
     assert net.varies[[0, 1, 78, 79]].eq(0).all()
     np.testing.assert_array_equal(net.varies.numpy(), np.ptp(fields, axis=(0, 1)) > 0)     # float32 rounds tails away
     with torch.no_grad():

@@ -38,12 +38,21 @@ def test_a_finished_model_survives_two_interrupted_fresh_runs_and_run_picks_it_a
     predicted = run_cli(workdir, "--predict", str(new), "--out", str(out), "--run", good_id)
     assert predicted.returncode == 0, predicted.stderr
     assert json.loads(out.with_suffix(".json").read_text())["checkpoints"]["vae"].startswith(str(kept))
-    # --lc_only=1 --run makes it the current run again (and keeps the interrupted one)
+    # --lc_only=1 --run makes it the current run again (and keeps the interrupted one); the conditioner it
+    # trains replaces the current one only after keeping a copy of the whole model in the history, and its own
+    # run id (the one it prints) names the new model
     interrupted = torch.load(checkpoints / "vae.pt", weights_only=True)["run"]["run_id"]
     again = run_cli(workdir, *args[:2], "--lc_only=1", *args[3:], "--run", good_id)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert digest(checkpoints)["vae.pt"] == good["vae.pt"] and not kept.exists()
+    assert digest(checkpoints)["vae.pt"] == good["vae.pt"] and digest(checkpoints)["conditioner.pt"] != good["conditioner.pt"]
+    assert digest(kept) == good                                      # the model it replaced, byte for byte
     assert (checkpoints / "history" / interrupted / "vae.pt").is_file()
+    conditioner_id = again.stdout.split("SimulGenVAE run ", 1)[1].split(":", 1)[0]
+    assert torch.load(checkpoints / "conditioner.pt", weights_only=True)["run"]["run_id"] == conditioner_id
+    for run_id, folder in ((conditioner_id, checkpoints), (good_id, kept)):
+        predicted = run_cli(workdir, "--predict", str(new), "--out", str(out), "--run", run_id)
+        assert predicted.returncode == 0, predicted.stderr
+        assert json.loads(out.with_suffix(".json").read_text())["checkpoints"]["conditioner"] == str(folder / "conditioner.pt")
     # an unknown run is one line naming what is kept
     missing = run_cli(workdir, "--predict", str(new), "--out", str(out), "--run", "nope")
     assert missing.returncode != 0 and "--run nope: no such run" in missing.stderr and interrupted in missing.stderr

@@ -6,12 +6,12 @@ from pathlib import Path
 
 MODULES = Path(__file__).resolve().parents[1] / "modules"
 LAYERS = [
-    ["errors"],
+    ["errors", "interrupt", "progress"],
     ["config"],
     ["pickles", "data", "cond_inputs", "augment", "checkpoint"],
     ["layers", "gaussian", "blocks", "vae", "conditioners", "gp", "losses"],
-    ["host_memory", "engine", "distributed", "threads", "interrupt", "monitor", "schedules", "run", "stage"],
-    ["surrogate", "frame_net", "point_net", "calibration", "domain", "baseline", "mesh_io", "plots"],
+    ["host_memory", "engine", "distributed", "threads", "monitor", "schedules", "run", "stage"],
+    ["net_training", "surrogate", "frame_net", "point_net", "calibration", "domain", "baseline", "mesh_io", "plots"],
     ["train_vae", "train_conditioner"],
     ["pipeline", "predict", "evaluate", "history"],
     ["cli"],

@@ -35,9 +35,9 @@ def grid_mesh(n: int = 5, quads: bool = False, shift: float = 0.0):
 
 
 def _messages(stderr: str) -> list[str]:
-    """stderr without the informational thread-count line and the busy-machine warning."""
+    """stderr without the informational lines (threads, progress) and the busy-machine warning."""
     return [line for line in stderr.strip().splitlines()
-            if not line.startswith(("INFO: torch threads", "WARNING: the 1-minute load average"))]
+            if not line.startswith(("INFO: ", "WARNING: the 1-minute load average"))]
 
 
 def run_values(run: int, steps: int, nodes: int) -> np.ndarray:
@@ -193,7 +193,7 @@ def test_import_error_is_one_line_naming_the_file_and_writes_nothing(tmp_path, c
     (earlier / "dataset1.npy").write_bytes(b"an earlier import")
     before = files_under(earlier)
     pattern = "sims/run_*" if case == "not a run" else "sims/run_*.xdmf"
-    code, out, err = import_cli(tmp_path, capsys, pattern, *args, "--set", "dataset_dir=out")
+    code, out, err = import_cli(tmp_path, capsys, pattern, *args, "--set", "dataset_dir=out", "--force")
     lines = _messages(err)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     for fragment in fragments:
@@ -283,11 +283,12 @@ def test_predict_vtk_writes_one_relocatable_xdmf_series_per_input_on_the_mesh(so
     pred = np.load(tmp_path / "pred.npy")                           # (3, T, N)
     moved = tmp_path / "elsewhere"
     shutil.move(tmp_path / "vtk", moved)                             # the .h5 reference must be relative
-    assert sorted(p.name for p in moved.iterdir()) == [f"run_{i}{s}" for i in range(3) for s in (".h5", ".xdmf")]
+    # one file pair per input, numbered from 1 as the inputs are
+    assert sorted(p.name for p in moved.iterdir()) == [f"run_{i}{s}" for i in (1, 2, 3) for s in (".h5", ".xdmf")]
     mesh = meshio.read(work / "data/mesh.vtu")
     for i in range(3):
-        assert f"{moved.name}" not in (moved / f"run_{i}.xdmf").read_text()
-        with meshio.xdmf.TimeSeriesReader(moved / f"run_{i}.xdmf") as reader:
+        assert f"{moved.name}" not in (moved / f"run_{i + 1}.xdmf").read_text()
+        with meshio.xdmf.TimeSeriesReader(moved / f"run_{i + 1}.xdmf") as reader:
             points, cells = reader.read_points_cells()
             np.testing.assert_allclose(points, mesh.points)
             np.testing.assert_array_equal(cells[0].data, mesh.cells[0].data)
@@ -299,20 +300,26 @@ def test_predict_vtk_writes_one_relocatable_xdmf_series_per_input_on_the_mesh(so
     assert json.loads((tmp_path / "pred.json").read_text())["vtk_fields"] == ["temperature"]
 
 
-def test_predict_vtk_with_samples_writes_the_sample_mean_and_std(solver_model, tmp_path):
+def test_predict_vtk_with_samples_writes_the_point_prediction_and_the_bands(solver_model, tmp_path):
+    """With --samples the XDMF's main field is the point prediction, as pred.npy; the samples' mean and std and
+    the calibrated 90 % band's edges, as the bands file holds them, are extra fields."""
     work, params, _, _ = solver_model
     new = tmp_path / "new.csv"
     np.savetxt(new, params[:2], delimiter=",")
     result = run_cli(work, "--predict", str(new), "--out", str(tmp_path / "pred.npy"), "--samples", "4",
                      "--vtk", str(tmp_path / "vtk"))
     assert result.returncode == 0, result.stderr
-    pred = np.load(tmp_path / "pred.npy")                           # (2, 4, T, N)
-    with meshio.xdmf.TimeSeriesReader(tmp_path / "vtk/run_1.xdmf") as reader:
+    point = np.load(tmp_path / "pred.npy")                          # (2, T, N)
+    bands = np.load(tmp_path / "pred_bands.npz")
+    with meshio.xdmf.TimeSeriesReader(tmp_path / "vtk/run_2.xdmf") as reader:
         reader.read_points_cells()
         _, point_data, _ = reader.read_data(2)
-    np.testing.assert_allclose(point_data["temperature"], pred[1, :, 2].mean(0), rtol=1e-5)
-    np.testing.assert_allclose(point_data["temperature_std"], pred[1, :, 2].std(0, ddof=1), rtol=1e-5)
+    np.testing.assert_array_equal(point_data["temperature"], point[1, 2])
+    for band in ("mean", "std", "q05", "q95"):
+        np.testing.assert_array_equal(point_data[f"temperature_{band}"], bands[band][1, 2])
     assert point_data["temperature_std"].max() > 0
+    assert json.loads((tmp_path / "pred.json").read_text())["vtk_fields"] == [
+        "temperature", "temperature_mean", "temperature_std", "temperature_q05", "temperature_q95"]
 
 
 def test_predict_vtk_without_a_mesh_is_an_error_before_anything_is_written(solver_model, tmp_path):
@@ -399,8 +406,8 @@ def test_several_fields_are_split_back_into_named_arrays_in_the_xdmf_output(tmp_
     mesh = DatasetMesh(tmp_path / "mesh.vtu", points, [meshio.CellBlock(*cells[0])], ["T", "U_0"], [0.5, 1.0])
     pred = np.random.default_rng(1).random((2, 2, 18)).astype(np.float32)           # (n, T, 2 fields × 9 nodes)
     (tmp_path / "vtk").mkdir()
-    write_prediction_series(tmp_path / "vtk", pred, mesh, samples=1)
-    with meshio.xdmf.TimeSeriesReader(tmp_path / "vtk/run_1.xdmf") as reader:
+    write_prediction_series(tmp_path / "vtk", pred, mesh)
+    with meshio.xdmf.TimeSeriesReader(tmp_path / "vtk/run_2.xdmf") as reader:
         reader.read_points_cells()
         t, point_data, _ = reader.read_data(1)
     assert t == 1.0

@@ -58,28 +58,36 @@ def test_checkpoints_are_plain_state_dicts_loadable_with_weights_only(trained):
             assert arrays.files and all(arrays[k].dtype != object for k in arrays.files)
 
 
-def test_gp_conditioner_beats_the_mean_and_the_classical_baseline_on_the_demo(trained):
-    """The issue's requirement: the shipped demo beats its own classical baseline, and says so."""
+def test_gp_conditioner_beats_the_mean_and_the_best_classical_model_on_runs_that_chose_nothing(trained):
+    """The shipped demo beats the strongest classical model of the same run, on the 8 validation runs that
+    chose neither the VAE's best epoch nor the networks' steps and weights nor the calibration (measured:
+    0.0057 against POD + GPR with its modes chosen by leave-one-out 0.0065), and says so."""
     summary, stdout = trained[2], trained[3].stdout
     assert summary["conditioner"] == "csvs (gp)"
     assert summary["lc_val_latent_mse"] < summary["baseline_mean_latent_mse"]
-    assert summary["lc_val_rel_l2"] < summary["baseline_pod_gpr_rel_l2"] < summary["baseline_mean_field_rel_l2"]
-    assert len(summary["lc_val_rel_l2_per_run"]) == 16
-    assert stdout.strip().splitlines()[-1].startswith("The surrogate beats the classical baseline")
+    assert summary["lc_val_rel_l2"] < summary["baseline_best_rel_l2"] < summary["baseline_mean_field_rel_l2"]
+    assert summary["baseline_best_rel_l2"] == min(summary[f"baseline_{k}_rel_l2"] for k in ("pod_gpr", "pod_gpr_best",
+                                                                                              "pod_rbf"))
+    assert len(summary["lc_val_rel_l2_per_run"]) == len(summary["lc_val_runs"]) == 8 and summary["lc_val_apart"]
+    assert not set(summary["lc_val_runs"]) & set(summary["lc_select_runs"])
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("The surrogate beats the best classical model") and "8 validation runs that chose nothing" in last
 
 
 def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_prediction(trained, tmp_path):
-    """The GP's posterior draws, spread by the CRPS-minimising factor found on the validation
-    runs, with each band's conformal scale relative to them: the 50 % and 90 % bands cover
-    those fractions of those runs' values; prediction draws from it and writes the bands."""
+    """The GP's posterior draws, spread by the CRPS-minimising factor found on the validation runs that
+    select, with each band's conformal scale relative to them, cover the 50 % and 90 % of the values of the
+    validation runs that check, which fitted nothing (measured 0.52 and 0.93 on 8 runs; uncalibrated 0.73
+    and 0.96), with a CRPS below the point prediction's MAE (0.074 against 0.099); prediction draws from it
+    and writes the bands."""
     work, _, summary, _ = trained
     raw, cal = summary["calibration_unscaled"], summary["calibration"]
-    assert abs(cal["coverage_90"] - 0.9) < 0.01 and abs(cal["coverage_50"] - 0.5) < 0.01 and cal["runs"] == 16
+    assert cal["runs"] == raw["runs"] == 8
+    assert 0.85 <= cal["coverage_90"] <= 0.97 and 0.4 <= cal["coverage_50"] <= 0.62
+    assert abs(cal["coverage_50"] - 0.5) < abs(raw["coverage_50"] - 0.5)      # the calibration moved it towards 0.5
     scale, bands_rel = summary["lc_spread_scale"], summary["lc_band_scales"]
     assert scale > 0 and bands_rel["0.5"] > 0 and 0 < raw["coverage_90"] < 1
-    assert (raw["coverage_90"] < 0.9) == (scale * bands_rel["0.9"] > 1)     # the 90 % band's own conformal factor
-    assert scale * bands_rel["0.9"] > 0.5 and cal["crps"] <= raw["crps"]    # 1 was in the searched range
-    assert 0 < cal["crps"] < cal["mae"] and cal["spread_skill"] > 0          # the spread earns its keep
+    assert 0 < cal["crps"] < 0.9 * cal["mae"] and cal["crps"] < raw["crps"] and cal["spread_skill"] > 0
     state = torch.load(work / "checkpoints/conditioner.pt", weights_only=True)
     assert float(state["export"]["spread_scale"]) == pytest.approx(summary["lc_spread_scale"])
     assert float(state["export"]["difficulty_on"]) == 1 and 0 < summary["lc_loo_rel_l2"]["mean"] < 1
@@ -89,12 +97,14 @@ def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_pre
     assert run_cli(work, "--predict", str(new), "--out", str(out), "--samples", "8").returncode == 0
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["sampling"] == "predictive" and "posterior" in meta["sampling_meaning"]
-    draws = np.load(out)
+    draws = np.load(meta["samples_file"])
     again, other = tmp_path / "again.npy", tmp_path / "other.npy"       # the draws are seeded
     assert run_cli(work, "--predict", str(new), "--out", str(again), "--samples", "8").returncode == 0
     assert run_cli(work, "--predict", str(new), "--out", str(other), "--samples", "8", "--seed", "1").returncode == 0
-    np.testing.assert_array_equal(np.load(again), draws)
-    assert not np.allclose(np.load(other), draws) and json.loads(other.with_suffix(".json").read_text())["seed"] == 1
+    np.testing.assert_array_equal(np.load(tmp_path / "again_samples.npy"), draws)
+    assert not np.allclose(np.load(tmp_path / "other_samples.npy"), draws)
+    assert json.loads(other.with_suffix(".json").read_text())["seed"] == 1
+    np.testing.assert_array_equal(np.load(other), np.load(out))           # the point prediction draws nothing
     with np.load(meta["bands"]) as bands:
         assert set(bands.files) == {"mean", "std", "q05", "q25", "q50", "q75", "q95"}
         np.testing.assert_allclose(bands["mean"], draws.mean(axis=1), rtol=1e-5)
@@ -113,7 +123,7 @@ def test_predictive_spread_is_calibrated_on_the_validation_runs_and_drawn_by_pre
     warned = [ln for ln in result.stderr.splitlines() if "outside the training data" in ln]
     assert len(warned) == 1 and "1 of 2 inputs" in warned[0] and "row 2 column 2 =" in warned[0]
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["out_of_domain"] == [False, True] and meta["domain"]["outside_columns"] == [[], [1]]
+    assert meta["out_of_domain"] == [False, True] and meta["domain"]["outside_columns"] == [[], [2]]   # from 1
     with np.load(meta["bands"]) as bands:
         assert bands["std"][1].mean() > 2 * bands["std"][0].mean()
     levels = tmp_path / "levels.npy"
@@ -156,13 +166,17 @@ def test_the_networks_are_blended_by_the_validation_runs_best_weights_and_move_e
     assert summary["lc_frame_net"] == summary["lc_point_net"] == "blend" and summary["lc_point_net_positions"] == "embedding"
     assert min(weights) >= 0 and sum(weights) <= 1 + 1e-9
     assert summary["lc_frame_net_seconds"] > 0 and summary["lc_point_net_seconds"] > 0
-    alone = min(summary[f"lc_val_rel_l2_{model}"] for model in ("gp", "frame_net", "point_net"))
-    assert summary["lc_val_rel_l2"] <= alone + 1e-9
-    # a blend of two or three beats every model alone strictly, which the validation numbers show only if
-    # they are the blend's
+    alone = min(summary[f"lc_select_rel_l2_{model}"] for model in ("gp", "frame_net", "point_net"))
+    assert summary["lc_select_rel_l2"] <= alone + 1e-9
+    # a blend of two or three beats every model alone strictly on the runs that chose it, which the numbers
+    # show only if they are the blend's
     vertex = weights in ([0, 0], [1, 0], [0, 1])
-    assert (summary["lc_val_rel_l2"] < alone - 1e-9) == (not vertex)
+    assert (summary["lc_select_rel_l2"] < alone - 1e-9) == (not vertex)
     assert summary["lc_val_rel_l2"] == pytest.approx(np.mean(summary["lc_val_rel_l2_per_run"]))
+    # each network stopped on those runs: at most its budget, a weight-0 network after 6 of its 20 checks
+    for kind, weight in zip(("frame", "point"), weights):
+        steps, stopped, budget = (summary[f"lc_{kind}_net_{k}"] for k in ("steps", "stopped", "budget"))
+        assert 0 < steps <= stopped <= budget and (weight > 0 or stopped <= 0.3 * budget)
     state = torch.load(work / "checkpoints/conditioner.pt", weights_only=True)
     surrogate = Surrogate.load(Paths(work), torch.device("cpu"))
     assert ("frame_net" in state["extra"]) == (sum(weights) > 0) == (surrogate.frame_net is not None)
@@ -171,7 +185,7 @@ def test_the_networks_are_blended_by_the_validation_runs_best_weights_and_move_e
         assert len(surrogate.frame_net.members) == sum(w > 0 for w in weights)
     raw = np.loadtxt(work / "input_data/params.csv", delimiter=",")
     x = surrogate.prepare(raw)
-    net = train_frame_net(x[:12].numpy(), np.load(work / "input_data/dataset1.npy")[:12], 2, 0, torch.device("cpu"))
+    net = train_frame_net(x[:12].numpy(), np.load(work / "input_data/dataset1.npy")[:12], 2, 0, torch.device("cpu"))[0]
     gp, blended = (dataclasses.replace(surrogate, frame_net=f) for f in (None, NetBlend([net], [0.3])))
     gp_point = gp.fields(x[:3])
     with torch.inference_mode():
@@ -202,11 +216,11 @@ def test_networks_that_add_nothing_get_weight_0_and_the_gp_alone_is_calibrated_a
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((next((work / "runs").iterdir()) / "summary.json").read_text())
     assert summary["lc_frame_net_weight"] == summary["lc_point_net_weight"] == 0
-    assert min(summary["lc_val_rel_l2_frame_net"], summary["lc_val_rel_l2_point_net"]) > 2 * summary["lc_val_rel_l2_gp"]
+    assert min(summary["lc_select_rel_l2_frame_net"], summary["lc_select_rel_l2_point_net"]) > 2 * summary["lc_select_rel_l2_gp"]
     assert summary["lc_point_net_positions"] == "file nodes.csv"
-    assert summary["lc_val_rel_l2"] == pytest.approx(summary["lc_val_rel_l2_gp"])
+    assert summary["lc_select_rel_l2"] == pytest.approx(summary["lc_select_rel_l2_gp"])
     assert "frame_net" not in torch.load(work / "checkpoints/conditioner.pt", weights_only=True)["extra"]
-    assert abs(summary["calibration"]["coverage_90"] - 0.9) < 0.01
+    assert abs(summary["calibration"]["coverage_90"] - 0.9) < 0.1      # on the runs that check (measured 0.84)
 
 
 def test_the_difficulty_model_widens_each_runs_spread_by_its_predicted_error(trained):
@@ -269,7 +283,7 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
     scores = band90["lc_gp_kernel_cv_rel_l2"]
     assert set(scores) == set(KERNELS) and band90["lc_gp_kernel"] == min(scores, key=scores.get)
     assert band90["lc_band_scales"]["0.9"] == 1.0 and "lc_refit_basis" not in band90
-    assert abs(band90["calibration"]["coverage_90"] - 0.9) < 0.01
+    assert abs(band90["calibration"]["coverage_90"] - 0.9) < 0.1        # on the runs that check (measured 0.84)
     assert summary["lc_band_scales"]["0.9"] != 1.0      # the default's draws are spread for their CRPS
     kept = torch.load(copy / "checkpoints/conditioner.pt", weights_only=True)
     assert "linear_path" not in kept["extra"] and "frame_net" not in kept["extra"] and "lc_frame_net" not in band90
@@ -282,14 +296,16 @@ def test_the_saved_gp_uses_the_linear_path_refitted_on_every_run_and_the_switche
 
 
 def test_the_classical_baseline_is_fitted_on_the_training_runs_and_reported(trained):
-    """summary.json holds POD + GPR's validation error beside the surrogate's and the mean
-    field's, equal to fitting it here on the same split; the last line gives the verdict."""
+    """summary.json holds the classical models' errors on the validation runs that check beside the
+    surrogate's and the mean field's, equal to fitting them here on the same split; the last line gives the
+    verdict against the best of them."""
     from modules.baseline import classical_baselines
-    from modules.data import split_indices
+    from modules.data import ValidationRuns, split_indices
     work, _, summary, result = trained
     data = np.load(work / "input_data/dataset1.npy").astype(np.float64)
     params = np.loadtxt(work / "input_data/params.csv", delimiter=",")
     train, val = split_indices(80, 0.2, 42)
+    val = ValidationRuns.split(val, 42).check
     again = classical_baselines(data[train], data[val], params[train], params[val], 42, methods=("pod_gpr", "mean"))
     # the GP's hyperparameter search runs on multithreaded BLAS: equal to ~1e-3, not to the bit
     np.testing.assert_allclose(summary["baseline_pod_gpr_rel_l2_per_run"], again.rel_l2["pod_gpr"], rtol=1e-2)
@@ -297,9 +313,9 @@ def test_the_classical_baseline_is_fitted_on_the_training_runs_and_reported(trai
     assert summary["baseline_inputs"] == "parameters" and summary["baseline_pod_modes"] >= 1
     assert summary["baseline_pod_gpr_rel_l2"] < summary["baseline_mean_field_rel_l2"]
     last = result.stdout.strip().splitlines()[-1]
-    beat = summary["lc_val_rel_l2"] < summary["baseline_pod_gpr_rel_l2"]
+    beat = summary["lc_val_rel_l2"] < summary["baseline_best_rel_l2"]
     assert last.startswith("The surrogate beats" if beat else "The surrogate does NOT beat")
-    assert f"{summary['baseline_pod_gpr_rel_l2']:.4g}" in last
+    assert f"{summary['baseline_best_rel_l2']:.4g}" in last
 
 
 # The ViT does not yet beat the mean latent on the default recipe's latents (POD coefficients;
@@ -338,7 +354,7 @@ def test_gp_on_picture_features_is_the_picture_default_calibrated_and_flags_stra
     summary = json.loads((sorted((work / "runs").iterdir())[-1] / "summary.json").read_text())
     assert summary["conditioner"] == "image (gp)" and summary["baseline_inputs"] == "picture features"
     assert summary["lc_val_rel_l2"] < 0.5 * summary["baseline_mean_field_rel_l2"]
-    assert abs(summary["calibration"]["coverage_90"] - 0.9) < 0.01
+    assert 0.85 <= summary["calibration"]["coverage_90"] <= 0.97         # on the runs that check
     assert len(summary["lc_gp_length_scales"][0]) == 15                      # 13 moments + 2 components
     pictures = tmp_path / "new"
     pictures.mkdir()
@@ -349,7 +365,7 @@ def test_gp_on_picture_features_is_the_picture_default_calibrated_and_flags_stra
     out = tmp_path / "pred.npy"
     predicted = run_cli(work, "--predict", str(pictures), "--out", str(out), "--samples", "8")
     assert predicted.returncode == 0, predicted.stderr
-    assert np.load(out).shape == (3, 8, 32, 256)
+    assert np.load(out).shape == (3, 32, 256) and np.load(tmp_path / "pred_samples.npy").shape == (3, 8, 32, 256)
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["sampling"] == "predictive" and meta["out_of_domain"] == [False, False, True]
     warning = [line for line in predicted.stderr.splitlines() if "outside the training data" in line]
@@ -381,7 +397,7 @@ def test_predicted_fields_are_in_physical_units_deterministic_and_documented(tra
     out = tmp_path / "pred.npy"
     first = run_cli(work, "--predict", str(new), "--out", str(out))
     assert first.returncode == 0, first.stderr
-    assert "(5, 32, 256) ([n, T, N], physical units): 5 runs predicted from a CSV file" in first.stdout
+    assert "(5, 32, 256) (the point prediction, physical units): 5 runs predicted from a CSV file" in first.stdout
     fields = np.load(out)
     assert fields.shape == (5, 32, 256)
     data = np.load(work / "input_data/dataset1.npy")
@@ -398,8 +414,8 @@ def test_predicted_fields_are_in_physical_units_deterministic_and_documented(tra
     spread = tmp_path / "samples.npy"
     result = run_cli(work, "--predict", str(new), "--out", str(spread), "--samples", "4")
     assert result.returncode == 0, result.stderr
-    samples = np.load(spread)
-    assert samples.shape == (5, 4, 32, 256)
+    samples = np.load(tmp_path / "samples_samples.npy")
+    assert samples.shape == (5, 4, 32, 256) and np.array_equal(np.load(spread), fields)
     assert samples.std(axis=1).mean() > 0
 
 

@@ -180,16 +180,16 @@ def test_the_default_pipeline_trains_predicts_and_evaluates(trained):
     case, work, study, truth, summary, training = trained
     np.save(work / "truth.npy", truth)
     cli(work, "--predict", "new.csv", "--out", "pred.npy", "--samples", "4", "--evaluate", "truth.npy")
-    draws = np.load(work / "pred.npy")
+    point, draws = np.load(work / "pred.npy"), np.load(work / "pred_samples.npy")
     report = json.loads((work / "pred_evaluation.json").read_text())
-    assert draws.shape == (HELD_OUT, 4, *truth.shape[1:]) and np.isfinite(draws).all()
+    assert point.shape == truth.shape and draws.shape == (HELD_OUT, 4, *truth.shape[1:])
+    assert np.isfinite(point).all() and np.isfinite(draws).all()
     ours = report["summary"]["rel_l2"]["mean"]
     mean_field = report["summary"]["baseline_mean_rel_l2"]["mean"]
     assert np.isfinite(ours) and ours < mean_field, (ours, mean_field)
     assert 0.0 <= report["calibration"]["coverage_90"] <= 1.0 and np.isfinite(report["calibration"]["crps"])
     assert np.isfinite(summary["lc_val_rel_l2"]) and np.isfinite(summary["vae_recon_rel_l2"])
-    cli(work, "--predict", "new.csv", "--out", "point.npy")
-    CHECKS[case](work, study, truth, np.load(work / "point.npy").astype(np.float64), summary, training)
+    CHECKS[case](work, study, truth, point.astype(np.float64), summary, training)
 
 
 def _fixed_nodes_stay_fixed(work, study, truth, point, summary, training):

@@ -90,7 +90,7 @@ def probe(name: str, dims: list[int], epochs: int, seed: int) -> dict:
         return float(relative_l2(decoded.reshape(te_f.shape) * scale, te_f).mean())
 
     started = time.perf_counter()
-    net = train_frame_net(tr_p, tr_f, epochs, seed, torch.device("cpu"))
+    net = train_frame_net(tr_p, tr_f, epochs, seed, torch.device("cpu"))[0]
     with torch.inference_mode():
         own = net(torch.as_tensor(te_p)).double().numpy()
         fit = net(torch.as_tensor(tr_p)).double().numpy()

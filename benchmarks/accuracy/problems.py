@@ -615,6 +615,47 @@ def generate(name: str, out_dir: Path) -> Path:
     return folder
 
 
+LOCKED_RUNS = 24
+LOCKED_SEED_OFFSET = 1000           # the locked runs' Latin hypercube: the problem's seed + this, drawn once
+
+
+def _locked_runs(name: str) -> tuple[np.ndarray, np.ndarray, list | None]:
+    """(params, fields float32, pictures or None) of problem `name`'s locked test runs."""
+    import importlib.util
+    if name == "demo":
+        spec = importlib.util.spec_from_file_location("make_demo", DEMO_DIR / "make_demo.py")
+        demo = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(demo)
+        params = demo.latin_hypercube(np.random.default_rng(demo.SEED + LOCKED_SEED_OFFSET), LOCKED_RUNS)
+        return params, demo.simulate(params).astype(np.float32), [demo.draw(run) for run in params]
+    seed, table, simulate, draw = {
+        "heat_inclusion": (HEAT_SEED, HEAT_PARAMETERS, _heat_simulate, _heat_draw),
+        "advection_front": (ADV_SEED, ADV_PARAMETERS, _adv_simulate, None),
+        "burgers": (BURGERS_SEED, BURGERS_PARAMETERS,
+                    lambda p: _burgers_simulate(p)[:, :, :: BURGERS_FINE // BURGERS_NODES], None),
+        "wave_membrane": (WAVE_SEED, WAVE_PARAMETERS, _wave_simulate, None)}[name]
+    params = latin_hypercube(np.random.default_rng(seed + LOCKED_SEED_OFFSET), table, LOCKED_RUNS)
+    return params, np.asarray(simulate(params), np.float32), [draw(run) for run in params] if draw else None
+
+
+def generate_locked(name: str, out_dir: Path) -> Path:
+    """out_dir/<name>_locked: the problem's locked test runs (dataset1.npy, params.csv, images/), drawn from a
+    seed of their own once the defaults were set, so that no development decision has seen them
+    (benchmarks/accuracy/NOTES.md, "Protocol"). Cached like `generate`."""
+    folder = Path(out_dir) / f"{name}_locked"
+    if (folder / "params.csv").is_file():
+        return folder
+    params, fields, pictures = _locked_runs(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "dataset1.npy", fields)
+    if pictures is not None:
+        (folder / "images").mkdir(exist_ok=True)
+        for number, picture in enumerate(pictures, start=1):
+            picture.save(folder / "images" / f"{number}.png", optimize=True)
+    np.savetxt(folder / "params.csv", params, delimiter=",", fmt="%.10g")     # last: marks a complete folder
+    return folder
+
+
 def node_coordinates(name: str) -> np.ndarray:
     """(N, D) coordinates in m of problem `name`'s nodes, in the dataset's order (each problem's "grid" above)."""
     def grid(side: int, spacing: float, offset: float) -> np.ndarray:
