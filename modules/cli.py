@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _port_flags(p.add_argument_group("additions of the port"))
     _prediction_flags(p.add_argument_group("prediction (no training)"))
     _import_flags(p.add_argument_group("import of solver files (no training)"))
+    _explore_flags(p.add_argument_group("design exploration with a trained surrogate (no training)"))
     return p
 
 
@@ -116,8 +117,32 @@ def _import_flags(m) -> None:
                    help="point-data array to import: NAME, NAME:<component> or NAME:mag; repeat to stack several "
                         "fields as extra nodes")
     m.add_argument("--force", action="store_true",
-                   help="with --import_runs: replace a dataset already in the folder (its files are kept beside it, "
-                        "renamed *.replaced-<time>); without it the import refuses")
+                   help="with --import_runs (or --export, --suggest): replace a dataset (or an export, or suggested "
+                        "rows) already in the folder "
+                        "(its files are kept beside it, renamed *.replaced-<time>); without it they refuse")
+
+
+def _explore_flags(e) -> None:
+    e.add_argument("--suggest", type=int, default=None, metavar="K",
+                   help="propose K new parameter rows where the calibrated predictive spread is largest, spread "
+                        "apart; writes them to --out FILE.csv (ready for the solver) and FILE.json (each row's "
+                        "predicted spread); with --plot=1 a figure of the candidates")
+    e.add_argument("--sensitivity", type=int, default=None, metavar="N",
+                   help="Sobol first-order and total indices (SALib, N base samples, bootstrap confidence "
+                        "intervals) of each --qoi through the surrogate; writes --out FILE.json and FILE.csv, "
+                        "with --plot=1 a bar figure per quantity")
+    e.add_argument("--qoi", action="append", default=[], metavar="SPEC",
+                   help="with --sensitivity: l2 (the field's L2 norm over the run, the default), max (the maximum "
+                        "over nodes at each saved step), node:I (the value at node I, from 1, at each step) or "
+                        "nodes:FILE (the mean over the nodes listed in FILE); repeatable")
+    e.add_argument("--bounds", type=Path, default=None, metavar="CSV",
+                   help="with --suggest or --sensitivity: a CSV of two rows, the parameters' minima and maxima "
+                        "(default: the training runs' box)")
+    e.add_argument("--export", nargs=2, default=None, metavar=("FORMAT", "DIR"),
+                   help="onnx DIR: write DIR/surrogate.onnx (parameter rows to the point prediction in physical "
+                        "units, and with the GP conditioner its latents' posterior std) and DIR/surrogate.json (input "
+                        "columns, their training ranges, the outputs); checked against PyTorch with onnxruntime; "
+                        "an existing export is replaced only with --force")
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -171,6 +196,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--threads {args.threads}: give a whole number of at least 1.")
     if args.import_runs is not None or args.field:
         return _import_runs(args)
+    if args.suggest is not None or args.sensitivity is not None or args.export is not None:
+        return _explore(args)
     if args.predict is not None or args.out is not None or args.vtk is not None or args.evaluate is not None:
         return _predict(args)
     if args.samples != 1 or args.sampling != "auto":
@@ -191,26 +218,48 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    if args.predict is None or args.out is None:
-        raise UserError("prediction needs both --predict PATH and --out FILE.npy.")
+def _trained(args: argparse.Namespace, purpose: str):
+    """The trained model's paths (--checkpoints, --run) and the device, for a command that uses it."""
     if args.checkpoints is not None and not args.checkpoints.is_dir():
         raise UserError(f"--checkpoints {args.checkpoints}: no such folder; give the working directory of a trained "
                         f"model (the folder that holds its checkpoints/).")
     from modules.threads import configure_threads
-    configure_threads(args.threads, "prediction")
+    configure_threads(args.threads, purpose)
     from modules.distributed import resolve_device
-    from modules.predict import run_prediction
+    from modules.history import check_current_finished, locate
     from modules.run import Paths
     paths = Paths(args.checkpoints or Path.cwd())
-    from modules.history import check_current_finished, locate
     if args.run is not None:
         paths = Paths(paths.workdir, locate(paths, args.run))
     else:
         check_current_finished(paths)
-    meta = run_prediction(args.predict, args.out, args.samples, paths,
-                          resolve_device(args.device), vtk=args.vtk, sampling=args.sampling, truth=args.evaluate,
-                          plot=args.plot, seed=0 if args.seed is None else args.seed)
+    return paths, resolve_device(args.device)
+
+
+def _explore(args: argparse.Namespace) -> int:
+    chosen = [flag for flag, value in (("--suggest", args.suggest), ("--sensitivity", args.sensitivity),
+                                       ("--export", args.export)) if value is not None]
+    if len(chosen) > 1:
+        raise UserError(f"{' and '.join(chosen)}: give one of them per command.")
+    if args.predict is not None or args.evaluate is not None or args.vtk is not None:
+        raise UserError(f"{chosen[0]} does not predict; run --predict separately.")
+    if args.export is not None:
+        from modules.export import export_cli
+        return export_cli(args, *_trained(args, "the export"))
+    if args.suggest is not None:
+        from modules.suggest import suggest_cli
+        return suggest_cli(args, *_trained(args, "the suggestion"))
+    from modules.sensitivity import sensitivity_cli
+    return sensitivity_cli(args, *_trained(args, "the sensitivity analysis"))
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if args.predict is None or args.out is None:
+        raise UserError("prediction needs both --predict PATH and --out FILE.npy.")
+    paths, device = _trained(args, "prediction")
+    from modules.predict import run_prediction
+    meta = run_prediction(args.predict, args.out, args.samples, paths, device, vtk=args.vtk, sampling=args.sampling,
+                          truth=args.evaluate, plot=args.plot, seed=0 if args.seed is None else args.seed)
     runs = meta["shape"][0]
     source = "a CSV file" if meta["input_type"] == "csvs" else f"{len(meta['inputs'])} images"
     print(f"wrote {args.out} {tuple(meta['shape'])} (the point prediction, physical units): {runs} run{'s' * (runs != 1)} "
@@ -221,8 +270,8 @@ def _predict(args: argparse.Namespace) -> int:
         from modules.evaluate import describe
         print("\n".join(describe(meta["evaluation"])))
     if args.vtk is not None:
-        print(f"wrote {len(meta['vtk'])} XDMF time series (run_<i>.xdmf + .h5, i = input number from 1) to "
-              f"{args.vtk}, on {meta['mesh']}")
+        print(f"wrote {len(meta['vtk'])} XDMF time series (run_<i>.xdmf + .h5, i = input number from 1) and "
+              f"{Path(meta['vtk_collection']).name} (every run in one file, for ParaView) to {args.vtk}, on {meta['mesh']}")
     return 0
 
 

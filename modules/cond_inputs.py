@@ -50,12 +50,26 @@ _COLUMNS_FIX = ("(the num_param key in condition.txt); make every row have num_p
                 "or change num_param")
 
 
+HEADER_RULE = ("the first line is a header when every cell of it is a name (not a number, with a letter in it); "
+               "otherwise it is a data row")
+
+
+def _is_name(cell: str) -> bool:
+    """A header cell: not a number and with a letter in it (so `1.2.3` is a bad number, not a name)."""
+    try:
+        float(cell)
+    except ValueError:
+        return any(c.isalpha() for c in cell)
+    return False
+
+
 def _cell(path: Path, line: int, column: int, cell: str, first_row: bool) -> float:
     """One CSV cell as a finite number, or a UserError naming its line and column."""
     try:
         v = float(cell)
     except ValueError:
-        hint = " (the CSV must have no header line)" if first_row else ""
+        hint = (" (a header line must name every column, each name with a letter in it, and no number)"
+                if first_row else "")
         raise UserError(
             f"{path}, line {line}, column {column + 1}: {cell.strip()!r} is not a number{hint}; fix that cell"
         ) from None
@@ -68,7 +82,14 @@ def _cell(path: Path, line: int, column: int, cell: str, first_row: bool) -> flo
 
 def load_csv(path: str | Path, num_param: int, n_expected: int | None,
              columns_fix: str = _COLUMNS_FIX) -> np.ndarray:
-    """Read the parameter CSV (no header) as float32 (P, num_param); n_expected=None: any row count.
+    """Read the parameter CSV as float32 (P, num_param), without its header's names (`read_param_csv`)."""
+    return read_param_csv(path, num_param, n_expected, columns_fix)[0]
+
+
+def read_param_csv(path: str | Path, num_param: int, n_expected: int | None,
+                   columns_fix: str = _COLUMNS_FIX) -> tuple[np.ndarray, list[str] | None]:
+    """The parameter CSV as float32 (P, num_param) and its header's names (None: no header line;
+    HEADER_RULE decides); n_expected=None: any row count.
 
     `columns_fix` ends the wrong-column-count message (what to change, where)."""
     path = Path(path)
@@ -91,13 +112,26 @@ def load_csv(path: str | Path, num_param: int, n_expected: int | None,
             f"{path} is not a readable text CSV ({e}); save it as plain UTF-8 CSV"
         ) from None
 
+    names = None
+    if rows and all(_is_name(c.strip()) for c in rows[0][1]):
+        line, header = rows.pop(0)
+        names = [c.strip() for c in header]
+        if len(names) != num_param:
+            raise UserError(f"{path}, line {line}: the header names {len(names)} columns, expected {num_param} "
+                            f"{columns_fix}")
+        if len(set(names)) != len(names):
+            twice = next(n for n in names if names.count(n) > 1)
+            raise UserError(f"{path}, line {line}: the header names two columns {twice!r}; give every column its "
+                            f"own name")
+
     values = np.empty((len(rows), num_param), dtype=np.float64)
     for k, (line, row) in enumerate(rows):
         if len(row) != num_param:
             raise UserError(
                 f"{path}, line {line}: found {len(row)} columns, expected {num_param} {columns_fix}"
             )
-        values[k] = [_cell(path, line, j, cell, first_row=k == 0) for j, cell in enumerate(row)]
+        values[k] = [_cell(path, line, j, cell, first_row=k == 0 and names is None)
+                     for j, cell in enumerate(row)]
 
     if not rows:
         raise UserError(f"{path} holds no data rows; put one row of {num_param} values per run in it")
@@ -113,7 +147,7 @@ def load_csv(path: str | Path, num_param: int, n_expected: int | None,
             f"{path}, line {rows[k][0]}, column {j + 1}: value overflows float32; "
             "rescale that column"
         )
-    return out
+    return out, names
 
 
 # -----------------------------------------------------------------------------

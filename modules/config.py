@@ -254,15 +254,18 @@ class ConditionerConfig:
                                   "frame, on every frame of the training runs, and blend its prediction with the GP's "
                                   "by the weight that predicts the validation runs best (README, \"Accuracy\"); "
                                   "off: the GP alone")
-    frame_net_epochs: int = _key(150, lo=1, help="epochs of the frame network (gp_frame_net blend), at most "
-                                                 "10,000 optimiser steps of 128 frames in all, on CPU at most 2e7 / nodes")
+    frame_net_epochs: int = _key(150, lo=1, help="epochs of the frame network at most (gp_frame_net blend), at most "
+                                                 "10,000 optimiser steps of 128 frames in all, on CPU at most 2e7 / "
+                                                 "nodes; it stops earlier when its blend gains nothing on the "
+                                                 "validation runs that select")
     gp_point_net: str = _key("blend", choices=("blend", "off"),
                              help="GP conditioner: also train a network from the inputs, the time and a node's "
                                   "position to the field there, on random points of the training runs, and blend it "
                                   "in beside the frame network by the weights that predict the validation runs best "
                                   "(README, \"Accuracy\"); off: without it")
-    point_net_steps: int = _key(6000, lo=1, help="optimiser steps of the point network (gp_point_net blend), "
-                                                 "4,096 random points each")
+    point_net_steps: int = _key(6000, lo=1, help="optimiser steps of the point network at most (gp_point_net "
+                                                 "blend), 4,096 random points each, and at most 80 per training run; "
+                                                 "it stops earlier as the frame network does")
     node_positions: str = _key("auto", help="where the point network's nodes are: auto (the mesh.vtu that "
                                             "--import_runs writes beside the dataset, else an embedding of the "
                                             "nodes learnt from the training fields), embedding, or a CSV / .npy "
@@ -329,11 +332,12 @@ class RunConfig:
                        help="original: every optional key the file does not set takes the original v1.4.3's value "
                             "instead of the port's default (README, 'Recipes')")
     baseline: bool = _key(True,
-                          help="fit the classical POD + GPR baseline on the training runs and report it beside the "
-                               "surrogate (skipped when the training fields exceed 2 GiB)")
+                          help="fit the classical models (POD + GPR, at its best and at 99.9 % energy, POD + RBF) on "
+                               "the training runs and compare the surrogate with the best of them (skipped when the "
+                               "training fields exceed 2 GiB)")
     seed: int = _key(42, lo=0, help="seed of every RNG and of the data split")
     val_split: float = _key(0.2, lo=0.0, hi=0.9, lo_open=True,
-                            help="fraction of runs held out for validation")
+                            help="fraction of runs held out for validation: half select, half check")
     checkpoint_every: int = _key(100, lo=1,
                                  help="write a resumable checkpoint every N epochs (and at the end)")
     checkpoint_minutes: float = _key(10.0, lo=0.0,
@@ -344,7 +348,7 @@ class RunConfig:
     val_every: int = _key(10, lo=1,
                           help="validate every N epochs (and at the last epoch)")
     log_every: int = _key(10, lo=1,
-                          help="progress line / TensorBoard scalars every N epochs")
+                          help="progress line / TensorBoard scalars every N epochs (a line also every 30 s)")
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "vae": VAEConfig, "augment": AugmentConfig,

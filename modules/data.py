@@ -150,7 +150,7 @@ def check_dataset(array: np.ndarray, expected_shape: tuple[int, int, int], path:
         if bad.any():
             run = start + int(np.argmax(bad))
             raise UserError(
-                f"{path}: run {run} (0-based index along Dim1) contains NaN or Inf values; "
+                f"{path}: run {run + 1} (numbered from 1 along Dim1) contains NaN or Inf values; "
                 f"fix or remove that run (and its row/image) before training"
             )
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from modules.conditioners import ConditionerArchitecture
 from modules.progress import Ticker
+
+if TYPE_CHECKING:                   # built by ConditionerArchitecture.build (modules/conditioners.py), which imports this
+    from modules.conditioners import ConditionerArchitecture
 
 JITTER = 1e-10          # scikit-learn's default `alpha`: added to the kernel's diagonal
 FIT_MAX_RUNS = 500      # kernels are fitted on at most this many rows (a seeded subset); the GP is still

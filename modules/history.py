@@ -81,8 +81,8 @@ def archive_current(paths: Paths, keep: int, copy: bool = False) -> Path | None:
         except OSError:                 # a file system without hard links
             shutil.copy2(f, dest / f.name)
     save_json(dest / MARKER, {**info, "archived_at": time.strftime("%Y-%m-%d %H:%M:%S"), "archived_ns": time.time_ns()})
-    log.info("moved the previous run's checkpoints (%s, %s) to %s", name,
-             "finished" if info["finished"] else "unfinished", dest)
+    log.info("%s the previous run's checkpoints (%s, %s) %s %s", "kept" if copy else "moved", name,
+             "finished" if info["finished"] else "unfinished", "as a copy in" if copy else "to", dest)
     prune(paths, keep)
     return dest
 

@@ -395,11 +395,45 @@ def check_prediction_mesh(mesh: DatasetMesh | None, dataset: Path, nodes: int, v
 
 
 BAND_FIELDS = ("mean", "std", "q05", "q95")      # with --samples: written beside the point prediction
+COLLECTION_FILE = "runs.xdmf"                    # every run in one file, for ParaView
+
+
+def write_collection(path: Path, series: list[Path]) -> None:
+    """One XDMF file listing every run of `series` (meshio time series in path's folder): a temporal
+    collection whose every step is a spatial collection of one grid per run, named after its file.
+
+    ParaView's .pvd lists VTK XML files (.vtu) only, so the runs are gathered in XDMF, the canonical
+    temporal-of-spatial nesting that ParaView's XDMF readers and VisIt read as one multiblock per step.
+    Each grid points at its own run's .h5 (names relative to the folder): the XML is meshio's,
+    rearranged, with the mesh's Geometry and Topology spelled out where meshio includes them."""
+    import xml.etree.ElementTree as ET
+    steps: list[tuple[str, list[ET.Element]]] = []
+    for k, file in enumerate(series):
+        domain = ET.parse(path.parent / file).getroot().find("Domain")
+        mesh = domain.find("Grid[@Name='mesh']")
+        shape = [mesh.find("Geometry"), mesh.find("Topology")]
+        temporal = domain.find("Grid[@CollectionType='Temporal']")
+        for j, step in enumerate(temporal.findall("Grid")):
+            if k == 0:
+                steps.append((step.find("Time").get("Value"), []))
+            grid = ET.Element("Grid", Name=file.stem, GridType="Uniform")
+            grid.extend(shape + step.findall("Attribute"))
+            steps[j][1].append(grid)
+    root = ET.Element("Xdmf", Version="3.0")
+    runs = ET.SubElement(ET.SubElement(root, "Domain"), "Grid", Name="runs", GridType="Collection",
+                         CollectionType="Temporal")
+    for time_value, grids in steps:
+        step = ET.SubElement(runs, "Grid", Name=f"t={time_value}", GridType="Collection", CollectionType="Spatial")
+        ET.SubElement(step, "Time", Value=time_value)
+        step.extend(grids)
+    ET.indent(root)
+    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
 
 
 def write_prediction_series(vtk_dir: Path, point: np.ndarray, mesh: DatasetMesh,
                             bands: dict[str, np.ndarray] | None = None) -> list[Path]:
-    """One XDMF time series (+ .h5) per input: `run_<i>.xdmf` holds input i (numbered from 1).
+    """One XDMF time series (+ .h5) per input: `run_<i>.xdmf` holds input i (numbered from 1); and
+    `runs.xdmf` (COLLECTION_FILE), every run in one file (`write_collection`), written last.
 
     point: (n, T, F·N), the point prediction, under each field's name; with `bands` (--samples: the bands
     file's arrays) also the samples' mean and std and the calibrated 90 % band's edges as `<name>_mean`,
@@ -423,13 +457,15 @@ def write_prediction_series(vtk_dir: Path, point: np.ndarray, mesh: DatasetMesh,
                                          for n, v in mesh.split(bands[band][i, k]).items()})
                         writer.write_data(t, point_data=data)
                 written.append(i + 1)
+            write_collection(Path(COLLECTION_FILE), [Path(f"run_{i}.xdmf") for i in written])
         paths = []
         for i in written:
             for suffix in (".xdmf", ".h5"):
                 target = vtk_dir / f"run_{i}{suffix}"
                 os.replace(staging / target.name, target)
                 paths.append(target)
-        return paths
+        os.replace(staging / COLLECTION_FILE, vtk_dir / COLLECTION_FILE)   # last: every run it lists is there
+        return [*paths, vtk_dir / COLLECTION_FILE]
     except OSError as exc:
         raise UserError(f"cannot write to --vtk {vtk_dir} ({exc.strerror or exc}); free disk space or choose "
                         f"another folder.") from None

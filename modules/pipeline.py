@@ -344,7 +344,7 @@ def _conditioner_stage(ctx: RunContext, inputs: ConditionerInputs, latents: dict
         def surrogate(module, frame_net=None) -> Surrogate:
             return Surrogate(module, decoder, store.scaler, data.input_scaler, cfg.conditioner.kind,
                              cfg.conditioner.num_param, cfg.conditioner.param_data_type, ctx.device, {},
-                             frame_net=frame_net)
+                             frame_net=frame_net, param_names=data.param_names)
         return data, decoder, surrogate
 
     vae = _frozen_vae(ctx)

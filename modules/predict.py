@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from modules.checkpoint import ensure_writable, json_bytes
-from modules.cond_inputs import list_images, load_csv, load_images
+from modules.cond_inputs import list_images, load_images, read_param_csv
 from modules.errors import UserError
 from modules.run import Paths
 from modules.surrogate import IMAGE_SIZE, Surrogate
@@ -27,12 +27,35 @@ def read_inputs(surrogate: Surrogate, source: Path) -> tuple[np.ndarray, list[st
                             f"(input_type csvs); pass a CSV file with {surrogate.num_param} columns per row.")
         fix = (f"(the conditioner was trained on {surrogate.num_param} parameters); give every row exactly "
                f"{surrogate.num_param} comma-separated values, in the order of the training CSV's columns")
-        return load_csv(source, surrogate.num_param, None, columns_fix=fix), [str(source)]
+        rows, names = read_param_csv(source, surrogate.num_param, None, columns_fix=fix)
+        check_names(names, surrogate.param_names, f"--predict {source}")
+        return rows, [str(source)]
     if not source.is_dir():
         raise UserError(f"--predict {source} is not a folder, but the conditioner was trained on images "
                         f"(input_type {surrogate.input_type}); pass a folder of {surrogate.image_ext} images.")
     files = list_images(source, surrogate.image_ext)
     return load_images(files, IMAGE_SIZE), [str(f) for f in files]
+
+
+def check_names(given: list[str] | None, trained: list[str] | None, where: str) -> None:
+    """A header's names must be the training CSV's, in its order; a file without a header, or a model trained
+    without one, is not checked."""
+    if given is None or trained is None or given == trained:
+        return
+    how = "the same names in another order" if sorted(given) == sorted(trained) else "other names"
+    raise UserError(f"{where}: its header names the columns {','.join(given)}, but the model was trained on "
+                    f"{','.join(trained)} ({how}); put the columns in the training CSV's order under its header, "
+                    f"or remove the header line.")
+
+
+def column_labels(surrogate: Surrogate) -> list[str] | None:
+    """How messages name the input columns: picture features by name, CSV columns numbered from 1 as in the
+    file, with the header's name where training had one; None: numbers alone."""
+    if surrogate.image_features is not None:
+        return surrogate.image_features.names()
+    if surrogate.param_names is not None:
+        return [f"column {c + 1} ({name})" for c, name in enumerate(surrogate.param_names)]
+    return None
 
 
 def check_writable(out: Path) -> None:
@@ -52,6 +75,27 @@ SAMPLING_MEANING = {
 }
 
 
+def read_bounds(path: Path, num: int, names: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """`--bounds CSV` of --suggest and --sensitivity: two rows of the `num` parameters (under a header of the
+    model's `names`, if it has any), the minima and the maxima."""
+    if not path.is_file():
+        raise UserError(f"--bounds {path} not found; give a CSV of two rows, the {num} parameters' minima and their "
+                        f"maxima.")
+    rows, given = read_param_csv(path, num, None, columns_fix=f"(the model has {num} parameters); give two rows of "
+                                                              f"{num} values: the minima, then the maxima")
+    check_names(given, names, f"--bounds {path}")
+    if len(rows) != 2:
+        raise UserError(f"--bounds {path}: found {len(rows)} rows; give exactly two: the {num} parameters' minima, "
+                        f"then their maxima.")
+    low, high = rows.astype(np.float64)
+    if (low > high).any():
+        j = int(np.flatnonzero(low > high)[0])
+        name = f" ({names[j]})" if names else ""
+        raise UserError(f"--bounds {path}, column {j + 1}{name}: the minimum {low[j]:g} is above the maximum "
+                        f"{high[j]:g}; the first row holds the minima, the second the maxima.")
+    return low, high
+
+
 def band_arrays(samples: np.ndarray, centre: np.ndarray, band_scales: dict[float, float]) -> dict[str, np.ndarray]:
     """(n, K, T, N) samples → mean, std, median and the 50 % and 90 % bands' edges, (n, T, N)
     float32 each; each band widened about the point prediction `centre` by its calibrated
@@ -69,13 +113,16 @@ def band_arrays(samples: np.ndarray, centre: np.ndarray, band_scales: dict[float
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def _domain_entries(domain: dict) -> dict:
-    """pred.json's out-of-range flags (modules/domain.py), rows and columns numbered from 1 as in the file."""
+def _domain_entries(domain: dict, names: list[str] | None = None) -> dict:
+    """pred.json's out-of-range flags (modules/domain.py), rows and columns numbered from 1 as in the file;
+    `names`: the columns' names (the training CSV's header), listed as outside_names too."""
+    named = {} if names is None else {"outside_names": [[names[c] for c in cols] for cols in domain["outside_columns"]]}
     return {"out_of_domain": domain["out_of_domain"],
-            "domain": {"outside_columns": [[c + 1 for c in cols] for cols in domain["outside_columns"]],
+            "domain": {"outside_columns": [[c + 1 for c in cols] for cols in domain["outside_columns"]], **named,
                        "nearest_run_ratio": domain.get("nearest_run_ratio"),
                        "meaning": "out_of_domain[i]: input i (the i-th row or picture) has a column outside the "
-                                  "training range (outside_columns, numbered from 1 as in the CSV) or lies farther "
+                                  "training range (outside_columns, numbered from 1 as in the CSV; outside_names, "
+                                  "their header names where the training CSV had a header) or lies farther "
                                   "from every training run than any training run from its nearest neighbour "
                                   "(nearest_run_ratio > 1; scaled inputs); the surrogate extrapolates there"}}
 
@@ -111,13 +158,13 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
         raise UserError(f"--predict {source} not found; pass a CSV file or a folder of images.")
     check_writable(out)
     surrogate = Surrogate.load(paths, device)
+    raw, files = read_inputs(surrogate, source)     # before the --vtk folder is made: a bad input leaves none
     mesh = None
     if vtk is not None:         # before anything is written: the mesh exists and fits the model
         from modules.mesh_io import check_prediction_mesh, load_dataset_mesh
         mesh = check_prediction_mesh(load_dataset_mesh(surrogate.dataset), surrogate.dataset,
                                      surrogate.field_scaler.num_nodes, vtk)
     sampling = surrogate.sampling_for(sampling)
-    raw, files = read_inputs(surrogate, source)
     truth_fields = None if truth is None else load_truth(truth, len(raw), surrogate.shape)
     inputs = surrogate.domain_inputs(raw)       # CSV rows or picture features: computed once
     domain = None
@@ -125,7 +172,7 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
         domain = surrogate.domain.check(inputs)
         pictures = surrogate.image_features is not None
         line = surrogate.domain.warning(inputs, domain, str(source), rows=[Path(f).name for f in files] if pictures else None,
-                                        columns=surrogate.image_features.names() if pictures else None)
+                                        columns=column_labels(surrogate))
         if line:
             log.warning(line)
     started = time.perf_counter()
@@ -139,6 +186,8 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
             "layout": "[n, T, N]: the point prediction (deterministic), one per input in order", "samples": samples,
             "seed": seed, "units": "physical (inverse of the per-node scaling)", "checkpoints": surrogate.sources,
             "seconds": seconds}
+    if surrogate.param_names is not None:
+        meta["param_names"] = surrogate.param_names
     writers = {where["point"]: lambda f: np.save(f, point.astype(np.float32))}
     scales = surrogate.band_scales(sampling)
     if draws is not None:
@@ -148,16 +197,17 @@ def run_prediction(source: Path, out: Path, samples: int, paths: Paths, device: 
         meta.update({"samples_file": str(where["samples"]), "samples_layout": "[n, K, T, N]",
                      **_bands_entries(where["bands"], sampling)})
     if domain is not None:
-        meta.update(_domain_entries(domain))
+        meta.update(_domain_entries(domain, surrogate.param_names))
     report = None
     if truth_fields is not None:
         report = evaluate(surrogate, inputs, files, truth_fields, truth, point, draws, sampling, scales, domain)
         writers.update(evaluation_files(report, out, files))
         meta["evaluation"] = [str(p) for p in evaluation_files(report, out, files)]
     if mesh is not None:
-        from modules.mesh_io import write_prediction_series
+        from modules.mesh_io import COLLECTION_FILE, write_prediction_series
         written = write_prediction_series(vtk, point, mesh, None if draws is None else bands)
-        meta.update({"vtk": [str(p) for p in written if p.suffix == ".xdmf"], "mesh": str(mesh.path),
+        meta.update({"vtk": [str(p) for p in written if p.suffix == ".xdmf" and p.name != COLLECTION_FILE],
+                     "vtk_collection": str(vtk / COLLECTION_FILE), "mesh": str(mesh.path),
                      "vtk_fields": mesh.vtk_fields(draws is not None)})
     writers[where["meta"]] = lambda f: f.write(json_bytes(meta))
     write_together(writers)

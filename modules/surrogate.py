@@ -73,6 +73,7 @@ class Surrogate:
     domain: InputDomain | None = None      # the training inputs' domain (CSV rows or picture features)
     image_features: ImageFeatures | None = None   # pictures through the GP: what it reads of them
     frame_net: NetBlend | None = None      # networks blended with the GP's prediction (gp_frame_net, gp_point_net)
+    param_names: list[str] | None = None   # the training CSV's header names; None: it had none (p1..pK)
 
     def __post_init__(self):
         # Once here, not per call: .eval() walks every submodule (0.5 ms of a 3 ms prediction).
@@ -262,7 +263,7 @@ class Surrogate:
                    {"vae": str(paths.vae), "conditioner": str(cond_path), "field_scaler": str(paths.field_scaler),
                     "conditioner_scalers": str(paths.conditioner_scalers),
                     "weights": "EMA" if config["engine"].get("use_ema") else "trained"}, dataset, domain, features,
-                   frame_net)
+                   frame_net, [str(n) for n in scalers["param_names"]] if "param_names" in scalers else None)
 
 
 def _prefixed(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

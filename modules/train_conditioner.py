@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from modules.augment import ConditionerAugmentation
 from modules.baseline import relative_l2
 from modules.checkpoint import check_same_split, save_npz
-from modules.cond_inputs import ImageFeatures, MinMaxScaler, list_images, load_csv, load_images, resolve_param_dir
+from modules.cond_inputs import ImageFeatures, MinMaxScaler, list_images, load_images, read_param_csv, resolve_param_dir
 from modules.conditioners import scale_dropout_rates
 from modules.data import FieldStore
 from modules.engine import Batch, EngineSettings, TrainingEngine, evaluate
@@ -32,13 +32,15 @@ log = logging.getLogger("simulgen")
 class ConditionerInputs:
     raw: np.ndarray          # CSV rows (P, num_param) or greyscale images (P, 256, 256) in [0, 1]
     files: list[str]
+    names: list[str] | None = None    # the CSV header's parameter names, if it has one
 
 
 def read_conditioner_inputs(cfg, workdir: Path) -> ConditionerInputs:
     """The run inputs named by param_dir; every problem is a one-line UserError."""
     path = resolve_param_dir(cfg.conditioner.param_dir, workdir)
     if cfg.conditioner.kind == "csvs":
-        return ConditionerInputs(load_csv(path, cfg.conditioner.num_param, cfg.conditioner.n_sample), [str(path)])
+        rows, names = read_param_csv(path, cfg.conditioner.num_param, cfg.conditioner.n_sample)
+        return ConditionerInputs(rows, [str(path)], names)
     files = list_images(path, cfg.conditioner.param_data_type, cfg.conditioner.n_sample)
     return ConditionerInputs(load_images(files, IMAGE_SIZE), [str(f) for f in files])
 
@@ -61,6 +63,7 @@ class ConditionerData:
     hier_scaler: MinMaxScaler
     input_runs: np.ndarray | None = None     # the raw CSV rows or picture features (P, F): the input-domain check
     image_features: ImageFeatures | None = None   # pictures through the GP: its feature extractor
+    param_names: list[str] | None = None          # the CSV header's names, saved with the scalers
 
     @classmethod
     def build(cls, inputs: ConditionerInputs, main: np.ndarray, hier: np.ndarray, device: torch.device,
@@ -78,7 +81,7 @@ class ConditionerData:
             x = torch.from_numpy(raw).unsqueeze(1)                       # (P, 1, H, W)
         scaled_main, scaled_hier, main_scaler, hier_scaler = _scaled_targets(main, hier, joint_targets, device)
         return cls(x.to(device), scaled_main, scaled_hier, input_scaler, main_scaler, hier_scaler,
-                   np.asarray(raw, np.float64) if raw.ndim == 2 else None, features)
+                   np.asarray(raw, np.float64) if raw.ndim == 2 else None, features, inputs.names)
 
     def with_latents(self, main: np.ndarray, hier: np.ndarray, joint_targets: bool = False) -> "ConditionerData":
         """The same inputs (scaler, picture features) with these latents as the scaled targets."""
@@ -95,6 +98,8 @@ class ConditionerData:
             arrays["domain_runs"] = self.input_runs
         if self.image_features is not None:
             arrays.update({f"features_{k}": v for k, v in self.image_features.state_dict().items()})
+        if self.param_names is not None:
+            arrays["param_names"] = np.asarray(self.param_names, dtype=str)
         save_npz(path, **arrays)
 
 

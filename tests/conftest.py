@@ -49,3 +49,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory):
+    """One short default (GP + networks) training on the demo, shared by every test of what a trained surrogate
+    does (the Python API, --suggest, --sensitivity, --export). Tests read it; one that writes into a working folder
+    copies it first (`copied_model`)."""
+    from modules.api import config, fit
+    work = demo_workdir(tmp_path_factory.mktemp("trained") / "work")
+    cfg = config(work / "input_data/condition.txt", Training_epochs=2, frame_net_epochs=20, point_net_steps=100,
+                 baseline=0)
+    surrogate, summary = fit(cfg, work)
+    return work, surrogate, summary
+
+
+def copied_model(work: Path, to: Path) -> Path:
+    """A copy of the trained working folder `work` (inputs, checkpoints, runs) at `to`."""
+    shutil.copytree(work, to, symlinks=True)
+    return to

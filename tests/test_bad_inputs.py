@@ -47,7 +47,8 @@ TIMEOUT = 120            # per command; a case that slipped through into trainin
 
 # One tiny, fast training run: 2 VAE epochs, 2 conditioner epochs, the GP on params.csv, a 20-step point network.
 QUICK = {"Training_epochs": "2", "n_epoch": "2", "input_type": "csvs", "param_dir": "/input_data/params.csv"}
-QUICK_SETS = [*(a for k, v in QUICK.items() for a in ("--set", f"{k}={v}")), "--set", "point_net_steps=20"]
+QUICK_SETS = [*(a for k, v in QUICK.items() for a in ("--set", f"{k}={v}")), "--set", "point_net_steps=20",
+              "--set", "frame_net_epochs=5"]
 BASE = ["--preset=1", "--plot=2"]
 # What torchrun sets; none may leak into the cases (--use_ddp must see "not under torchrun").
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -350,10 +351,10 @@ CASES = [
          ("(80, 256, 32)", "(80, 32, 256)", "np.swapaxes")),
     Case("dataset-nan",
          lambda c: c.dataset("dataset1.npy", _with_bad_value(c, 17, np.nan)),
-         ("dataset1.npy: run 17 ", "NaN or Inf", "fix or remove that run")),
+         ("dataset1.npy: run 18 (numbered from 1", "NaN or Inf", "fix or remove that run")),   # index 17
     Case("dataset-inf-in-pickle",
          lambda c: c.dataset("dataset1.pickle", _with_bad_value(c, 63, -np.inf)),
-         ("dataset1.pickle: run 63 ", "NaN or Inf")),
+         ("dataset1.pickle: run 64 ", "NaN or Inf")),
     Case("dataset-pickle-holds-dict",
          lambda c: c.dataset("dataset1.pickle", {"runs": [1.0, 2.0]}),
          ("dataset1.pickle holds a dict, not a numpy array", "np.save")),
@@ -381,9 +382,12 @@ CASES = [
     Case("csv-non-numeric-cell",
          lambda c: c.csv([r if i != 9 else "1.2,abc,0.9,1.0" for i, r in enumerate(c.params_rows())]),
          ("params.csv, line 10, column 2: 'abc' is not a number", "fix that cell")),
-    Case("csv-header-line",
-         lambda c: c.csv(["offset,height,radius,flux", *c.params_rows()]),
-         ("line 1, column 1: 'offset' is not a number", "no header line")),
+    Case("csv-header-wrong-count",
+         lambda c: c.csv(["offset,height,radius", *c.params_rows()]),
+         ("params.csv, line 1: the header names 3 columns, expected 4", "num_param")),
+    Case("csv-first-row-bad-cell",
+         lambda c: c.csv(["offset," + c.params_rows()[0].split(",", 1)[1], *c.params_rows()[1:]]),
+         ("line 1, column 1: 'offset' is not a number", "a header line must name every column")),
     Case("csv-missing",
          lambda c: [*BASE, *QUICK_SETS, "--set", "param_dir=/input_data/no_such_params.csv"],
          ("parameter CSV not found", "no_such_params.csv", "param_dir")),

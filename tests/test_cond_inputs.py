@@ -68,10 +68,10 @@ def test_csv_non_numeric_cell_names_line_and_column(tmp_path):
         load_csv(f, num_param=3, n_expected=2)
 
 
-def test_csv_header_line_gets_a_hint(tmp_path):
-    f = write(tmp_path / "p.csv", "a,b\n1,2\n")
-    with pytest.raises(UserError, match="line 1, column 1.*no header"):
-        load_csv(f, num_param=2, n_expected=1)
+def test_csv_bad_cell_in_the_first_row_gets_the_header_rule(tmp_path):
+    f = write(tmp_path / "p.csv", "a,2\n1,2\n")           # one name, one number: a data row, not a header
+    with pytest.raises(UserError, match="line 1, column 1: 'a' is not a number.*header line must name every column"):
+        load_csv(f, num_param=2, n_expected=2)
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "-Infinity"])

@@ -281,10 +281,10 @@ def test_non_finite_value_names_the_first_bad_run(tmp_path, bad):
     data[15, 0, 0] = bad
     np.save(tmp_path / "d.npy", data)
     arr = open_dataset(tmp_path / "d.npy")
-    for chunk in (None, 1, 3, 7, 8, 100):                       # run 7 at chunk edges and inside
+    for chunk in (None, 1, 3, 7, 8, 100):                       # index 7 (run 8) at chunk edges and inside
         with pytest.raises(UserError) as exc:
             check_dataset(arr, (20, 5, 7), tmp_path / "d.npy", runs_chunk=chunk)
-        assert "run 7 " in one_line(exc)
+        assert "run 8 (numbered from 1" in one_line(exc)
 
 
 def test_clean_data_passes_checks():

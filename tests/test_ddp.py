@@ -109,7 +109,8 @@ def test_a_whole_ddp_demo_run_with_sam_and_ema_completes(tmp_path):
     assert state["run"]["world_size"] == 2 and len(state["rng"]) == 2
     assert result.stdout.count("Summary") == 1, "only rank 0 prints"
     # the default GP conditioner on the same VAE: every rank fits it, rank 0 writes it once
-    gp = _run([*cmd[:cmd.index("--lc_only=0")], "--lc_only=1", *cmd[cmd.index("--lc_only=0") + 1:-2]], work, timeout=600)
+    gp = _run([*cmd[:cmd.index("--lc_only=0")], "--lc_only=1", *cmd[cmd.index("--lc_only=0") + 1:-2],
+               "--set", "frame_net_epochs=5", "--set", "point_net_steps=50"], work, timeout=600)
     assert gp.stdout.count("Summary") == 1
     summary = json.loads((sorted((work / "runs").iterdir())[-1] / "summary.json").read_text())
     assert summary["conditioner"] == "csvs (gp)" and 0 < summary["lc_val_rel_l2"] < summary["baseline_mean_field_rel_l2"]

@@ -283,8 +283,10 @@ def test_predict_vtk_writes_one_relocatable_xdmf_series_per_input_on_the_mesh(so
     pred = np.load(tmp_path / "pred.npy")                           # (3, T, N)
     moved = tmp_path / "elsewhere"
     shutil.move(tmp_path / "vtk", moved)                             # the .h5 reference must be relative
-    # one file pair per input, numbered from 1 as the inputs are
-    assert sorted(p.name for p in moved.iterdir()) == [f"run_{i}{s}" for i in (1, 2, 3) for s in (".h5", ".xdmf")]
+    # one file pair per input, numbered from 1 as the inputs are, and runs.xdmf listing them (tests/test_param_names.py)
+    assert sorted(p.name for p in moved.iterdir()) == [f"run_{i}{s}" for i in (1, 2, 3) for s in (".h5", ".xdmf")] + [
+        "runs.xdmf"]
+    assert moved.name not in (moved / "runs.xdmf").read_text()
     mesh = meshio.read(work / "data/mesh.vtu")
     for i in range(3):
         assert f"{moved.name}" not in (moved / f"run_{i + 1}.xdmf").read_text()

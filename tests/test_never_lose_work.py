@@ -24,7 +24,8 @@ from conftest import ENTRY, ROOT, clean_env, demo_workdir, run_cli
 
 # the default GP conditioner with its networks, kept short: the stages' plumbing, not their accuracy
 SHORT = ("--preset=1", "--plot=2", "--lc_only=0", "--size=small", "--load_all=1", "--set", "Training_epochs=2",
-         "--set", "frame_net_epochs=40", "--set", "point_net_steps=400", "--set", "baseline=1")
+         "--set", "frame_net_epochs=10", "--set", "point_net_steps=100", "--set", "baseline=0")
+WITH_BASELINE = (*SHORT[:-2], "--set", "baseline=1")
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -76,7 +77,8 @@ def test_a_signal_in_a_stage_without_epochs_stops_it_within_a_unit_and_resume_fi
     with one line naming what --resume redoes, nothing finished is lost (the VAE), and --resume completes
     the model without training the VAE again."""
     work = demo_workdir(tmp_path / "work")
-    status, output, seconds = signal_on([sys.executable, str(ENTRY), *SHORT], work, marker, [sig])
+    args = WITH_BASELINE if where == "classical baseline" else SHORT
+    status, output, seconds = signal_on([sys.executable, str(ENTRY), *args], work, marker, [sig])
     assert status == code and "Traceback" not in output, output[-3000:]
     assert seconds < 30
     name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
@@ -104,11 +106,39 @@ def test_a_second_signal_in_the_conditioner_stage_stops_at_once_and_keeps_the_va
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def logged_run(tmp_path_factory):
+    """One training with stdout and stderr redirected to a file, as under a batch scheduler or nohup (the
+    progress interval made short by SIMULGEN_PROGRESS_SECONDS; it is 30 s): the working folder, and what the
+    file held when the last stage began, with whether the run was still going then."""
     work = demo_workdir(tmp_path_factory.mktemp("model") / "work")
-    result = run_cli(work, *SHORT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work
+    log = work.parent / "run.log"
+    env = {**clean_env(), "SIMULGEN_PROGRESS_SECONDS": "0.2"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(ENTRY), *WITH_BASELINE], cwd=work, env=env, stdout=f, stderr=f)
+        try:
+            seen, deadline = "", time.monotonic() + 900
+            while "classical baselines: fitting" not in seen and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+                seen = log.read_text()
+            running = proc.poll() is None
+        finally:
+            assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    return work, seen, running
+
+
+@pytest.fixture(scope="module")
+def trained(logged_run):
+    return logged_run[0]
+
+
+@pytest.fixture(scope="module")
+def good_prediction(trained, tmp_path_factory):
+    """A finished prediction of 4 runs with samples (FILE.npy, FILE.json, ...) in a folder of its own."""
+    folder = tmp_path_factory.mktemp("good")
+    rows = folder / "rows.csv"
+    np.savetxt(rows, np.loadtxt(trained / "input_data/params.csv", delimiter=",")[:4], delimiter=",")
+    assert run_cli(trained, "--predict", str(rows), "--out", str(folder / "good.npy"), "--samples", "4").returncode == 0
+    return folder
 
 
 def test_lc_only_stopped_in_the_gp_leaves_the_model_as_it_was(trained, tmp_path):
@@ -124,13 +154,11 @@ def test_lc_only_stopped_in_the_gp_leaves_the_model_as_it_was(trained, tmp_path)
 
 
 @pytest.mark.parametrize("truth", ["one-run", "other-nodes", "text", "missing"])
-def test_a_failing_evaluate_writes_nothing(trained, tmp_path, truth):
+def test_a_failing_evaluate_writes_nothing(trained, good_prediction, tmp_path, truth):
     """--predict … --evaluate TRUE.npy --out FILE.npy: TRUE.npy is checked before anything is written, so the
     outputs of the earlier prediction (FILE.npy and FILE.json, which describe each other) stay as they were."""
-    rows = tmp_path / "rows.csv"
-    np.savetxt(rows, np.loadtxt(trained / "input_data/params.csv", delimiter=",")[:4], delimiter=",")
-    out = tmp_path / "good.npy"
-    assert run_cli(trained, "--predict", str(rows), "--out", str(out), "--samples", "4").returncode == 0
+    shutil.copytree(good_prediction, tmp_path, dirs_exist_ok=True)
+    rows, out = tmp_path / "rows.csv", tmp_path / "good.npy"
     bad = tmp_path / "fake.npy"
     if truth == "one-run":                   # the reported case: one run, [1, 32, 256], for 4 inputs
         np.save(bad, np.zeros((1, 32, 256), np.float32))
@@ -221,7 +249,7 @@ def test_every_file_follows_the_umask_in_every_mode(tmp_path):
             "param_dir": "/fem_params.csv", "dataset_dir": "fem", "frame_net_epochs": 5, "point_net_steps": 50}
     train = [*SHORT, *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     run(*train)
-    run(*train)                                       # the second run moves the first to the history
+    run(*[a if a != "--lc_only=0" else "--lc_only=1" for a in train])   # keeps the first model in the history
     np.save(work / "truth.npy", np.load(work / "fem/dataset1.npy")[:3])
     np.savetxt(work / "new.csv", params[:3], delimiter=",")
     before |= {work / "truth.npy", work / "new.csv"}
@@ -236,23 +264,11 @@ def test_every_file_follows_the_umask_in_every_mode(tmp_path):
     assert not wrong, wrong
 
 
-def test_progress_lines_reach_a_log_file_while_the_run_goes_on(tmp_path):
-    """stdout and stderr redirected to a file, as under a batch scheduler or nohup: every stage's lines are in
-    the file before the run ends (flushed), the GP's, the networks' and the baseline's included (the interval
-    made short here by SIMULGEN_PROGRESS_SECONDS; it is 30 s)."""
-    work = demo_workdir(tmp_path / "work")
-    log = tmp_path / "run.log"
-    env = {**clean_env(), "SIMULGEN_PROGRESS_SECONDS": "0.2"}
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(ENTRY), *SHORT], cwd=work, env=env, stdout=f, stderr=f)
-        try:
-            seen, deadline = "", time.monotonic() + 600
-            while "classical baselines: fitting" not in seen and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.5)
-                seen = log.read_text()
-            assert proc.poll() is None, "the run ended before its last stage showed in the file"
-            for line in ("[VAE] epoch 1/2", "GP fit (64 runs): column", "frame network: step", "point network: step",
-                         "classical baselines: fitting"):
-                assert line in seen, line
-        finally:
-            assert proc.wait(timeout=600) == 0
+def test_progress_lines_reach_a_log_file_while_the_run_goes_on(logged_run):
+    """stdout and stderr redirected to a file: every stage's lines are in the file before the run ends
+    (flushed), the GP's, the networks' and the baseline's included."""
+    _, seen, running = logged_run
+    assert running, "the run ended before its last stage showed in the file"
+    for line in ("[VAE] epoch 1/2", "GP fit (64 runs): column", "frame network: step", "point network: step",
+                 "classical baselines: fitting"):
+        assert line in seen, line

@@ -7,20 +7,22 @@ scored with `--evaluate` on runs it never saw. Every command must succeed withou
 and the property the case names must hold in the prediction (e.g. a node held at a fixed
 value is predicted at that value).
 
-    trait                                   case
-    nodes held at one value (Dirichlet)     dirichlet (the plate's right edge, 293.15 K in every run)
-    nodes constant in time only             dirichlet (the hole's wall: one temperature per run)
-    no mesh at all (a plain .npy)           dirichlet, duplicate_runs, constant_parameter, ...
-    float64 fields                          dirichlet and every .npy case (the solver's own float64)
-    a parameter column that never varies    constant_parameter
-    duplicate runs                          duplicate_runs
-    a large offset, small variation         small_variation (300 K ± 0.05 K, 3-D block)
-    negative and signed fields              signed (a displacement component, µm, both signs)
-    1 saved step                            one_step
+Four studies carry the traits between them (each training costs CI time):
+
+    trait                                   study
+    nodes held at one value (Dirichlet)     plate (the right edge, 293.15 K in every run)
+    nodes constant in time only             plate (the hole's wall: one temperature per run)
+    no mesh at all (a plain .npy)           plate, few_runs
+    float64 fields                          plate, few_runs (the solver's own float64)
+    a parameter column that never varies    plate
+    duplicate runs                          plate
+    1 saved step                            few_runs
     fewer than 20 runs                      few_runs (8 runs; the shipped batch of 16 becomes 6)
-    2-D unstructured mesh via --import_runs mesh_2d
-    3-D tetrahedral mesh via --import_runs  mesh_3d
-    stacked fields of different units       stacked_units (K and m)
+    a large offset, small variation         block_3d (300 K ± 0.05 K)
+    3-D tetrahedral mesh via --import_runs  block_3d
+    2-D unstructured mesh via --import_runs thermoelastic
+    negative and signed fields              thermoelastic (a displacement component, m, both signs)
+    stacked fields of different units       thermoelastic (K and m)
 """
 from __future__ import annotations
 
@@ -56,77 +58,42 @@ class Study:
     imported: tuple[str, ...] = ()      # --field arguments
 
 
-def _plate(runs: int, steps: int = 20, every: int = 4, seed: int = 3) -> tuple[np.ndarray, object, np.ndarray]:
+def _plate_runs(runs: int, steps: int = 20, every: int = 4, seed: int = 3) -> tuple[np.ndarray, object, np.ndarray]:
     params = fem.latin_hypercube(np.random.default_rng(seed), fem.STUDIES["heat_plate"].parameters, runs)
     mesh, fields = fem.heat_plate(params, spacing=0.012, steps=steps, every=every)
     return params, mesh, fields
 
 
-def _dirichlet() -> Study:
-    params, _, fields = _plate(24)
-    return Study(params, fields)
-
-
-def _constant_parameter() -> Study:
-    params, _, fields = _plate(24)
-    return Study(np.column_stack([params[:, :2], np.full(len(params), 0.005), params[:, 2:]]), fields)
-
-
-def _duplicate_runs() -> Study:
-    params, _, fields = _plate(20 + HELD_OUT)
+def _plate() -> Study:
+    """Dirichlet and Robin boundaries, no mesh, a column that never varies (the third) and duplicate runs."""
+    params, _, fields = _plate_runs(20 + HELD_OUT)
     pick = np.r_[np.arange(20), 2, 5, 5, 11, np.arange(20, 20 + HELD_OUT)]    # three training runs twice, one thrice
+    params = np.column_stack([params[:, :2], np.full(len(params), 0.005), params[:, 2:]])
     return Study(params[pick], fields[pick])
 
 
-def _one_step() -> Study:
-    params, _, fields = _plate(24, steps=8, every=8)
-    return Study(params, fields)
-
-
 def _few_runs() -> Study:
-    params, _, fields = _plate(8 + HELD_OUT)
+    params, _, fields = _plate_runs(8 + HELD_OUT, steps=8, every=8)
     return Study(params, fields)
 
 
-def _small_variation() -> Study:
+def _block_3d() -> Study:
     table = list(fem.STUDIES["heat_block_3d"].parameters)
     table[3] = ("power", 1.0, 3.0, "W", 4)                                        # warms the block by ~0.05 K
     params = fem.latin_hypercube(np.random.default_rng(5), tuple(table), 24)
-    _, fields = fem.heat_block_3d(params, cells=(6, 5, 3), steps=16, every=4)
-    fields = fields + (300.0 - fem.T_AMBIENT)                                     # 300 K ± 0.05
-    return Study(params, fields)
+    mesh, fields = fem.heat_block_3d(params, cells=(6, 5, 3), steps=16, every=4)
+    return Study(params, mesh=mesh, values={"T": fields + (300.0 - fem.T_AMBIENT)}, imported=("T",))   # 300 K ± 0.05
 
 
-def _signed() -> Study:
+def _thermoelastic() -> Study:
     params = fem.latin_hypercube(np.random.default_rng(7), fem.STUDIES["thermoelastic"].parameters, 24)
     mesh, temperature, displacement = fem.thermoelastic(params, spacing=0.012, steps=16, every=4)
     return Study(params, mesh=mesh, values={"T": temperature, "displacement": displacement},
-                 imported=("displacement:0",))
+                 imported=("T", "displacement:0"))
 
 
-def _mesh_2d() -> Study:
-    params, mesh, fields = _plate(24)
-    return Study(params, mesh=mesh, values={"T": fields}, imported=("T",))
-
-
-def _mesh_3d() -> Study:
-    params = fem.latin_hypercube(np.random.default_rng(9), fem.STUDIES["heat_block_3d"].parameters, 24)
-    mesh, fields = fem.heat_block_3d(params, cells=(6, 5, 3), steps=16, every=4)
-    return Study(params, mesh=mesh, values={"T": fields}, imported=("T",))
-
-
-def _stacked_units() -> Study:
-    params = fem.latin_hypercube(np.random.default_rng(11), fem.STUDIES["thermoelastic"].parameters, 24)
-    mesh, temperature, displacement = fem.thermoelastic(params, spacing=0.012, steps=16, every=4)
-    return Study(params, mesh=mesh, values={"T": temperature, "displacement": displacement},
-                 imported=("T", "displacement:mag"))
-
-
-CASES: dict[str, Callable[[], Study]] = {
-    "dirichlet": _dirichlet, "constant_parameter": _constant_parameter, "duplicate_runs": _duplicate_runs,
-    "one_step": _one_step, "few_runs": _few_runs, "small_variation": _small_variation, "signed": _signed,
-    "mesh_2d": _mesh_2d, "mesh_3d": _mesh_3d, "stacked_units": _stacked_units,
-}
+CASES: dict[str, Callable[[], Study]] = {"plate": _plate, "few_runs": _few_runs, "block_3d": _block_3d,
+                                         "thermoelastic": _thermoelastic}
 
 
 def cli(work: Path, *args: str) -> subprocess.CompletedProcess:
@@ -189,12 +156,13 @@ def test_the_default_pipeline_trains_predicts_and_evaluates(trained):
     assert np.isfinite(ours) and ours < mean_field, (ours, mean_field)
     assert 0.0 <= report["calibration"]["coverage_90"] <= 1.0 and np.isfinite(report["calibration"]["crps"])
     assert np.isfinite(summary["lc_val_rel_l2"]) and np.isfinite(summary["vae_recon_rel_l2"])
-    CHECKS[case](work, study, truth, point.astype(np.float64), summary, training)
+    for check in CHECKS[case]:
+        check(work, study, truth, point.astype(np.float64), summary, training)
 
 
 def _fixed_nodes_stay_fixed(work, study, truth, point, summary, training):
     """The right edge (293.15 K in every run) is predicted exactly (to float32), the hole's wall (one temperature
-    per run, a parameter) within 1.5 K (measured 0.7 K after 4 epochs on 20 runs)."""
+    per run, a parameter) within 1.5 K (measured 1.23 K after 4 epochs on 20 runs and 4 duplicates)."""
     fixed = np.ptp(truth, axis=(0, 1)) == 0
     wall = (np.ptp(truth, axis=1) == 0).all(axis=0) & ~fixed
     assert fixed.sum() >= 5 and wall.sum() >= 5
@@ -213,10 +181,6 @@ def _a_constant_column_is_ignored(work, study, truth, point, summary, training):
     assert "outside the training data" in moved.stderr and "column 3 = 0.007" in moved.stderr
 
 
-def _trains(work, study, truth, point, summary, training):
-    assert point.shape == truth.shape
-
-
 def _one_step(work, study, truth, point, summary, training):
     assert point.shape == (HELD_OUT, 1, truth.shape[2])
 
@@ -229,34 +193,30 @@ def _batches_fit_the_split(work, study, truth, point, summary, training):
 
 
 def _small_variation(work, study, truth, point, summary, training):
-    """300 K ± 0.05 K: the variation between runs is predicted better than by the training mean (measured 0.63 of
-    the held-out runs' spread, the same as at 1,000 times the variation in mesh_3d: 0.66)."""
+    """300 K ± 0.05 K: the variation between runs is predicted better than by the training mean (measured 0.60 of
+    the held-out runs' spread)."""
     spread = np.linalg.norm(truth - truth.mean(axis=0))
     assert np.linalg.norm(point - truth) < 0.8 * spread
     assert np.ptp(truth) < 0.1 and truth.min() > 299.9
-
-
-def _signed(work, study, truth, point, summary, training):
-    """A displacement component of both signs (µm): measured correlation 0.9998 with the truth."""
-    assert (truth < 0).mean() > 0.2 and (truth > 0).mean() > 0.2
-    assert np.corrcoef(point.ravel(), truth.ravel())[0, 1] > 0.995
 
 
 def _on_the_mesh(work, study, truth, point, summary, training):
     assert summary["lc_point_net_positions"] == "mesh.vtu"
 
 
-def _stacked_units(work, study, truth, point, summary, training):
-    """Temperature (K, ~400) and displacement (m, ~1e-4) stacked: each field is predicted in its own units
-    (measured 0.0006 and 0.015 of each field's norm; before per-field units the displacement's error was 9,700
-    times its norm)."""
+def _stacked_signed_units(work, study, truth, point, summary, training):
+    """Temperature (K, ~400) and a displacement component of both signs (m, ~1e-5) stacked: each field is
+    predicted in its own units (measured 0.0016 and 0.031 of each field's
+    norm; before per-field units a displacement's error was 9,700 times its norm)."""
     half = truth.shape[2] // 2
-    for part, limit in ((slice(0, half), 0.002), (slice(half, None), 0.04)):
-        assert np.linalg.norm(point[..., part] - truth[..., part]) < limit * np.linalg.norm(truth[..., part])
-    assert summary["lc_point_net_positions"] == "mesh.vtu"
+    displacement = truth[..., half:]
+    assert (displacement < 0).mean() > 0.2 and (displacement > 0).mean() > 0.2
+    errors = [np.linalg.norm(point[..., part] - truth[..., part]) / np.linalg.norm(truth[..., part])
+              for part in (slice(0, half), slice(half, None))]
+    assert errors[0] < 0.002 and errors[1] < 0.04, errors
 
 
-CHECKS = {"dirichlet": _fixed_nodes_stay_fixed, "constant_parameter": _a_constant_column_is_ignored,
-          "duplicate_runs": _trains, "one_step": _one_step, "few_runs": _batches_fit_the_split,
-          "small_variation": _small_variation, "signed": _signed, "mesh_2d": _on_the_mesh, "mesh_3d": _on_the_mesh,
-          "stacked_units": _stacked_units}
+CHECKS = {"plate": (_fixed_nodes_stay_fixed, _a_constant_column_is_ignored),
+          "few_runs": (_one_step, _batches_fit_the_split),
+          "block_3d": (_small_variation, _on_the_mesh),
+          "thermoelastic": (_stacked_signed_units, _on_the_mesh)}

@@ -256,6 +256,23 @@ def side_by_side(dev: list[dict], locked: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def readme_table(dev: list[dict], locked: list[dict]) -> str:
+    """README's accuracy table: per problem, the parameter route's ratio to the best classical model on the dev
+    fold and on the locked runs, the locked runs' band covers, and the other routes' locked ratios."""
+    rows = ["| problem | dev fold | locked test | locked 90 % / 50 % covers | other routes (locked) |",
+            "|---|---|---|---|---|"]
+    for r in dev:
+        lk = next((x for x in locked if x["problem"] == r["problem"]), {"routes": {}})
+        main = lk["routes"].get("csvs")
+        cal = (main or {}).get("calibration") or {}
+        others = ", ".join(f"{k.replace('csvs, ', '')} {v['over_best_classical']:.2f}×" for k, v in lk["routes"].items()
+                           if k != "csvs")
+        rows.append(f"| {r['problem']} | {r['routes']['csvs']['over_best_classical']:.2f}× | "
+                    + (f"**{main['over_best_classical']:.2f}×** | {cal.get('coverage_90', float('nan')):.2f} / "
+                       f"{cal.get('coverage_50', float('nan')):.2f}" if main else "— | —") + f" | {others or '—'} |")
+    return "\n".join(rows)
+
+
 def replace_marked(text: str, marker: str, body: str) -> str:
     block = f"<!-- {marker} -->\n{body}\n<!-- /{marker} -->"
     pattern = rf"<!-- {marker} -->.*<!-- /{marker} -->"
@@ -275,25 +292,37 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=HERE / "data", help="where the problems are generated")
     p.add_argument("--work", type=Path, default=HERE / "work", help="working directories of the runs")
     p.add_argument("--tag", default="default", help="name of this configuration's results")
+    p.add_argument("--tables", action="store_true",
+                   help="only write RESULTS.md's and README's tables from results/dev.json and results/locked.json")
     args = p.parse_args()
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
-    stem = args.mode if args.tag == "default" else f"{args.mode}_{args.tag}"
-    results = []
-    for name in args.problems:
-        print(f"== {name} ({args.mode})", flush=True)
-        results.append(run_problem(name, args.mode, args.fold, args.overrides, args.data, args.work, args.tag,
-                                   set(args.routes)))
-        (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
-        print(markdown(results[-1:]), flush=True)
-    if args.tag == "default" and not args.overrides:
-        other = out_dir / ("locked.json" if args.mode == "dev" else "dev.json")
-        known = json.loads(other.read_text()) if other.is_file() else []
-        dev, locked = (results, known) if args.mode == "dev" else (known, results)
-        text = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
-        text = replace_marked(text, "side-by-side", side_by_side(dev, locked))
-        text = replace_marked(text, f"{args.mode}-table", markdown(results))
-        (HERE / "RESULTS.md").write_text(text)
+    if not args.tables:
+        stem = args.mode if args.tag == "default" else f"{args.mode}_{args.tag}"
+        results = []
+        for name in args.problems:
+            print(f"== {name} ({args.mode})", flush=True)
+            results.append(run_problem(name, args.mode, args.fold, args.overrides, args.data, args.work, args.tag,
+                                       set(args.routes)))
+            (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
+            print(markdown(results[-1:]), flush=True)
+        if args.tag != "default" or args.overrides:
+            return
+    write_tables(out_dir)
+
+
+def write_tables(out_dir: Path) -> None:
+    """RESULTS.md's side-by-side and per-mode tables and README's accuracy table, from the saved results."""
+    dev, locked = ([] if not (out_dir / f"{m}.json").is_file() else json.loads((out_dir / f"{m}.json").read_text())
+                   for m in ("dev", "locked"))
+    text = (HERE / "RESULTS.md").read_text() if (HERE / "RESULTS.md").exists() else ""
+    text = replace_marked(text, "side-by-side", side_by_side(dev, locked))
+    for mode, results in (("dev", dev), ("locked", locked)):
+        if results:
+            text = replace_marked(text, f"{mode}-table", markdown(results))
+    (HERE / "RESULTS.md").write_text(text)
+    readme = (ROOT / "README.md").read_text()
+    (ROOT / "README.md").write_text(replace_marked(readme, "accuracy", readme_table(dev, locked)))
 
 
 if __name__ == "__main__":
