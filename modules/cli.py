@@ -197,7 +197,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.import_runs is not None or args.field:
         return _import_runs(args)
     if args.suggest is not None or args.sensitivity is not None or args.export is not None:
+        if args.qoi and args.sensitivity is None:
+            raise UserError("--qoi goes with --sensitivity N; drop it or add --sensitivity.")
         return _explore(args)
+    if args.qoi or args.bounds is not None:
+        raise UserError(f"{'--qoi' if args.qoi else '--bounds'} goes with --sensitivity N or --suggest K; drop it or "
+                        f"add one of them.")
     if args.predict is not None or args.out is not None or args.vtk is not None or args.evaluate is not None:
         return _predict(args)
     if args.samples != 1 or args.sampling != "auto":

@@ -32,6 +32,7 @@ import torch
 
 from modules.checkpoint import ensure_writable, json_bytes, write_together
 from modules.errors import UserError
+from modules.predict import read_bounds
 from modules.run import Paths
 
 log = logging.getLogger("simulgen")
@@ -206,26 +207,6 @@ def parameter_names(surrogate) -> list[str]:
     return [f"p{i}" for i in range(1, surrogate.num_param + 1)]
 
 
-def read_bounds(path: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """`--bounds CSV`: two rows, the minima and the maxima of every parameter."""
-    from modules.cond_inputs import load_csv
-    if not path.is_file():
-        raise UserError(f"--bounds {path} not found; give a CSV of two rows, the {len(names)} parameters' minima "
-                        f"and their maxima.")
-    rows = load_csv(path, len(names), None, columns_fix=f"(the model has {len(names)} parameters); give two rows "
-                                                       f"of {len(names)} values: the minima, then the maxima")
-    if len(rows) != 2:
-        raise UserError(f"--bounds {path}: found {len(rows)} rows; give exactly two: the {len(names)} parameters' "
-                        f"minima, then their maxima.")
-    low, high = rows.astype(np.float64)
-    bad = np.flatnonzero(low > high)
-    if len(bad):
-        j = bad[0]
-        raise UserError(f"--bounds {path}, column {j + 1} ({names[j]}): the minimum {low[j]:g} is above the maximum "
-                        f"{high[j]:g}; the first row holds the minima, the second the maxima.")
-    return low, high
-
-
 def check_out(out: Path | None) -> None:
     if out is None:
         raise UserError("--sensitivity needs --out FILE.json (it writes FILE.json and FILE.csv beside it).")
@@ -260,7 +241,7 @@ def sensitivity_cli(args: argparse.Namespace, paths: Paths, device: torch.device
     if args.bounds is None:
         low, high, source = train_low, train_high, "the training runs' minima and maxima"
     else:
-        low, high = read_bounds(args.bounds, names)
+        low, high = read_bounds(args.bounds, surrogate.num_param, surrogate.param_names)
         source = str(args.bounds)
         outside = np.flatnonzero((low < train_low) | (high > train_high))
         if len(outside):

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import run_cli
 from modules.errors import UserError
-from modules.sensitivity import base_samples, check_out, parse_qoi, read_bounds, sobol_indices
+from modules.predict import read_bounds
+from modules.sensitivity import base_samples, check_out, parse_qoi, sobol_indices
 
 # Ishigami (a = 7, b = 0.1) on [-pi, pi]^3: the analytic first-order and total indices.
 ISHIGAMI_S1 = np.array([0.3139, 0.4424, 0.0])
@@ -57,9 +58,9 @@ def test_bad_requests_are_one_line_user_errors(tmp_path):
              (lambda: parse_qoi(f"nodes:{tmp_path / 'nodes.txt'}"), "holds 'x'"),
              (lambda: parse_qoi(f"nodes:{tmp_path / 'none.txt'}"), "not found"),
              (lambda: parse_qoi("node:300").check(256), "node 300 does not exist; the model has 256 nodes"),
-             (lambda: read_bounds(tmp_path / "three.csv", names), "found 3 rows; give exactly two"),
-             (lambda: read_bounds(tmp_path / "crossed.csv", names), r"column 2 \(b\): the minimum 5 is above"),
-             (lambda: read_bounds(tmp_path / "narrow.csv", names), "found 2 columns, expected 3"),
+             (lambda: read_bounds(tmp_path / "three.csv", 3, names), "found 3 rows; give exactly two"),
+             (lambda: read_bounds(tmp_path / "crossed.csv", 3, names), r"column 2 \(b\): the minimum 5 is above"),
+             (lambda: read_bounds(tmp_path / "narrow.csv", 3, names), "found 2 columns, expected 3"),
              (lambda: sobol_indices(ishigami, np.zeros(3), np.zeros(3), 8), "nothing to vary")]
     for call, fragment in cases:
         with pytest.raises(UserError, match=fragment) as error:
@@ -120,3 +121,13 @@ def test_command_line_on_the_trained_demo(trained_demo, tmp_path):
     assert bad.returncode == 2 and len(errors) == 1, bad.stderr
     assert "node 999 does not exist; the model has 256 nodes" in errors[0] and "Traceback" not in bad.stderr
     assert not (tmp_path / "e.json").exists()
+
+
+def test_qoi_and_bounds_without_their_command_are_one_line_errors(tmp_path):
+    for args, fragment in ((["--qoi", "l2"], "--qoi goes with --sensitivity N or --suggest K"),
+                           (["--bounds", "b.csv"], "--bounds goes with --sensitivity N or --suggest K"),
+                           (["--export", "onnx", "x", "--qoi", "max"], "--qoi goes with --sensitivity N")):
+        result = run_cli(tmp_path, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: " + fragment), result.stderr
+    assert not any(tmp_path.iterdir())
