@@ -337,6 +337,28 @@ def figure(plot: int, files: dict[str, Path], result: Suggestion, surrogate: Sur
     return [str(p) for p in figs.saved]
 
 
+def _bounds(bounds: Path | None, surrogate: Surrogate, labels: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    """The box to suggest in: the training runs' or `--bounds`, which must hold every column that never varied."""
+    train_low, train_high = surrogate.input_scaler.data_min, surrogate.input_scaler.data_max
+    if bounds is None:
+        low, high, source = train_low.copy(), train_high.copy(), "the training runs' minima and maxima"
+    else:
+        low, high = read_bounds(bounds, surrogate.num_param, surrogate.param_names)
+        source = str(bounds)
+        held = np.flatnonzero((train_high <= train_low) & ((low > train_low) | (high < train_low)))
+        if len(held):
+            j = int(held[0])
+            raise UserError(f"--bounds {bounds}, {labels[j]}: the training runs never varied it (always "
+                            f"{train_low[j]:g}), so the surrogate knows it only there; give bounds that hold "
+                            f"{train_low[j]:g}.")
+        beyond = np.flatnonzero(((low < train_low) | (high > train_high)) & (train_high > train_low))
+        if len(beyond):
+            log.warning("--bounds %s reaches beyond the training runs in %s; the surrogate extrapolates there, and "
+                        "its spread grows with the distance", bounds,
+                        ", ".join(f"{labels[j]} (trained {train_low[j]:g} to {train_high[j]:g})" for j in beyond))
+    return low, high, source
+
+
 def suggest_cli(args: argparse.Namespace, paths: Paths, device: torch.device) -> int:
     """`--suggest K --out FILE.csv [--bounds CSV] [--plot] [--seed] [--force]`."""
     k, seed = args.suggest, 0 if args.seed is None else args.seed
@@ -354,24 +376,8 @@ def suggest_cli(args: argparse.Namespace, paths: Paths, device: torch.device) ->
         raise UserError("--suggest needs the predictive spread of a GP conditioner, and this surrogate's conditioner "
                         "is a network (csv_conditioner mlp); retrain with csv_conditioner gp (the default) and "
                         "--lc_only=1.")
-    train_low, train_high = surrogate.input_scaler.data_min, surrogate.input_scaler.data_max
     labels = (surrogate.param_names or [f"column {j + 1}" for j in range(surrogate.num_param)])
-    if args.bounds is None:
-        low, high, source = train_low.copy(), train_high.copy(), "the training runs' minima and maxima"
-    else:
-        low, high = read_bounds(args.bounds, surrogate.num_param, surrogate.param_names)
-        source = str(args.bounds)
-        held = np.flatnonzero((train_high <= train_low) & ((low > train_low) | (high < train_low)))
-        if len(held):
-            j = int(held[0])
-            raise UserError(f"--bounds {args.bounds}, {labels[j]}: the training runs never varied it (always "
-                            f"{train_low[j]:g}), so the surrogate knows it only there; give bounds that hold "
-                            f"{train_low[j]:g}.")
-        beyond = np.flatnonzero(((low < train_low) | (high > train_high)) & (train_high > train_low))
-        if len(beyond):
-            log.warning("--bounds %s reaches beyond the training runs in %s; the surrogate extrapolates there, and "
-                        "its spread grows with the distance", args.bounds,
-                        ", ".join(f"{labels[j]} (trained {train_low[j]:g} to {train_high[j]:g})" for j in beyond))
+    low, high, source = _bounds(args.bounds, surrogate, labels)
     started = time.perf_counter()
     result = suggest(surrogate, k, low, high, seed)
     report = _report(result, surrogate, low, high, source, args.out, seed, time.perf_counter() - started)
